@@ -1,0 +1,185 @@
+#include "dynbatch/batch_former.hpp"
+
+#include <bit>
+#include <chrono>
+#include <stdexcept>
+
+namespace dynbatch {
+
+BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
+                         std::shared_ptr<StagingPool> pool, std::shared_ptr<SizingPolicy> policy,
+                         std::shared_ptr<TelemetrySampler> telemetry,
+                         std::shared_ptr<StatsRecorder> stats)
+    : layout_(std::make_shared<const BatchLayout>(std::move(layout))), options_(options), pool_(std::move(pool)),
+      policy_(std::move(policy)), telemetry_(std::move(telemetry)), stats_(std::move(stats)),
+      started_ns_(now_ns()),
+      rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1)) *
+            std::max<std::size_t>(layout_->leaf_count(), 1)),
+      free_rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1))),
+      requests_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1))) {
+  if (options.prefetch_depth < 1) {
+    throw std::invalid_argument("BatchFormer: prefetch_depth must be at least 1");
+  }
+  for (std::uint32_t row = 0; row < free_rows_.capacity(); ++row) {
+    free_rows_.try_push(row);
+  }
+  thread_ = std::thread([this] { run(); });
+}
+
+BatchFormer::~BatchFormer() { close(); }
+
+std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
+                              std::span<const void* const> sources) {
+  const std::size_t leaves = layout_->leaf_count();
+  if (sources.size() != ids.size() * leaves) {
+    throw std::invalid_argument("BatchFormer::push: expected " +
+                                std::to_string(ids.size() * leaves) + " source pointers, got " +
+                                std::to_string(sources.size()));
+  }
+  const Nanoseconds now = now_ns();
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    std::uint32_t row = 0;
+    if (requests_.closed() || !free_rows_.try_pop(row)) {
+      return i;
+    }
+    for (std::size_t j = 0; j < leaves; ++j) {
+      rows_[row * leaves + j] = sources[i * leaves + j];
+    }
+    // Every request holds a row and the queue has as many slots as rows: this cannot be full.
+    if (requests_.try_push(RequestDescriptor{ids[i], row, now}) != PushResult::ok) {
+      free_rows_.try_push(row);
+      return i;
+    }
+  }
+  return ids.size();
+}
+
+void BatchFormer::close_input() { requests_.close(); }
+
+void BatchFormer::run() {
+  std::vector<RequestDescriptor> taken;
+  try {
+    for (;;) {
+      {
+        std::unique_lock lock(ready_mutex_);
+        ready_changed_.wait(lock,
+                            [&] { return stopping_ || ready_.size() < options_.prefetch_depth; });
+        if (stopping_) {
+          return;
+        }
+      }
+      SizingInputs inputs;
+      inputs.queued = requests_.was_size();
+      inputs.bytes_per_sample = layout_->sample_bytes();
+      inputs.telemetry = telemetry_->latest();
+      const std::size_t target = std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
+      taken.resize(target);
+      const std::size_t count = requests_.pop_bulk_until(taken.data(), target, no_deadline);
+      if (count == 0) { // closed and drained: end of input, or close()
+        std::lock_guard lock(ready_mutex_);
+        finished_ = true;
+        ready_changed_.notify_all();
+        return;
+      }
+      form(std::span(taken.data(), count), target);
+    }
+  } catch (...) {
+    std::lock_guard lock(ready_mutex_);
+    error_ = std::current_exception();
+    ready_changed_.notify_all();
+  }
+}
+
+void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target) {
+  const std::size_t count = requests.size();
+  const std::size_t leaves = layout_->leaf_count();
+  FormedBatch batch;
+  batch.target = target;
+  batch.first_enqueue_ns = requests.front().enqueue_ns;
+  batch.ids.reserve(count);
+  std::vector<const void*> sources(count * leaves);
+  for (std::size_t i = 0; i < count; ++i) {
+    batch.ids.push_back(requests[i].id);
+    for (std::size_t j = 0; j < leaves; ++j) {
+      sources[i * leaves + j] = rows_[requests[i].row * leaves + j];
+    }
+  }
+  const Nanoseconds start = now_ns();
+  batch.lease = pool_->acquire(layout_->batch_bytes(count));
+  collate(*layout_, sources, count, batch.lease->data());
+  batch.formed_ns = now_ns();
+  batch.collate_ns = batch.formed_ns - start;
+  batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
+  batch.sequence = stats_->next_sequence();
+  for (const RequestDescriptor& request : requests) {
+    free_rows_.try_push(request.row); // cannot fail: rows never outnumber the ring
+  }
+  std::lock_guard lock(ready_mutex_);
+  ready_.push_back(std::move(batch));
+  ready_changed_.notify_all();
+}
+
+NextStatus BatchFormer::next_batch(FormedBatch& out, Nanoseconds deadline_ns) {
+  std::unique_lock lock(ready_mutex_);
+  const auto can_return = [&] {
+    return !ready_.empty() || finished_ || stopping_ || error_ != nullptr;
+  };
+  if (deadline_ns == no_deadline) {
+    ready_changed_.wait(lock, can_return);
+  } else {
+    const auto deadline = std::chrono::steady_clock::time_point(
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::nanoseconds(deadline_ns)));
+    if (!ready_changed_.wait_until(lock, deadline, can_return)) {
+      return NextStatus::timeout;
+    }
+  }
+  if (!ready_.empty()) {
+    out = std::move(ready_.front());
+    ready_.pop_front();
+    ready_changed_.notify_all();
+    lock.unlock();
+    BatchRecord record;
+    record.sequence = out.sequence;
+    record.batch_size = out.ids.size();
+    record.target = out.target;
+    record.first_enqueue_ns = out.first_enqueue_ns;
+    record.formed_ns = out.formed_ns;
+    record.delivered_ns = now_ns();
+    record.collate_ns = out.collate_ns;
+    record.memory_available_bytes = out.memory_available_bytes;
+    stats_->record_batch(record);
+    return NextStatus::batch;
+  }
+  if (error_) {
+    std::rethrow_exception(error_);
+  }
+  return NextStatus::finished;
+}
+
+void BatchFormer::report_feedback(std::uint64_t sequence, const BatchFeedback& feedback) {
+  policy_->on_feedback(feedback);
+  stats_->record_compute(sequence, feedback.compute_ns);
+}
+
+void BatchFormer::close() {
+  std::lock_guard close_lock(close_mutex_);
+  if (!thread_.joinable()) {
+    return;
+  }
+  {
+    std::lock_guard lock(ready_mutex_);
+    stopping_ = true;
+    ready_changed_.notify_all();
+  }
+  requests_.close();
+  thread_.join();
+  stats_->add_active_time(now_ns() - started_ns_);
+  std::deque<FormedBatch> undelivered;
+  {
+    std::lock_guard lock(ready_mutex_);
+    undelivered.swap(ready_);
+  }
+}
+
+} // namespace dynbatch

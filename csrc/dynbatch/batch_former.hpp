@@ -1,0 +1,113 @@
+#pragma once
+// BatchFormer: turns a stream of requests into collated batches on its own thread.
+//
+// Contract
+// - Producers (any thread) push requests: an id plus one source pointer per leaf. push() never
+//   blocks; it returns PushResult::full when `capacity` requests are already in flight. The
+//   sources must stay valid until the batch holding the request has been formed (the Python
+//   layer keeps them alive until then).
+// - The former thread pops up to the size the SizingPolicy asks for, closing a batch at that
+//   size or at the end of input (close_input()), collates it into a staging slot and queues it
+//   for the consumer. It keeps at most `prefetch_depth` formed batches waiting, so the next
+//   batch is ready while the caller computes on the current one.
+// - The consumer calls next_batch() (one thread at a time); it waits without spinning and
+//   without the GIL. report_feedback() feeds the caller's time on a batch back to the policy.
+// - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
+//   slots return to the pool). The destructor calls it. An error inside the thread (e.g. no
+//   memory for a slot) is rethrown by next_batch(), never lost.
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "dynbatch/blocking_queue.hpp"
+#include "dynbatch/collator.hpp"
+#include "dynbatch/sizing_policy.hpp"
+#include "dynbatch/staging_pool.hpp"
+#include "dynbatch/stats.hpp"
+#include "dynbatch/telemetry.hpp"
+
+namespace dynbatch {
+
+struct RequestDescriptor {
+  std::uint64_t id;
+  std::uint32_t row; // where its source pointers wait in the request table
+  Nanoseconds enqueue_ns;
+};
+
+struct FormedBatch {
+  std::uint64_t sequence = 0;
+  std::vector<std::uint64_t> ids;
+  std::size_t target = 0;
+  std::shared_ptr<SlotLease> lease;
+  Nanoseconds first_enqueue_ns = 0;
+  Nanoseconds formed_ns = 0;
+  Nanoseconds collate_ns = 0;
+  std::uint64_t memory_available_bytes = 0;
+};
+
+struct FormerOptions {
+  std::size_t capacity = 1024; // requests in flight; rounded up to a power of two
+  std::size_t prefetch_depth = 1;
+};
+
+enum class NextStatus { batch, finished, timeout };
+
+class BatchFormer {
+public:
+  BatchFormer(BatchLayout layout, FormerOptions options, std::shared_ptr<StagingPool> pool,
+              std::shared_ptr<SizingPolicy> policy, std::shared_ptr<TelemetrySampler> telemetry,
+              std::shared_ptr<StatsRecorder> stats);
+  ~BatchFormer();
+  BatchFormer(const BatchFormer&) = delete;
+  BatchFormer& operator=(const BatchFormer&) = delete;
+
+  // `sources` holds leaf_count() pointers per request, request-major.
+  // Returns how many of `ids` were accepted (a prefix); fewer when the table is full or closed.
+  std::size_t push(std::span<const std::uint64_t> ids, std::span<const void* const> sources);
+  void close_input();
+
+  NextStatus next_batch(FormedBatch& out, Nanoseconds deadline_ns);
+  void report_feedback(std::uint64_t sequence, const BatchFeedback& feedback);
+  void close();
+
+  const std::shared_ptr<const BatchLayout>& layout() const noexcept { return layout_; }
+  std::size_t capacity() const noexcept { return requests_.capacity(); }
+  std::size_t queued() const noexcept { return requests_.was_size(); }
+
+private:
+  void run();
+  void form(std::span<const RequestDescriptor> requests, std::size_t target);
+
+  const std::shared_ptr<const BatchLayout> layout_;
+  const FormerOptions options_;
+  const std::shared_ptr<StagingPool> pool_;
+  const std::shared_ptr<SizingPolicy> policy_;
+  const std::shared_ptr<TelemetrySampler> telemetry_;
+  const std::shared_ptr<StatsRecorder> stats_;
+  const Nanoseconds started_ns_;
+
+  // Request table: one row of leaf pointers per request in flight, rows recycled via a ring.
+  std::vector<const void*> rows_;
+  MpmcRing<std::uint32_t> free_rows_;
+  BlockingQueue<RequestDescriptor> requests_;
+
+  std::mutex ready_mutex_;
+  std::condition_variable ready_changed_;
+  std::deque<FormedBatch> ready_;
+  bool finished_ = false; // input exhausted and every request formed
+  bool stopping_ = false;
+  std::exception_ptr error_;
+
+  std::mutex close_mutex_;
+  std::thread thread_;
+};
+
+} // namespace dynbatch

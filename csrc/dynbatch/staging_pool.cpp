@@ -1,0 +1,102 @@
+#include "dynbatch/staging_pool.hpp"
+
+#include <cstdlib>
+#include <new>
+
+#include "dynbatch/platform.hpp"
+
+namespace dynbatch {
+namespace {
+// Slots grow in 64 KiB steps so that batches of slowly rising size do not reallocate each time.
+constexpr std::size_t growth_granularity = 64 * 1024;
+} // namespace
+
+void AlignedFree::operator()(std::byte* pointer) const noexcept { std::free(pointer); }
+
+AlignedBuffer allocate_aligned(std::size_t bytes) {
+  const std::size_t size = align_up(bytes == 0 ? 1 : bytes, page_size);
+  void* pointer = std::aligned_alloc(page_size, size);
+  if (pointer == nullptr) {
+    throw std::bad_alloc();
+  }
+  return AlignedBuffer(static_cast<std::byte*>(pointer));
+}
+
+SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer,
+                     std::size_t bytes)
+    : pool_(std::move(pool)), slot_(slot), buffer_(std::move(buffer)), capacity_(bytes) {}
+
+SlotLease::~SlotLease() {
+  if (slot_ >= 0) {
+    pool_->release(slot_, std::move(buffer_), capacity_);
+  } else {
+    pool_->release_one_off();
+  }
+}
+
+std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots) {
+  return std::shared_ptr<StagingPool>(new StagingPool(slots));
+}
+
+StagingPool::StagingPool(std::size_t slots) : slots_(slots) { stats_.pooled_slots = slots; }
+
+std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
+  std::unique_lock lock(mutex_);
+  ++stats_.acquisitions;
+  for (std::size_t index = 0; index < slots_.size(); ++index) {
+    Slot& slot = slots_[index];
+    if (slot.in_use) {
+      continue;
+    }
+    slot.in_use = true;
+    ++stats_.slots_in_use;
+    AlignedBuffer buffer = std::move(slot.buffer);
+    std::size_t capacity = slot.capacity;
+    if (capacity < bytes) {
+      // Allocate outside the lock: a large first-touch allocation must not stall releases.
+      stats_.pooled_bytes -= capacity;
+      lock.unlock();
+      buffer.reset();
+      capacity = align_up(bytes, growth_granularity);
+      try {
+        buffer = allocate_aligned(capacity);
+      } catch (...) {
+        lock.lock();
+        slot.capacity = 0;
+        slot.in_use = false;
+        --stats_.slots_in_use;
+        throw;
+      }
+      lock.lock();
+      stats_.pooled_bytes += capacity;
+      ++stats_.slot_growths;
+    }
+    return std::make_shared<SlotLease>(shared_from_this(), static_cast<int>(index),
+                                       std::move(buffer), capacity);
+  }
+  ++stats_.one_off_allocations;
+  ++stats_.one_off_in_use;
+  lock.unlock();
+  return std::make_shared<SlotLease>(shared_from_this(), -1, allocate_aligned(bytes), bytes);
+}
+
+void StagingPool::release(int slot, AlignedBuffer buffer, std::size_t capacity) noexcept {
+  std::lock_guard lock(mutex_);
+  Slot& entry = slots_[static_cast<std::size_t>(slot)];
+  entry.buffer = std::move(buffer);
+  entry.capacity = capacity;
+  entry.in_use = false;
+  --stats_.slots_in_use;
+}
+
+void StagingPool::release_one_off() noexcept {
+  std::lock_guard lock(mutex_);
+  --stats_.one_off_in_use;
+}
+
+StagingPoolStats StagingPool::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+} // namespace dynbatch

@@ -1,0 +1,81 @@
+#pragma once
+// StagingPool: reusable page-aligned host buffers that batches are collated into.
+//
+// Contract
+// - acquire() never blocks: it hands out a pooled slot when one is free (growing it to the
+//   requested size if needed) and otherwise a one-off buffer that is freed, not pooled, on
+//   release. So a caller that keeps every batch alive costs memory, never a deadlock, and the
+//   pool itself stays at a fixed number of slots.
+// - A SlotLease returns its buffer when the last reference to it goes: the lease is shared by
+//   the batch and by every tensor exported from it (DLPack deleters hold a reference).
+// - A lease keeps its pool alive, so a tensor may outlive the processor that made it.
+// - All calls are thread-safe; acquire/release take a short mutex once per batch.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace dynbatch {
+
+class StagingPool;
+
+struct AlignedFree {
+  void operator()(std::byte* pointer) const noexcept;
+};
+using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
+AlignedBuffer allocate_aligned(std::size_t bytes);
+
+class SlotLease {
+public:
+  SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer, std::size_t bytes);
+  ~SlotLease();
+  SlotLease(const SlotLease&) = delete;
+  SlotLease& operator=(const SlotLease&) = delete;
+
+  std::byte* data() const noexcept { return buffer_.get(); }
+  std::size_t capacity() const noexcept { return capacity_; }
+  bool pooled() const noexcept { return slot_ >= 0; }
+
+private:
+  std::shared_ptr<StagingPool> pool_;
+  int slot_; // -1: a one-off buffer
+  AlignedBuffer buffer_;
+  std::size_t capacity_;
+};
+
+struct StagingPoolStats {
+  std::size_t pooled_slots = 0;
+  std::size_t slots_in_use = 0;
+  std::size_t pooled_bytes = 0;
+  std::size_t one_off_in_use = 0;
+  std::uint64_t acquisitions = 0;
+  std::uint64_t one_off_allocations = 0;
+  std::uint64_t slot_growths = 0;
+};
+
+class StagingPool : public std::enable_shared_from_this<StagingPool> {
+public:
+  static std::shared_ptr<StagingPool> create(std::size_t slots);
+
+  std::shared_ptr<SlotLease> acquire(std::size_t bytes);
+  StagingPoolStats stats() const;
+
+private:
+  friend class SlotLease;
+  explicit StagingPool(std::size_t slots);
+  void release(int slot, AlignedBuffer buffer, std::size_t capacity) noexcept;
+  void release_one_off() noexcept;
+
+  struct Slot {
+    AlignedBuffer buffer;
+    std::size_t capacity = 0;
+    bool in_use = false;
+  };
+  mutable std::mutex mutex_;
+  std::vector<Slot> slots_;
+  StagingPoolStats stats_;
+};
+
+} // namespace dynbatch

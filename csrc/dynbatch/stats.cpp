@@ -1,0 +1,69 @@
+#include "dynbatch/stats.hpp"
+
+#include <stdexcept>
+
+namespace dynbatch {
+
+StatsRecorder::StatsRecorder(std::size_t ring_capacity) : ring_capacity_(ring_capacity) {
+  if (ring_capacity == 0) {
+    throw std::invalid_argument("StatsRecorder: ring_capacity must be positive");
+  }
+  ring_.reserve(ring_capacity);
+}
+
+std::uint64_t StatsRecorder::next_sequence() {
+  std::lock_guard lock(mutex_);
+  return sequence_++;
+}
+
+void StatsRecorder::record_batch(const BatchRecord& record) {
+  std::lock_guard lock(mutex_);
+  ++totals_.batches;
+  totals_.samples += record.batch_size;
+  totals_.collate_ns += record.collate_ns;
+  ++totals_.histogram[record.batch_size];
+  if (ring_.size() < ring_capacity_) {
+    ring_.push_back(record);
+  } else {
+    ring_[ring_next_] = record;
+  }
+  ring_next_ = (ring_next_ + 1) % ring_capacity_;
+}
+
+void StatsRecorder::record_compute(std::uint64_t sequence, Nanoseconds compute_ns) {
+  std::lock_guard lock(mutex_);
+  totals_.compute_ns += compute_ns;
+  // The batch is almost always the newest record: search backwards.
+  for (std::size_t back = 1; back <= ring_.size(); ++back) {
+    BatchRecord& record = ring_[(ring_next_ + ring_.size() - back) % ring_.size()];
+    if (record.sequence == sequence) {
+      record.compute_ns = compute_ns;
+      return;
+    }
+  }
+}
+
+void StatsRecorder::add_active_time(Nanoseconds active_ns) {
+  std::lock_guard lock(mutex_);
+  totals_.active_ns += active_ns;
+}
+
+StatsSnapshot StatsRecorder::snapshot() const {
+  std::lock_guard lock(mutex_);
+  StatsSnapshot snapshot = totals_;
+  snapshot.recent.reserve(ring_.size());
+  const std::size_t start = ring_.size() < ring_capacity_ ? 0 : ring_next_;
+  for (std::size_t i = 0; i < ring_.size(); ++i) {
+    snapshot.recent.push_back(ring_[(start + i) % ring_.size()]);
+  }
+  return snapshot;
+}
+
+void StatsRecorder::reset() {
+  std::lock_guard lock(mutex_);
+  ring_.clear();
+  ring_next_ = 0;
+  totals_ = StatsSnapshot{};
+}
+
+} // namespace dynbatch
