@@ -1,0 +1,31 @@
+"""dynbatch: dynamic batching for PyTorch with a compiled C++/CUDA core.
+
+    import dynbatch as ds
+    processor = ds.DynamicBatchProcessor(max_batch_size=64, min_batch_size=8)
+    for batch in processor(samples):
+        output = model(batch)
+    print(processor.stats())
+"""
+
+from __future__ import annotations
+
+from .collate import collate
+from .errors import DynbatchError, InvalidSampleError, UnsupportedLeafError
+from .info import build_info, telemetry
+from .processor import BatchIterator, DynamicBatchProcessor
+from .stats import Stats
+
+__all__ = [
+    "BatchIterator",
+    "DynamicBatchProcessor",
+    "DynbatchError",
+    "InvalidSampleError",
+    "Stats",
+    "UnsupportedLeafError",
+    "__version__",
+    "build_info",
+    "collate",
+    "telemetry",
+]
+
+__version__: str = build_info()["version"]

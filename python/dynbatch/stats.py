@@ -1,0 +1,125 @@
+"""Stats: what a processor did, rendered from the core's counters and per-batch records."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Stats"]
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a processor's work so far. ``str()`` renders a table, ``to_dict()`` a dict.
+
+    Latency is per batch, from its first sample entering the queue to the batch reaching the
+    caller. Compute is the caller's time on a batch (from the yield to the next request).
+    Percentiles cover the most recent ``window`` batches; totals cover everything.
+    """
+
+    batches: int
+    samples: int
+    mean_batch_size: float
+    histogram: dict[int, int]
+    throughput: float  # samples per second of active iteration
+    active_seconds: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    compute_p50_ms: float
+    compute_p99_ms: float
+    collate_seconds: float
+    compute_seconds: float
+    target_batch_size: int
+    memory_ceiling: int
+    best_batch_size: int
+    peak_rss_bytes: int
+    min_available_bytes: int
+    staging_bytes: int
+    telemetry_source: str
+    window: int
+    recent_batch_sizes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_core(
+        cls,
+        snapshot: dict[str, Any],
+        live_active_ns: int,
+        sizing: dict[str, Any],
+        telemetry: dict[str, Any],
+        pool: dict[str, Any],
+    ) -> Stats:
+        records = snapshot["recent"]
+        # record: (sequence, size, target, first_enqueue, formed, delivered, collate, compute, mem)
+        latencies = [(r[5] - r[3]) / 1e6 for r in records]
+        computes = [r[7] / 1e6 for r in records if r[7] >= 0]
+        batches = int(snapshot["batches"])
+        samples = int(snapshot["samples"])
+        active_ns = int(snapshot["active_ns"]) + live_active_ns
+        return cls(
+            batches=batches,
+            samples=samples,
+            mean_batch_size=samples / batches if batches else 0.0,
+            histogram={int(k): int(v) for k, v in sorted(snapshot["histogram"].items())},
+            throughput=samples / (active_ns / 1e9) if active_ns > 0 else 0.0,
+            active_seconds=active_ns / 1e9,
+            latency_p50_ms=_percentile(latencies, 0.50),
+            latency_p99_ms=_percentile(latencies, 0.99),
+            compute_p50_ms=_percentile(computes, 0.50),
+            compute_p99_ms=_percentile(computes, 0.99),
+            collate_seconds=int(snapshot["collate_ns"]) / 1e9,
+            compute_seconds=int(snapshot["compute_ns"]) / 1e9,
+            target_batch_size=int(sizing["target"]),
+            memory_ceiling=int(sizing["memory_ceiling"]),
+            best_batch_size=int(sizing["best_size"]),
+            peak_rss_bytes=int(telemetry["peak_rss_bytes"]),
+            min_available_bytes=int(telemetry["min_available_bytes"]),
+            staging_bytes=int(pool["pooled_bytes"]),
+            telemetry_source=str(telemetry["source"]),
+            window=len(records),
+            recent_batch_sizes=[int(r[1]) for r in records[-32:]],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        histogram = ", ".join(f"{size}:{count}" for size, count in self.histogram.items())
+        rows = [
+            ("batches", f"{self.batches:,}"),
+            ("samples", f"{self.samples:,}"),
+            ("mean batch size", f"{self.mean_batch_size:.1f}"),
+            ("batch sizes (size:count)", histogram or "-"),
+            ("throughput", f"{self.throughput:,.0f} samples/s"),
+            ("batch latency p50 / p99", f"{self.latency_p50_ms:.3f} / {self.latency_p99_ms:.3f} ms"),
+            ("caller time p50 / p99", f"{self.compute_p50_ms:.3f} / {self.compute_p99_ms:.3f} ms"),
+            (
+                "time collating / in caller",
+                f"{self.collate_seconds:.4f} s / {self.compute_seconds:.4f} s",
+            ),
+            (
+                "target / memory ceiling / best",
+                f"{self.target_batch_size} / {self.memory_ceiling} / {self.best_batch_size}",
+            ),
+            ("peak process RSS", _mib(self.peak_rss_bytes)),
+            ("lowest available memory", _mib(self.min_available_bytes)),
+            ("staging buffers", _mib(self.staging_bytes)),
+            ("telemetry", self.telemetry_source),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = ["dynbatch stats", "-" * (width + 30)]
+        lines += [f"{name:<{width}}  {value}" for name, value in rows]
+        return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Flatten nested samples into leaves and rebuild batches in the samples' structure.
+
+A sample is a leaf (tensor, numpy array or scalar, Python number) or a dict, tuple,
+namedtuple or list nesting them. Every sample of a stream must have the first sample's
+structure; the batch comes back in that structure with each leaf stacked, as
+``torch.utils.data.default_collate`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidSampleError
+
+__all__ = ["TreeDef", "describe_structure", "flatten", "unflatten"]
+
+LEAF = "leaf"
+
+
+@dataclass(frozen=True)
+class TreeDef:
+    """The shape of a nested sample, without its leaves. Equal tree defs batch together."""
+
+    kind: str  # "leaf", "dict", "tuple", "list" or "namedtuple"
+    keys: tuple[Any, ...] = ()  # dict keys, in order
+    node_type: type | None = None  # the namedtuple class
+    children: tuple[TreeDef, ...] = ()
+
+    @property
+    def leaf_count(self) -> int:
+        if self.kind == LEAF:
+            return 1
+        return sum(child.leaf_count for child in self.children)
+
+    def leaf_paths(self, prefix: str = "") -> list[str]:
+        """Paths like ``['image'][0]``, in flatten order."""
+        if self.kind == LEAF:
+            return [prefix]
+        labels = self.keys if self.kind == "dict" else range(len(self.children))
+        paths: list[str] = []
+        for label, child in zip(labels, self.children):
+            paths.extend(child.leaf_paths(f"{prefix}[{label!r}]"))
+        return paths
+
+
+_LEAF_DEF = TreeDef(LEAF)
+
+
+def _is_namedtuple(value: object) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def flatten(sample: Any, leaves: list[Any]) -> TreeDef:
+    """Appends the leaves of ``sample`` to ``leaves`` and returns its tree def."""
+    if isinstance(sample, Mapping):
+        keys = tuple(sample.keys())
+        children = tuple(flatten(sample[key], leaves) for key in keys)
+        return TreeDef("dict", keys=keys, children=children)
+    if isinstance(sample, tuple):
+        children = tuple(flatten(item, leaves) for item in sample)
+        if _is_namedtuple(sample):
+            return TreeDef("namedtuple", node_type=type(sample), children=children)
+        return TreeDef("tuple", children=children)
+    if isinstance(sample, list):
+        return TreeDef("list", children=tuple(flatten(item, leaves) for item in sample))
+    leaves.append(sample)
+    return _LEAF_DEF
+
+
+def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
+    """Rebuilds the structure of ``treedef`` around ``leaves`` (consumed in order)."""
+    iterator = iter(leaves)
+    return _build(treedef, iterator)
+
+
+def _build(treedef: TreeDef, leaves: Any) -> Any:
+    if treedef.kind == LEAF:
+        return next(leaves)
+    children = [_build(child, leaves) for child in treedef.children]
+    if treedef.kind == "dict":
+        return dict(zip(treedef.keys, children))
+    if treedef.kind == "tuple":
+        return tuple(children)
+    if treedef.kind == "namedtuple":
+        assert treedef.node_type is not None
+        return treedef.node_type(*children)
+    return children
+
+
+def describe_structure(treedef: TreeDef) -> str:
+    if treedef.kind == LEAF:
+        return "a leaf"
+    if treedef.kind == "dict":
+        return f"a dict with keys {list(treedef.keys)!r}"
+    if treedef.kind == "namedtuple":
+        assert treedef.node_type is not None
+        return f"a {treedef.node_type.__name__} of {len(treedef.children)}"
+    return f"a {treedef.kind} of {len(treedef.children)}"
+
+
+def structure_mismatch(index: int, expected: TreeDef, actual: TreeDef, first_index: int) -> InvalidSampleError:
+    """The error for a sample whose structure differs, naming the first place it differs."""
+    path = ""
+    while True:
+        differs = (
+            expected.kind != actual.kind
+            or expected.keys != actual.keys
+            or expected.node_type is not actual.node_type
+            or len(expected.children) != len(actual.children)
+        )
+        if differs:
+            return InvalidSampleError(
+                index,
+                path,
+                f"structure differs from sample {first_index}: expected "
+                f"{describe_structure(expected)}, got {describe_structure(actual)}",
+            )
+        labels = expected.keys if expected.kind == "dict" else range(len(expected.children))
+        for label, want, got in zip(labels, expected.children, actual.children):
+            if want != got:
+                path += f"[{label!r}]"
+                expected, actual = want, got
+                break
+        else:  # pragma: no cover - only called when the tree defs differ
+            return InvalidSampleError(index, path, "structure differs")

@@ -1,0 +1,222 @@
+"""Between torch/numpy leaves and the core's raw descriptors (address, shape, dtype)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidSampleError, UnsupportedLeafError
+from .structure import TreeDef, flatten, structure_mismatch
+
+__all__ = ["LeafSpec", "Schema"]
+
+# torch dtype -> DLPack (type code, bits). Lanes are always 1.
+_DLPACK_TYPES: dict[torch.dtype, tuple[int, int]] = {
+    torch.bool: (6, 8),
+    torch.uint8: (1, 8),
+    torch.int8: (0, 8),
+    torch.int16: (0, 16),
+    torch.int32: (0, 32),
+    torch.int64: (0, 64),
+    torch.float16: (2, 16),
+    torch.bfloat16: (4, 16),
+    torch.float32: (2, 32),
+    torch.float64: (2, 64),
+    torch.complex64: (5, 64),
+    torch.complex128: (5, 128),
+}
+
+# Python numbers batch as default_collate makes them: float64, int64, bool.
+_NUMBER_DTYPES: dict[type, torch.dtype] = {
+    bool: torch.bool,
+    int: torch.int64,
+    float: torch.float64,
+}
+
+TENSOR = "tensor"
+NUMBER = "number"
+
+
+def _numpy() -> Any:
+    """numpy if the caller's process already imported it (a numpy leaf implies it did)."""
+    return sys.modules.get("numpy")
+
+
+def _is_numpy_leaf(value: object) -> bool:
+    np = _numpy()
+    return np is not None and isinstance(value, (np.ndarray, np.generic))
+
+
+_numpy_dtype_cache: dict[Any, torch.dtype] = {}
+
+
+def _torch_dtype_of_numpy(array: Any) -> torch.dtype | None:
+    dtype = array.dtype
+    cached = _numpy_dtype_cache.get(dtype)
+    if cached is None:
+        np = _numpy()
+        try:
+            cached = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        except TypeError:
+            return None
+        _numpy_dtype_cache[dtype] = cached
+    return cached
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What every sample's leaf at ``path`` must be for the stream to batch."""
+
+    path: str
+    kind: str  # TENSOR (goes through the core) or NUMBER (stacked in Python)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    core_index: int  # position among the core's leaves; -1 for numbers
+
+    def core_descriptor(self) -> tuple[list[int], int, int, int]:
+        code, bits = _DLPACK_TYPES[self.dtype]
+        return (list(self.shape), code, bits, 1)
+
+
+class Schema:
+    """The first sample's structure and leaf specs, against which later samples are checked.
+
+    ``admit`` converts one sample into what must be kept alive until it is collated (the
+    contiguous host leaves and the numbers) plus the addresses the core copies from.
+    """
+
+    def __init__(self, first_sample: Any, first_index: int = 0) -> None:
+        leaves: list[Any] = []
+        self.treedef: TreeDef = flatten(first_sample, leaves)
+        self.first_index = first_index
+        paths = self.treedef.leaf_paths()
+        specs: list[LeafSpec] = []
+        core_index = 0
+        for path, leaf in zip(paths, leaves):
+            spec = _spec_of(first_index, path, leaf, core_index)
+            if spec.kind == TENSOR:
+                core_index += 1
+            specs.append(spec)
+        self.leaves: tuple[LeafSpec, ...] = tuple(specs)
+        self.core_leaf_count = core_index
+        # A lone tensor is by far the most common sample: it skips the generic walk.
+        self.single_tensor = self.treedef.kind == "leaf" and specs[0].kind == TENSOR
+
+    def core_descriptors(self) -> list[tuple[list[int], int, int, int]]:
+        return [spec.core_descriptor() for spec in self.leaves if spec.kind == TENSOR]
+
+    def admit(self, sample: Any, index: int, addresses: list[int]) -> Any:
+        """Checks ``sample``, appends its core addresses, returns what must stay alive."""
+        if self.single_tensor and type(sample) is torch.Tensor:
+            spec = self.leaves[0]
+            if (
+                sample.dtype is spec.dtype
+                and sample.shape == spec.shape
+                and sample.device.type == "cpu"
+                and sample.is_contiguous()
+            ):
+                addresses.append(sample.data_ptr())
+                return sample
+        leaves: list[Any] = []
+        treedef = flatten(sample, leaves)
+        if treedef != self.treedef:
+            raise structure_mismatch(index, self.treedef, treedef, self.first_index)
+        kept: list[Any] = []
+        for spec, leaf in zip(self.leaves, leaves):
+            if spec.kind == NUMBER:
+                kept.append(_check_number(spec, leaf, index, self.first_index))
+                continue
+            host = _host_leaf(index, spec.path, leaf)
+            _check_tensor(spec, host, index, self.first_index)
+            addresses.append(_address_of(host))
+            kept.append(host)
+        return kept[0] if self.single_tensor else kept
+
+
+def _spec_of(index: int, path: str, leaf: Any, core_index: int) -> LeafSpec:
+    if type(leaf) in _NUMBER_DTYPES:
+        return LeafSpec(path, NUMBER, _NUMBER_DTYPES[type(leaf)], (), -1)
+    host = _host_leaf(index, path, leaf)
+    dtype = _dtype_of(host)
+    if dtype not in _DLPACK_TYPES:
+        raise UnsupportedLeafError(index, path, f"dtype {dtype} cannot be batched")
+    return LeafSpec(path, TENSOR, dtype, tuple(host.shape), core_index)
+
+
+def _host_leaf(index: int, path: str, leaf: Any) -> Any:
+    """A contiguous CPU tensor or numpy array holding the leaf's data, or a clear error."""
+    if isinstance(leaf, torch.Tensor):
+        if leaf.device.type != "cpu":
+            raise UnsupportedLeafError(
+                index,
+                path,
+                f"a tensor on {leaf.device}: batches are collated from host (CPU) memory; "
+                "move the sample to the CPU first",
+            )
+        if leaf.is_sparse or leaf.layout != torch.strided:
+            raise UnsupportedLeafError(index, path, f"a {leaf.layout} tensor cannot be stacked")
+        return leaf if leaf.is_contiguous() else leaf.contiguous()
+    if _is_numpy_leaf(leaf):
+        np = _numpy()
+        array = np.ascontiguousarray(leaf)
+        if _torch_dtype_of_numpy(array) is None:
+            raise UnsupportedLeafError(
+                index, path, f"a numpy array of dtype {array.dtype} cannot be batched"
+            )
+        return array
+    raise UnsupportedLeafError(
+        index,
+        path,
+        f"a {type(leaf).__name__} cannot be batched; leaves must be torch tensors, numpy "
+        "arrays or Python numbers",
+    )
+
+
+def _dtype_of(host: Any) -> torch.dtype:
+    if isinstance(host, torch.Tensor):
+        return host.dtype
+    dtype = _torch_dtype_of_numpy(host)
+    assert dtype is not None
+    return dtype
+
+
+def _address_of(host: Any) -> int:
+    if isinstance(host, torch.Tensor):
+        return int(host.data_ptr())
+    return int(host.__array_interface__["data"][0])
+
+
+def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> None:
+    dtype = _dtype_of(host)
+    if dtype != spec.dtype:
+        raise InvalidSampleError(
+            index,
+            spec.path,
+            f"dtype {dtype} differs from {spec.dtype} of sample {first_index}; "
+            "samples of one stream must share leaf dtypes",
+        )
+    shape = tuple(host.shape)
+    if shape != spec.shape:
+        raise InvalidSampleError(
+            index,
+            spec.path,
+            f"shape {shape} differs from {spec.shape} of sample {first_index}; "
+            "samples of one stream must share leaf shapes",
+        )
+
+
+def _check_number(spec: LeafSpec, leaf: Any, index: int, first_index: int) -> Any:
+    kind = type(leaf)
+    if kind in _NUMBER_DTYPES and (
+        _NUMBER_DTYPES[kind] == spec.dtype or (spec.dtype == torch.float64 and kind is int)
+    ):
+        return leaf
+    raise InvalidSampleError(
+        index,
+        spec.path,
+        f"a {kind.__name__} where sample {first_index} has a Python "
+        f"{ {torch.bool: 'bool', torch.int64: 'int', torch.float64: 'float'}[spec.dtype] }",
+    )
