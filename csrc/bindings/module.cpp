@@ -290,7 +290,6 @@ PYBIND11_MODULE(_core, m) {
         py::dict out;
         out["target"] = state.target;
         out["memory_ceiling"] = state.memory_ceiling;
-        out["step"] = state.step;
         out["converged"] = state.converged;
         out["best_size"] = state.best_size;
         out["best_samples_per_second"] = state.best_samples_per_second;

@@ -7,19 +7,21 @@
 namespace dynbatch {
 namespace {
 constexpr double smoothing = 0.5;      // weight of a new measurement in the per-size average
-constexpr double finest_step = 1.05;   // below this the climb has converged
-constexpr double reprobe_step = 1.25;  // a converged climb re-checks its neighbours with this
+constexpr double reprobe_span = 1.5; // a held size re-checks this far on either side
 constexpr std::size_t remembered_sizes = 32;
 } // namespace
 
 ThroughputClimb::ThroughputClimb(const ThroughputClimbOptions& options)
-    : options_(options), current_(options.min_batch_size), step_(options.initial_step),
+    : options_(options), current_(options.min_batch_size),
       memory_ceiling_(options.max_batch_size) {
   if (options.min_batch_size < 1 || options.max_batch_size < options.min_batch_size) {
     throw std::invalid_argument("ThroughputClimb: need 1 <= min_batch_size <= max_batch_size");
   }
-  if (options.initial_step <= 1.0) {
-    throw std::invalid_argument("ThroughputClimb: initial_step must be above 1");
+  if (options.batches_per_probe < 1) {
+    throw std::invalid_argument("ThroughputClimb: batches_per_probe must be at least 1");
+  }
+  if (options.growth <= 1.0 || options.tight <= 1.0) {
+    throw std::invalid_argument("ThroughputClimb: growth and tight must be above 1");
   }
 }
 
@@ -41,18 +43,10 @@ std::size_t ThroughputClimb::next_batch_size(const SizingInputs& inputs) {
   return std::min(current_, memory_ceiling_);
 }
 
-void ThroughputClimb::move() {
-  const double factor = direction_ > 0 ? step_ : 1.0 / step_;
-  std::size_t next = clamp(static_cast<double>(current_) * factor);
-  if (next == current_) {
-    next = clamp(static_cast<double>(current_) + direction_);
-  }
-  if (next == current_) { // pinned at a bound: nothing left to probe on this side
-    converged_ = true;
-    held_batches_ = 0;
-    return;
-  }
-  current_ = next;
+void ThroughputClimb::probe(std::size_t size) {
+  current_ = size;
+  probe_batches_ = 0;
+  probe_cost_ = 0.0;
 }
 
 void ThroughputClimb::on_feedback(const BatchFeedback& feedback) {
@@ -69,47 +63,88 @@ void ThroughputClimb::on_feedback(const BatchFeedback& feedback) {
   }
   if (cost_per_sample_.size() > remembered_sizes) {
     // Forget the size farthest from where the climb is now.
-    auto farthest = std::abs(static_cast<double>(cost_per_sample_.begin()->first) -
-                             static_cast<double>(current_)) >
-                            std::abs(static_cast<double>(cost_per_sample_.rbegin()->first) -
-                                     static_cast<double>(current_))
-                        ? cost_per_sample_.begin()
-                        : std::prev(cost_per_sample_.end());
-    cost_per_sample_.erase(farthest);
+    const auto distance = [&](std::size_t other) {
+      return std::abs(std::log(static_cast<double>(other) / static_cast<double>(current_)));
+    };
+    cost_per_sample_.erase(distance(cost_per_sample_.begin()->first) >
+                                   distance(cost_per_sample_.rbegin()->first)
+                               ? cost_per_sample_.begin()
+                               : std::prev(cost_per_sample_.end()));
   }
   if (size != current_) {
-    return; // a batch formed before the last decision: remembered, not acted on
+    return; // a batch formed before the last decision, or cut by memory: not a probe result
   }
-  const double current_cost = cost_per_sample_.at(size);
+  probe_cost_ = probe_batches_ == 0 ? cost : std::min(probe_cost_, cost);
+  if (++probe_batches_ < options_.batches_per_probe) {
+    return;
+  }
+  judge(probe_cost_);
+}
 
-  if (converged_) {
-    if (++held_batches_ < options_.reprobe_after) {
+void ThroughputClimb::judge(double cost) {
+  const bool better = best_ == 0 || cost < best_cost_ * (1.0 - options_.tolerance);
+  switch (phase_) {
+  case Phase::holding:
+    // Re-measure the held size, then look around it again.
+    best_cost_ = cost;
+    if (++held_batches_ * options_.batches_per_probe < options_.reprobe_after) {
+      probe(best_);
       return;
     }
-    converged_ = false;
-    step_ = reprobe_step;
-    previous_ = 0;
-  }
-  if (previous_ == 0 || current_cost < previous_cost_ * (1.0 - options_.tolerance)) {
-    previous_ = current_;
-    previous_cost_ = current_cost;
-    move();
+    lower_ = clamp(static_cast<double>(best_) / reprobe_span);
+    upper_ = clamp(static_cast<double>(best_) * reprobe_span);
+    phase_ = Phase::narrowing;
+    narrow();
+    return;
+  case Phase::expanding:
+    if (better) {
+      lower_ = best_ == 0 ? current_ : best_;
+      best_ = current_;
+      best_cost_ = cost;
+      const std::size_t next = clamp(static_cast<double>(current_) * options_.growth);
+      if (next == current_) { // reached the maximum
+        phase_ = Phase::holding;
+        held_batches_ = 0;
+        probe(best_);
+        return;
+      }
+      probe(next);
+      return;
+    }
+    upper_ = current_;
+    phase_ = Phase::narrowing;
+    narrow();
+    return;
+  case Phase::narrowing:
+    if (better) {
+      (current_ > best_ ? lower_ : upper_) = best_;
+      best_ = current_;
+      best_cost_ = cost;
+    } else {
+      (current_ > best_ ? upper_ : lower_) = current_;
+    }
+    narrow();
     return;
   }
-  // No better than the previous size: return to it and probe the other side, more finely.
-  const std::size_t better = current_cost < previous_cost_ ? current_ : previous_;
-  const double better_cost = std::min(current_cost, previous_cost_);
-  direction_ = -direction_;
-  step_ = std::sqrt(step_);
-  current_ = better;
-  previous_ = better;
-  previous_cost_ = better_cost;
-  if (step_ < finest_step) {
-    converged_ = true;
+}
+
+void ThroughputClimb::narrow() {
+  // Probe the geometric middle of the wider side of the bracket around the best size.
+  const double best = static_cast<double>(best_);
+  const double above = static_cast<double>(upper_) / best;
+  const double below = best / static_cast<double>(lower_);
+  const bool go_up = above >= below;
+  const double middle = go_up ? std::sqrt(best * static_cast<double>(upper_))
+                              : std::sqrt(best * static_cast<double>(lower_));
+  const std::size_t next = clamp(middle);
+  if (std::max(above, below) <= options_.tight || next == best_ || next == upper_ ||
+      next == lower_) {
+    phase_ = Phase::holding;
     held_batches_ = 0;
+    probe(best_);
     return;
   }
-  move();
+  probe(next);
 }
 
 SizingState ThroughputClimb::state() const {
@@ -117,15 +152,9 @@ SizingState ThroughputClimb::state() const {
   SizingState state;
   state.target = current_;
   state.memory_ceiling = memory_ceiling_;
-  state.step = step_;
-  state.converged = converged_;
-  for (const auto& [size, cost] : cost_per_sample_) {
-    const double rate = 1e9 / cost;
-    if (rate > state.best_samples_per_second) {
-      state.best_samples_per_second = rate;
-      state.best_size = size;
-    }
-  }
+  state.converged = phase_ == Phase::holding;
+  state.best_size = best_;
+  state.best_samples_per_second = best_cost_ > 0.0 ? 1e9 / best_cost_ : 0.0;
   return state;
 }
 

@@ -1,0 +1,132 @@
+"""The demo: fixed batch size 32 against dynamic batching, measured on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from . import _core
+from .info import build_info
+from .processor import DynamicBatchProcessor
+
+__all__ = ["run_demo"]
+
+
+def _mlp(width: int) -> torch.nn.Module:
+    """Wide enough that per-sample cost falls with batch size on a CPU, as on a GPU."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    ).eval()
+
+
+@dataclass
+class _Row:
+    name: str
+    mean_batch_size: float
+    samples_per_second: float
+    peak_rss_bytes: int
+    sizes: str
+
+
+def _run_processor(
+    name: str, processor: DynamicBatchProcessor, model: torch.nn.Module, data: list[torch.Tensor]
+) -> _Row:
+    seen = 0
+    with torch.inference_mode():
+        for batch in processor(data):
+            model(batch)
+            seen += len(batch)
+    if seen != len(data):
+        raise RuntimeError(f"{name}: saw {seen} samples of {len(data)}")
+    stats = processor.stats()
+    top = sorted(stats.histogram.items(), key=lambda item: -item[1])[:4]
+    processor.close()
+    return _Row(
+        name,
+        stats.mean_batch_size,
+        stats.throughput,
+        stats.peak_rss_bytes,
+        ", ".join(f"{size}x{count}" for size, count in top),
+    )
+
+
+def _run_stack_loop(model: torch.nn.Module, data: list[torch.Tensor], size: int) -> _Row:
+    telemetry = _core.Telemetry.host(0.02)
+    telemetry.reset_peak()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for offset in range(0, len(data), size):
+            model(torch.stack(data[offset : offset + size]))
+    elapsed = time.perf_counter() - start
+    peak = telemetry.peak_rss_bytes
+    telemetry.close()
+    batches = -(-len(data) // size)
+    return _Row(f"torch.stack loop, {size}", len(data) / batches, len(data) / elapsed, peak, "-")
+
+
+def _table(rows: Iterable[_Row], baseline: float) -> str:
+    header = (
+        f"{'mode':<28} {'mean batch':>10} {'samples/s':>11} {'vs fixed 32':>11} "
+        f"{'peak RSS':>10}  most used sizes"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.name:<28} {row.mean_batch_size:>10.1f} {row.samples_per_second:>11,.0f} "
+            f"{row.samples_per_second / baseline:>10.2f}x "
+            f"{row.peak_rss_bytes / 2**20:>7,.0f} MiB  {row.sizes}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(samples: int, width: int, max_batch_size: int, echo: Callable[[str], None]) -> None:
+    info = build_info()
+    echo(
+        f"dynbatch {info['version']} (CUDA compiled: {info['cuda_compiled']}, "
+        f"GPU usable: {info['gpu_usable']}); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    echo(f"model: MLP 784-{width}-{width}-10 on the CPU; {samples} samples of shape (784,)\n")
+    torch.manual_seed(0)
+    model = _mlp(width)
+    data = [torch.randn(784) for _ in range(samples)]
+    with torch.inference_mode():  # first-call costs belong to no one's measurement
+        model(torch.stack(data[:max_batch_size]))
+
+    rows = [
+        _run_stack_loop(model, data, 32),
+        _run_processor(
+            "dynbatch fixed 32",
+            DynamicBatchProcessor(max_batch_size=32, min_batch_size=32),
+            model,
+            data,
+        ),
+        _run_processor(
+            f"dynbatch dynamic 8..{max_batch_size}",
+            DynamicBatchProcessor(max_batch_size=max_batch_size, min_batch_size=8),
+            model,
+            data,
+        ),
+    ]
+    echo(_table(rows, baseline=rows[1].samples_per_second))
+    echo("\nPeak RSS is the whole process, sampled every 20-50 ms by the core's telemetry thread.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dynbatch demo", description=__doc__)
+    parser.add_argument("--samples", type=int, default=20000, help="samples to push through")
+    parser.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
+    parser.add_argument("--max-batch-size", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.width = 600, 128
+    run_demo(args.samples, args.width, args.max_batch_size, print)
