@@ -33,10 +33,12 @@ class BenchSize:
     iterate_samples: int
 
 
-FULL = BenchSize("full", collate_batch=64, image_shape=(3, 224, 224), flat_features=784,
-                 iterate_samples=1000)
-TINY = BenchSize("tiny", collate_batch=8, image_shape=(3, 32, 32), flat_features=784,
-                 iterate_samples=200)
+FULL = BenchSize(
+    "full", collate_batch=64, image_shape=(3, 224, 224), flat_features=784, iterate_samples=1000
+)
+TINY = BenchSize(
+    "tiny", collate_batch=8, image_shape=(3, 32, 32), flat_features=784, iterate_samples=200
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

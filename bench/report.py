@@ -6,14 +6,14 @@
     python bench/report.py --save results.json      # run, keep the JSON, report
 
 Every group holds its peer; ratio = entry mean / peer mean under the same other parameters
-(for collate, the same thread count), so < 1 is faster than the peer.
+(for collate, the same thread count), so < 1 is faster than the peer. Medians are shown too:
+on a shared machine a few stalled rounds (page faults of fresh 38 MB outputs) can move a mean.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -62,9 +62,24 @@ def _format_time(seconds: float) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
+# Parameters the group name already tells (collate's sample shape).
+_HIDDEN = {"impl", "case"}
+
+
 def _entry_label(params: dict[str, Any]) -> str:
-    others = [f"{key}={value}" for key, value in sorted(params.items()) if key != "impl"]
+    others = [f"{key}={value}" for key, value in sorted(params.items()) if key not in _HIDDEN]
     return " ".join([str(params.get("impl", "?")), *others])
+
+
+def _stat_of_peer(benches: list[dict[str, Any]], peer: str | None, others: dict[str, Any]) -> Any:
+    for bench in benches:
+        params = bench["params"] or {}
+        if (
+            params.get("impl") == peer
+            and {k: v for k, v in params.items() if k != "impl"} == others
+        ):
+            return bench["stats"]
+    return None
 
 
 def report(data: dict[str, Any]) -> str:
@@ -72,43 +87,37 @@ def report(data: dict[str, Any]) -> str:
     for bench in data["benchmarks"]:
         groups.setdefault(bench["group"] or "(no group)", []).append(bench)
 
-    rows: list[tuple[str, str, str, str]] = []
+    headers = ("group", "entry", "mean", "ratio", "median", "ratio")
+    rows: list[tuple[str, ...]] = []
     for group in sorted(groups):
         benches = groups[group]
         peer = _peer_of(group)
+        previous = None
         for bench in sorted(benches, key=lambda b: _entry_label(b["params"] or {})):
             params = bench["params"] or {}
-            mean = bench["stats"]["mean"]
+            stats = bench["stats"]
             others = {k: v for k, v in params.items() if k != "impl"}
-            peer_mean = next(
-                (
-                    b["stats"]["mean"]
-                    for b in benches
-                    if (b["params"] or {}).get("impl") == peer
-                    and {k: v for k, v in (b["params"] or {}).items() if k != "impl"} == others
-                ),
-                None,
-            )
-            ratio = f"{mean / peer_mean:.2f}" if peer_mean else "-"
-            rows.append((group, _entry_label(params), _format_time(mean), ratio))
+            peer_stats = _stat_of_peer(benches, peer, others)
+            row = [group if group != previous else "", _entry_label(params)]
+            previous = group
+            for stat in ("mean", "median"):
+                row.append(_format_time(stats[stat]))
+                row.append(f"{stats[stat] / peer_stats[stat]:.2f}" if peer_stats else "-")
+            rows.append(tuple(row))
 
-    headers = ("group", "entry", "mean", f"ratio to peer ({', '.join(PEERS.values())})")
-    widths = [max(len(r[i]) for r in [headers[:3] + ("ratio",), *rows]) for i in range(4)]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = [
-        "  ".join(h.ljust(w) for h, w in zip(headers[:3], widths, strict=False)) + "  ratio",
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [headers, *rows]
     ]
-    previous = None
-    for group, label, mean, ratio in rows:
-        shown = group if group != previous else ""
-        previous = group
-        lines.append(
-            f"{shown.ljust(widths[0])}  {label.ljust(widths[1])}  "
-            f"{mean.rjust(widths[2])}  {ratio.rjust(5)}"
-        )
     machine = data.get("machine_info", {})
     lines.append(
-        f"(mean per call; ratio = mean / peer mean, peer = {', '.join(PEERS.values())}; "
-        f"{machine.get('cpu', {}).get('brand_raw', '?')}, {os.cpu_count()} CPUs here)"
+        f"(ratio = time / the peer's under the same other parameters; peers: "
+        f"{', '.join(PEERS.values())}; {machine.get('cpu', {}).get('brand_raw', '?')}, "
+        f"{machine.get('cpu', {}).get('count', '?')} CPUs)"
     )
     return "\n".join(lines)
 

@@ -125,14 +125,16 @@ class Schema:
         if treedef != self.treedef:
             raise structure_mismatch(index, self.treedef, treedef, self.first_index)
         kept: list[Any] = []
+        own_addresses: list[int] = []  # joins `addresses` only once the whole sample passed
         for spec, leaf in zip(self.leaves, leaves):
             if spec.kind == NUMBER:
                 kept.append(_check_number(spec, leaf, index, self.first_index))
                 continue
             host = _host_leaf(index, spec.path, leaf)
             _check_tensor(spec, host, index, self.first_index)
-            addresses.append(_address_of(host))
+            own_addresses.append(_address_of(host))
             kept.append(host)
+        addresses.extend(own_addresses)
         return kept[0] if self.single_tensor else kept
 
 
@@ -161,7 +163,9 @@ def _host_leaf(index: int, path: str, leaf: Any) -> Any:
         return leaf if leaf.is_contiguous() else leaf.contiguous()
     if _is_numpy_leaf(leaf):
         np = _numpy()
-        array = np.ascontiguousarray(leaf)
+        array = np.asarray(leaf)  # ascontiguousarray would turn a scalar into shape (1,)
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
         if _torch_dtype_of_numpy(array) is None:
             raise UnsupportedLeafError(
                 index, path, f"a numpy array of dtype {array.dtype} cannot be batched"
@@ -208,15 +212,18 @@ def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> No
         )
 
 
+_NUMBER_NAMES = {torch.bool: "bool", torch.int64: "int", torch.float64: "float"}
+
+
 def _check_number(spec: LeafSpec, leaf: Any, index: int, first_index: int) -> Any:
     kind = type(leaf)
-    if kind in _NUMBER_DTYPES and (
-        _NUMBER_DTYPES[kind] == spec.dtype or (spec.dtype == torch.float64 and kind is int)
-    ):
-        return leaf
+    if kind in _NUMBER_DTYPES:
+        if _NUMBER_DTYPES[kind] == spec.dtype or (spec.dtype == torch.float64 and kind is int):
+            return leaf
+    else:
+        _host_leaf(index, spec.path, leaf)  # a leaf that can never batch says so
     raise InvalidSampleError(
         index,
         spec.path,
-        f"a {kind.__name__} where sample {first_index} has a Python "
-        f"{ {torch.bool: 'bool', torch.int64: 'int', torch.float64: 'float'}[spec.dtype] }",
+        f"a {kind.__name__} where sample {first_index} has a Python {_NUMBER_NAMES[spec.dtype]}",
     )

@@ -1,0 +1,146 @@
+"""Bad input gets a clear error naming the sample and the leaf; nothing read is lost."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import dynbatch as ds
+
+from .conftest import os_thread_count
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_batch_size": 4, "min_batch_size": 8}, ValueError, "at least min_batch_size"),
+        ({"max_batch_size": 0}, ValueError, "max_batch_size must be at least 1"),
+        ({"min_batch_size": 0}, ValueError, "min_batch_size must be at least 1"),
+        ({"min_batch_size": -3}, ValueError, "min_batch_size"),
+        ({"max_batch_size": 8.0}, TypeError, "max_batch_size must be an int"),
+        ({"max_batch_size": True}, TypeError, "max_batch_size must be an int"),
+        ({"prefetch": 0}, ValueError, "prefetch"),
+        ({"memory_fraction": 0.0}, ValueError, "memory_fraction"),
+        ({"memory_fraction": "half"}, TypeError, "memory_fraction"),
+        ({"telemetry": object()}, TypeError, "telemetry"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        ds.DynamicBatchProcessor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_non_iterable_input_is_refused_at_call_time() -> None:
+    processor = ds.DynamicBatchProcessor()
+    with pytest.raises(TypeError, match=r"expects an iterable of samples .*got int"):
+        processor(5)  # type: ignore[arg-type]
+
+
+def _deliver_until_error(processor: ds.DynamicBatchProcessor, samples: object) -> tuple[int, BaseException]:
+    delivered = 0
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - each test checks the type itself
+        for batch in processor(samples):  # type: ignore[arg-type]
+            delivered += len(batch) if not isinstance(batch, dict) else len(batch["x"])
+    return delivered, caught.value
+
+
+def test_shape_mismatch_names_sample_and_leaf_after_delivering_earlier_samples() -> None:
+    samples = [{"x": torch.zeros(4), "y": torch.zeros(2)} for _ in range(30)]
+    samples[21] = {"x": torch.zeros(4), "y": torch.zeros(3)}
+    processor = ds.DynamicBatchProcessor(max_batch_size=8, min_batch_size=8)
+    delivered, error = _deliver_until_error(processor, samples)
+    assert isinstance(error, ds.InvalidSampleError)
+    assert (error.index, error.path) == (21, "['y']")
+    assert "shape (3,) differs from (2,) of sample 0" in str(error)
+    assert delivered == 21, "every sample before the bad one must be delivered"
+
+
+def test_dtype_mismatch() -> None:
+    samples = [torch.zeros(3)] * 5 + [torch.zeros(3, dtype=torch.float64)]
+    delivered, error = _deliver_until_error(ds.DynamicBatchProcessor(max_batch_size=2), samples)
+    assert isinstance(error, ds.InvalidSampleError)
+    assert error.index == 5 and "dtype torch.float64 differs from torch.float32" in str(error)
+    assert delivered == 5
+
+
+def test_structure_mismatch_names_where_it_differs() -> None:
+    samples = [{"x": torch.zeros(2), "meta": {"a": 1, "b": 2}} for _ in range(4)]
+    samples[3] = {"x": torch.zeros(2), "meta": {"a": 1, "c": 2}}
+    _, error = _deliver_until_error(ds.DynamicBatchProcessor(max_batch_size=2), samples)
+    assert isinstance(error, ds.InvalidSampleError)
+    assert error.index == 3 and error.path == "['meta']"
+    assert "keys ['a', 'b']" in str(error) and "keys ['a', 'c']" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "match"),
+    [("text", "a str cannot be batched"), (None, "a NoneType"), (object(), "a object")],
+)
+def test_unsupported_leaves(leaf: object, match: str) -> None:
+    samples = [(torch.zeros(2), 1)] * 3 + [(torch.zeros(2), leaf)]
+    _, error = _deliver_until_error(ds.DynamicBatchProcessor(max_batch_size=2), samples)
+    assert isinstance(error, ds.UnsupportedLeafError) and isinstance(error, TypeError)
+    assert error.index == 3 and error.path == "[1]" and match in str(error)
+
+
+def test_unsupported_first_sample_and_dtypes() -> None:
+    processor = ds.DynamicBatchProcessor()
+    with pytest.raises(ds.UnsupportedLeafError, match=r"sample 0, leaf \['name'\]: a str"):
+        next(processor([{"name": "a"}]))
+    with pytest.raises(ds.UnsupportedLeafError, match="dtype object"):
+        next(processor([np.array([object()])]))
+    with pytest.raises(ds.UnsupportedLeafError, match="dtype torch.float8"):
+        next(processor([torch.zeros(2, dtype=torch.float8_e4m3fn)]))
+
+
+def test_number_kinds_are_checked() -> None:
+    floats_then_int = [1.5, 2.5, 3]
+    batch = next(ds.DynamicBatchProcessor(8, 8)(floats_then_int))
+    assert batch.dtype == torch.float64 and batch.tolist() == [1.5, 2.5, 3.0]
+    _, error = _deliver_until_error(ds.DynamicBatchProcessor(max_batch_size=8), [1, 2, 2.5])
+    assert isinstance(error, ds.InvalidSampleError) and "a float where sample 0 has a Python int" in str(error)
+
+
+def test_exception_from_the_input_is_raised_after_earlier_batches() -> None:
+    def broken() -> Iterator[torch.Tensor]:
+        for i in range(13):
+            yield torch.full((2,), float(i))
+        raise OSError("disk went away")
+
+    processor = ds.DynamicBatchProcessor(max_batch_size=4, min_batch_size=4)
+    seen: list[float] = []
+    with pytest.raises(OSError, match="disk went away"):
+        for batch in processor(broken()):
+            seen.extend(batch[:, 0].tolist())
+    assert seen == [float(i) for i in range(13)]
+
+
+def test_abandoned_iterations_leak_no_thread_or_buffer() -> None:
+    processor = ds.DynamicBatchProcessor(max_batch_size=16, min_batch_size=4)
+    data = [torch.randn(64) for _ in range(200)]
+    gc.collect()
+    threads_before = os_thread_count()
+
+    def failing_body() -> None:
+        for index, _batch in enumerate(processor(data)):
+            if index == 2:
+                raise KeyError("caller bug")
+
+    for round_ in range(1000):
+        if round_ % 2:
+            with pytest.raises(KeyError):
+                failing_body()
+        else:
+            iterator = processor(data)
+            next(iterator)
+            del iterator  # abandoned mid-way, never closed explicitly
+    gc.collect()
+    assert os_thread_count() == threads_before
+    pool = processor._pool.stats()
+    assert pool["slots_in_use"] == 0 and pool["one_off_in_use"] == 0
+    assert pool["pooled_slots"] == processor.prefetch + 2
+    assert torch.equal(torch.cat(list(processor(data))), torch.stack(data))

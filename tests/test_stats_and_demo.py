@@ -1,0 +1,54 @@
+"""stats() reports real measurements; the demo runs and prints its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+
+import dynbatch as ds
+
+
+def test_stats_fields_match_what_happened() -> None:
+    processor = ds.DynamicBatchProcessor(max_batch_size=10, min_batch_size=10)
+    for _ in processor([torch.zeros(8)] * 95):
+        time.sleep(0.002)
+    stats = processor.stats()
+    assert stats.batches == 10 and stats.samples == 95
+    assert stats.mean_batch_size == 9.5
+    assert stats.histogram == {5: 1, 10: 9}
+    assert sum(size * count for size, count in stats.histogram.items()) == stats.samples
+    assert 0 < stats.throughput < 95 / 0.018  # ten 2 ms pauses bound it
+    assert stats.compute_p50_ms >= 2.0 and stats.compute_p99_ms >= stats.compute_p50_ms
+    assert stats.latency_p99_ms >= stats.latency_p50_ms > 0
+    assert stats.compute_seconds >= 0.018 and stats.collate_seconds > 0
+    assert stats.peak_rss_bytes > 0 and stats.min_available_bytes > 0
+    assert stats.telemetry_source == "host"
+    as_dict = stats.to_dict()
+    assert as_dict["samples"] == 95 and as_dict["histogram"] == {5: 1, 10: 9}
+    text = str(stats)
+    for label in ("batches", "mean batch size", "throughput", "p50 / p99", "in caller"):
+        assert label in text
+    processor.reset_stats()
+    assert processor.stats().samples == 0
+
+
+def test_demo_prints_measured_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynbatch", "demo", "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    assert "dynbatch fixed 32" in result.stdout and "dynamic 8.." in result.stdout
+    assert "samples/s" in result.stdout and "peak RSS" in result.stdout
+
+
+def test_unknown_command_prints_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynbatch", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
