@@ -40,9 +40,11 @@ def test_non_iterable_input_is_refused_at_call_time() -> None:
         processor(5)  # type: ignore[arg-type]
 
 
-def _deliver_until_error(processor: ds.DynamicBatchProcessor, samples: object) -> tuple[int, BaseException]:
+def _deliver_until_error(
+    processor: ds.DynamicBatchProcessor, samples: object
+) -> tuple[int, BaseException]:
     delivered = 0
-    with pytest.raises(Exception) as caught:  # noqa: PT011 - each test checks the type itself
+    with pytest.raises(Exception) as caught:
         for batch in processor(samples):  # type: ignore[arg-type]
             delivered += len(batch) if not isinstance(batch, dict) else len(batch["x"])
     return delivered, caught.value
@@ -93,7 +95,7 @@ def test_unsupported_first_sample_and_dtypes() -> None:
         next(processor([{"name": "a"}]))
     with pytest.raises(ds.UnsupportedLeafError, match="dtype object"):
         next(processor([np.array([object()])]))
-    with pytest.raises(ds.UnsupportedLeafError, match="dtype torch.float8"):
+    with pytest.raises(ds.UnsupportedLeafError, match=r"dtype torch\.float8"):
         next(processor([torch.zeros(2, dtype=torch.float8_e4m3fn)]))
 
 
@@ -102,7 +104,9 @@ def test_number_kinds_are_checked() -> None:
     batch = next(ds.DynamicBatchProcessor(8, 8)(floats_then_int))
     assert batch.dtype == torch.float64 and batch.tolist() == [1.5, 2.5, 3.0]
     _, error = _deliver_until_error(ds.DynamicBatchProcessor(max_batch_size=8), [1, 2, 2.5])
-    assert isinstance(error, ds.InvalidSampleError) and "a float where sample 0 has a Python int" in str(error)
+    assert isinstance(
+        error, ds.InvalidSampleError
+    ) and "a float where sample 0 has a Python int" in str(error)
 
 
 def test_exception_from_the_input_is_raised_after_earlier_batches() -> None:

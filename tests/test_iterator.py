@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -81,7 +82,7 @@ def _tuples_kept(collated: object, like: object) -> object:
         return {key: _tuples_kept(collated[key], like[key]) for key in like}
     if isinstance(like, (list, tuple)):
         assert isinstance(collated, (list, tuple))
-        items = [_tuples_kept(c, item) for c, item in zip(collated, like)]
+        items = [_tuples_kept(c, item) for c, item in zip(collated, like, strict=True)]
         return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
     return collated
 
@@ -99,7 +100,7 @@ def _assert_same_structure_and_values(actual: object, expected: object) -> None:
         assert type(actual) is type(expected)
         assert isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple))
         assert len(actual) == len(expected)
-        for got, want in zip(actual, expected):
+        for got, want in zip(actual, expected, strict=True):
             _assert_same_structure_and_values(got, want)
 
 
@@ -111,9 +112,7 @@ def test_non_contiguous_and_readonly_leaves_are_copied_correctly() -> None:
         array.setflags(write=False)
     processor = ds.DynamicBatchProcessor(max_batch_size=4, min_batch_size=4)
     assert torch.equal(torch.cat(list(processor(samples))), torch.stack(samples))
-    assert torch.equal(
-        torch.cat(list(processor(readonly))), torch.from_numpy(np.stack(readonly))
-    )
+    assert torch.equal(torch.cat(list(processor(readonly))), torch.from_numpy(np.stack(readonly)))
 
 
 def test_batches_the_caller_keeps_stay_valid() -> None:
@@ -130,7 +129,7 @@ def test_next_batch_is_prepared_while_the_caller_works() -> None:
         time.sleep(pause_s)
     records = processor._recorder.snapshot()["recent"]
     # (sequence, size, target, first_enqueue, formed, delivered, collate, compute, memory)
-    for previous, record in zip(records, records[1:]):
+    for previous, record in itertools.pairwise(records):
         formed_ns, delivered_ns = record[4], record[5]
         assert delivered_ns - formed_ns > pause_s * 1e9 * 0.5, "batch was not formed ahead"
         assert formed_ns < previous[5] + pause_s * 1e9
@@ -165,7 +164,9 @@ def test_context_manager_closes(no_thread_left: None) -> None:
 
 
 def test_collate_function_matches_default_collate() -> None:
-    samples = [{"x": torch.randn(3, 2), "y": i, "z": np.ones(2, dtype=np.float16)} for i in range(9)]
+    samples = [
+        {"x": torch.randn(3, 2), "y": i, "z": np.ones(2, dtype=np.float16)} for i in range(9)
+    ]
     samples[0]["pair"] = (1, torch.ones(1))
     for sample in samples[1:]:
         sample["pair"] = (2, torch.zeros(1))

@@ -89,7 +89,11 @@ def test_sizes_vary_on_the_design_example() -> None:
         check=True,
         timeout=120,
     )
-    sizes = [int(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("Processed batch")]
+    sizes = [
+        int(line.rsplit(" ", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("Processed batch")
+    ]
     assert sum(sizes) == 100
     assert len(set(sizes)) > 1, f"batch size never moved: {sizes}"
     assert all(8 <= size <= 64 for size in sizes[:-1])

@@ -34,10 +34,10 @@ Nanoseconds deadline_after(std::optional<double> timeout_s) {
 
 using LeafSpec = std::tuple<std::vector<std::int64_t>, int, int, int>; // shape, code, bits, lanes
 
-BatchLayout make_layout(const std::vector<LeafSpec>& leaves) {
+BatchLayout make_layout(const std::vector<LeafSpec> &leaves) {
   std::vector<LeafLayout> layouts;
   layouts.reserve(leaves.size());
-  for (const auto& [shape, code, bits, lanes] : leaves) {
+  for (const auto &[shape, code, bits, lanes] : leaves) {
     LeafLayout leaf;
     leaf.sample_shape = shape;
     leaf.dtype = {static_cast<std::uint8_t>(code), static_cast<std::uint8_t>(bits),
@@ -52,10 +52,10 @@ BatchLayout make_layout(const std::vector<LeafSpec>& leaves) {
   return BatchLayout(std::move(layouts));
 }
 
-std::vector<const void*> as_pointers(const std::vector<std::uintptr_t>& addresses) {
-  std::vector<const void*> pointers(addresses.size());
+std::vector<const void *> as_pointers(const std::vector<std::uintptr_t> &addresses) {
+  std::vector<const void *> pointers(addresses.size());
   for (std::size_t i = 0; i < addresses.size(); ++i) {
-    pointers[i] = reinterpret_cast<const void*>(addresses[i]);
+    pointers[i] = reinterpret_cast<const void *>(addresses[i]);
   }
   return pointers;
 }
@@ -69,20 +69,19 @@ struct PyBatch {
     if (index >= layout->leaf_count()) {
       throw py::index_error("leaf " + std::to_string(index) + " out of range");
     }
-    dlpack::DLManagedTensor* tensor =
-        export_leaf(batch.lease, *layout, index, batch.ids.size());
+    dlpack::DLManagedTensor *tensor = export_leaf(batch.lease, *layout, index, batch.ids.size());
     // Unconsumed capsules free their tensor; torch renames consumed ones to "used_dltensor".
-    return py::capsule(tensor, "dltensor", [](PyObject* capsule) {
+    return py::capsule(tensor, "dltensor", [](PyObject *capsule) {
       if (PyCapsule_IsValid(capsule, "dltensor")) {
-        auto* owned = static_cast<dlpack::DLManagedTensor*>(
-            PyCapsule_GetPointer(capsule, "dltensor"));
+        auto *owned =
+            static_cast<dlpack::DLManagedTensor *>(PyCapsule_GetPointer(capsule, "dltensor"));
         owned->deleter(owned);
       }
     });
   }
 };
 
-py::dict sample_to_dict(const TelemetrySample& sample, const std::string& source) {
+py::dict sample_to_dict(const TelemetrySample &sample, const std::string &source) {
   py::dict out;
   out["source"] = source;
   out["time_ns"] = sample.time_ns;
@@ -153,12 +152,10 @@ PYBIND11_MODULE(_core, m) {
   py::class_<BlockingQueue<std::uint64_t>>(m, "RequestQueue")
       .def(py::init<std::size_t, std::uint64_t>(), py::arg("capacity"),
            py::arg("start_position") = 0)
-      .def("try_push",
-           [](BlockingQueue<std::uint64_t>& queue, std::uint64_t value) {
-             return queue.try_push(value) == PushResult::ok;
-           })
+      .def("try_push", [](BlockingQueue<std::uint64_t> &queue,
+                          std::uint64_t value) { return queue.try_push(value) == PushResult::ok; })
       .def("try_pop",
-           [](BlockingQueue<std::uint64_t>& queue) -> std::optional<std::uint64_t> {
+           [](BlockingQueue<std::uint64_t> &queue) -> std::optional<std::uint64_t> {
              std::uint64_t value = 0;
              if (queue.try_pop_bulk(&value, 1) == 1) {
                return value;
@@ -166,7 +163,7 @@ PYBIND11_MODULE(_core, m) {
              return std::nullopt;
            })
       .def("push_many",
-           [](BlockingQueue<std::uint64_t>& queue, const std::vector<std::uint64_t>& values) {
+           [](BlockingQueue<std::uint64_t> &queue, const std::vector<std::uint64_t> &values) {
              std::size_t pushed = 0;
              while (pushed < values.size() && queue.try_push(values[pushed]) == PushResult::ok) {
                ++pushed;
@@ -175,7 +172,7 @@ PYBIND11_MODULE(_core, m) {
            })
       .def(
           "pop_many",
-          [](BlockingQueue<std::uint64_t>& queue, std::size_t max_items,
+          [](BlockingQueue<std::uint64_t> &queue, std::size_t max_items,
              std::optional<double> timeout_s) {
             std::vector<std::uint64_t> out(max_items);
             std::size_t count = 0;
@@ -200,9 +197,9 @@ PYBIND11_MODULE(_core, m) {
           [](double period_s) {
             const Nanoseconds period = period_ns(period_s);
             py::gil_scoped_release release;
-            return PyTelemetry{std::make_shared<TelemetrySampler>(
-                                   std::make_shared<HostTelemetrySource>(), period),
-                               nullptr};
+            return PyTelemetry{
+                std::make_shared<TelemetrySampler>(std::make_shared<HostTelemetrySource>(), period),
+                nullptr};
           },
           py::arg("period_s") = 0.05)
       .def_static(
@@ -220,7 +217,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("period_s") = 0.05)
       .def(
           "set_scripted",
-          [](PyTelemetry& self, std::uint64_t total, std::uint64_t available, std::uint64_t rss,
+          [](PyTelemetry &self, std::uint64_t total, std::uint64_t available, std::uint64_t rss,
              double utilization) {
             if (!self.scripted) {
               throw py::type_error("set_scripted() needs telemetry made by Telemetry.scripted()");
@@ -232,18 +229,18 @@ PYBIND11_MODULE(_core, m) {
           py::arg("memory_total_bytes"), py::arg("memory_available_bytes"),
           py::arg("process_rss_bytes") = 0, py::arg("utilization") = 0.0)
       .def("latest",
-           [](const PyTelemetry& self) {
+           [](const PyTelemetry &self) {
              return sample_to_dict(self.sampler->latest(), self.sampler->source_name());
            })
       .def_property_readonly("source",
-                             [](const PyTelemetry& self) { return self.sampler->source_name(); })
+                             [](const PyTelemetry &self) { return self.sampler->source_name(); })
       .def_property_readonly("peak_rss_bytes",
-                             [](const PyTelemetry& self) { return self.sampler->peak_rss_bytes(); })
+                             [](const PyTelemetry &self) { return self.sampler->peak_rss_bytes(); })
       .def_property_readonly(
           "min_available_bytes",
-          [](const PyTelemetry& self) { return self.sampler->min_available_bytes(); })
-      .def("reset_peak", [](PyTelemetry& self) { self.sampler->reset_peak(); })
-      .def("close", [](PyTelemetry& self) {
+          [](const PyTelemetry &self) { return self.sampler->min_available_bytes(); })
+      .def("reset_peak", [](PyTelemetry &self) { self.sampler->reset_peak(); })
+      .def("close", [](PyTelemetry &self) {
         // Drops this handle's reference; the thread stops when no former uses it any more.
         py::gil_scoped_release release;
         self.sampler.reset();
@@ -251,9 +248,8 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<StagingPool, std::shared_ptr<StagingPool>>(m, "StagingPool")
-      .def(py::init([](std::size_t slots) { return StagingPool::create(slots); }),
-           py::arg("slots"))
-      .def("stats", [](const StagingPool& pool) {
+      .def(py::init([](std::size_t slots) { return StagingPool::create(slots); }), py::arg("slots"))
+      .def("stats", [](const StagingPool &pool) {
         const StagingPoolStats stats = pool.stats();
         py::dict out;
         out["pooled_slots"] = stats.pooled_slots;
@@ -269,7 +265,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<SizingPolicy, std::shared_ptr<SizingPolicy>>(m, "SizingPolicy")
       .def(
           "next_batch_size",
-          [](SizingPolicy& policy, std::size_t queued, std::size_t bytes_per_sample,
+          [](SizingPolicy &policy, std::size_t queued, std::size_t bytes_per_sample,
              std::uint64_t memory_available_bytes) {
             SizingInputs inputs;
             inputs.queued = queued;
@@ -280,12 +276,12 @@ PYBIND11_MODULE(_core, m) {
           py::arg("queued"), py::arg("bytes_per_sample"), py::arg("memory_available_bytes"))
       .def(
           "on_feedback",
-          [](SizingPolicy& policy, std::size_t batch_size, Nanoseconds compute_ns,
+          [](SizingPolicy &policy, std::size_t batch_size, Nanoseconds compute_ns,
              Nanoseconds collate_ns) {
             policy.on_feedback(BatchFeedback{batch_size, compute_ns, collate_ns});
           },
           py::arg("batch_size"), py::arg("compute_ns"), py::arg("collate_ns") = 0)
-      .def("state", [](const SizingPolicy& policy) {
+      .def("state", [](const SizingPolicy &policy) {
         const SizingState state = policy.state();
         py::dict out;
         out["target"] = state.target;
@@ -297,20 +293,20 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<ThroughputClimb, SizingPolicy, std::shared_ptr<ThroughputClimb>>(m, "ThroughputClimb")
-      .def(py::init([](std::size_t min_batch_size, std::size_t max_batch_size,
-                       double memory_fraction) {
-             ThroughputClimbOptions options;
-             options.min_batch_size = min_batch_size;
-             options.max_batch_size = max_batch_size;
-             options.memory_fraction = memory_fraction;
-             return std::make_shared<ThroughputClimb>(options);
-           }),
+      .def(py::init(
+               [](std::size_t min_batch_size, std::size_t max_batch_size, double memory_fraction) {
+                 ThroughputClimbOptions options;
+                 options.min_batch_size = min_batch_size;
+                 options.max_batch_size = max_batch_size;
+                 options.memory_fraction = memory_fraction;
+                 return std::make_shared<ThroughputClimb>(options);
+               }),
            py::arg("min_batch_size"), py::arg("max_batch_size"), py::arg("memory_fraction") = 0.25);
 
   py::class_<StatsRecorder, std::shared_ptr<StatsRecorder>>(m, "StatsRecorder")
       .def(py::init<std::size_t>(), py::arg("ring_capacity") = 4096)
       .def("reset", &StatsRecorder::reset)
-      .def("snapshot", [](const StatsRecorder& recorder) {
+      .def("snapshot", [](const StatsRecorder &recorder) {
         const StatsSnapshot snapshot = recorder.snapshot();
         py::dict out;
         out["batches"] = snapshot.batches;
@@ -320,7 +316,7 @@ PYBIND11_MODULE(_core, m) {
         out["active_ns"] = snapshot.active_ns;
         out["histogram"] = snapshot.histogram;
         py::list recent;
-        for (const BatchRecord& record : snapshot.recent) {
+        for (const BatchRecord &record : snapshot.recent) {
           recent.append(py::make_tuple(record.sequence, record.batch_size, record.target,
                                        record.first_enqueue_ns, record.formed_ns,
                                        record.delivered_ns, record.collate_ns, record.compute_ns,
@@ -331,18 +327,18 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<PyBatch>(m, "Batch")
-      .def_property_readonly("sequence", [](const PyBatch& self) { return self.batch.sequence; })
-      .def_property_readonly("size", [](const PyBatch& self) { return self.batch.ids.size(); })
-      .def_property_readonly("ids", [](const PyBatch& self) { return self.batch.ids; })
-      .def_property_readonly("target", [](const PyBatch& self) { return self.batch.target; })
+      .def_property_readonly("sequence", [](const PyBatch &self) { return self.batch.sequence; })
+      .def_property_readonly("size", [](const PyBatch &self) { return self.batch.ids.size(); })
+      .def_property_readonly("ids", [](const PyBatch &self) { return self.batch.ids; })
+      .def_property_readonly("target", [](const PyBatch &self) { return self.batch.target; })
       .def_property_readonly("collate_ns",
-                             [](const PyBatch& self) { return self.batch.collate_ns; })
+                             [](const PyBatch &self) { return self.batch.collate_ns; })
       .def("leaf", &PyBatch::leaf, py::arg("index"));
 
   py::class_<BatchFormer>(m, "BatchFormer")
-      .def(py::init([](const std::vector<LeafSpec>& leaves, std::size_t capacity,
+      .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
                        std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
-                       std::shared_ptr<SizingPolicy> policy, const PyTelemetry& telemetry,
+                       std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
                        std::shared_ptr<StatsRecorder> stats) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
@@ -358,16 +354,20 @@ PYBIND11_MODULE(_core, m) {
            py::arg("policy"), py::arg("telemetry"), py::arg("stats"))
       .def(
           "push",
-          [](BatchFormer& former, const std::vector<std::uint64_t>& ids,
-             const std::vector<std::uintptr_t>& addresses) {
-            const std::vector<const void*> sources = as_pointers(addresses);
+          [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
+             const std::vector<std::uintptr_t> &addresses) {
+            std::vector<std::uint64_t> ids(count);
+            for (std::size_t i = 0; i < ids.size(); ++i) {
+              ids[i] = first_id + i;
+            }
+            const std::vector<const void *> sources = as_pointers(addresses);
             return former.push(ids, sources); // never blocks: no GIL release on the hot path
           },
-          py::arg("ids"), py::arg("addresses"))
+          py::arg("first_id"), py::arg("count"), py::arg("addresses"))
       .def("close_input", &BatchFormer::close_input)
       .def(
           "next_batch",
-          [](BatchFormer& former, std::optional<double> timeout_s) -> std::optional<PyBatch> {
+          [](BatchFormer &former, std::optional<double> timeout_s) -> std::optional<PyBatch> {
             const Nanoseconds deadline = deadline_after(timeout_s);
             for (;;) {
               PyBatch out{FormedBatch{}, former.layout()};
@@ -394,14 +394,13 @@ PYBIND11_MODULE(_core, m) {
           py::arg("timeout_s") = py::none())
       .def(
           "report_feedback",
-          [](BatchFormer& former, std::uint64_t sequence, std::size_t batch_size,
+          [](BatchFormer &former, std::uint64_t sequence, std::size_t batch_size,
              Nanoseconds compute_ns, Nanoseconds collate_ns) {
             former.report_feedback(sequence, BatchFeedback{batch_size, compute_ns, collate_ns});
           },
-          py::arg("sequence"), py::arg("batch_size"), py::arg("compute_ns"),
-          py::arg("collate_ns"))
+          py::arg("sequence"), py::arg("batch_size"), py::arg("compute_ns"), py::arg("collate_ns"))
       .def("close",
-           [](BatchFormer& former) {
+           [](BatchFormer &former) {
              py::gil_scoped_release release;
              former.close();
            })
@@ -410,10 +409,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "collate",
-      [](const std::vector<LeafSpec>& leaves, const std::vector<std::uintptr_t>& addresses,
+      [](const std::vector<LeafSpec> &leaves, const std::vector<std::uintptr_t> &addresses,
          std::size_t batch_size, std::shared_ptr<StagingPool> pool) {
         auto layout = std::make_shared<const BatchLayout>(make_layout(leaves));
-        const std::vector<const void*> sources = as_pointers(addresses);
+        const std::vector<const void *> sources = as_pointers(addresses);
         PyBatch out{FormedBatch{}, layout};
         out.batch.ids.resize(batch_size);
         {

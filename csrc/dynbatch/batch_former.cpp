@@ -10,9 +10,9 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
                          std::shared_ptr<StagingPool> pool, std::shared_ptr<SizingPolicy> policy,
                          std::shared_ptr<TelemetrySampler> telemetry,
                          std::shared_ptr<StatsRecorder> stats)
-    : layout_(std::make_shared<const BatchLayout>(std::move(layout))), options_(options), pool_(std::move(pool)),
-      policy_(std::move(policy)), telemetry_(std::move(telemetry)), stats_(std::move(stats)),
-      started_ns_(now_ns()),
+    : layout_(std::make_shared<const BatchLayout>(std::move(layout))), options_(options),
+      pool_(std::move(pool)), policy_(std::move(policy)), telemetry_(std::move(telemetry)),
+      stats_(std::move(stats)), started_ns_(now_ns()),
       rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1)) *
             std::max<std::size_t>(layout_->leaf_count(), 1)),
       free_rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1))),
@@ -26,10 +26,12 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
   thread_ = std::thread([this] { run(); });
 }
 
-BatchFormer::~BatchFormer() { close(); }
+BatchFormer::~BatchFormer() {
+  close();
+}
 
 std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
-                              std::span<const void* const> sources) {
+                              std::span<const void *const> sources) {
   const std::size_t leaves = layout_->leaf_count();
   if (sources.size() != ids.size() * leaves) {
     throw std::invalid_argument("BatchFormer::push: expected " +
@@ -54,7 +56,9 @@ std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
   return ids.size();
 }
 
-void BatchFormer::close_input() { requests_.close(); }
+void BatchFormer::close_input() {
+  requests_.close();
+}
 
 void BatchFormer::run() {
   std::vector<RequestDescriptor> taken;
@@ -97,7 +101,7 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   batch.target = target;
   batch.first_enqueue_ns = requests.front().enqueue_ns;
   batch.ids.reserve(count);
-  std::vector<const void*> sources(count * leaves);
+  std::vector<const void *> sources(count * leaves);
   for (std::size_t i = 0; i < count; ++i) {
     batch.ids.push_back(requests[i].id);
     for (std::size_t j = 0; j < leaves; ++j) {
@@ -111,7 +115,7 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   batch.collate_ns = batch.formed_ns - start;
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
   batch.sequence = stats_->next_sequence();
-  for (const RequestDescriptor& request : requests) {
+  for (const RequestDescriptor &request : requests) {
     free_rows_.try_push(request.row); // cannot fail: rows never outnumber the ring
   }
   std::lock_guard lock(ready_mutex_);
@@ -119,7 +123,7 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   ready_changed_.notify_all();
 }
 
-NextStatus BatchFormer::next_batch(FormedBatch& out, Nanoseconds deadline_ns) {
+NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   std::unique_lock lock(ready_mutex_);
   const auto can_return = [&] {
     return !ready_.empty() || finished_ || stopping_ || error_ != nullptr;
@@ -157,7 +161,7 @@ NextStatus BatchFormer::next_batch(FormedBatch& out, Nanoseconds deadline_ns) {
   return NextStatus::finished;
 }
 
-void BatchFormer::report_feedback(std::uint64_t sequence, const BatchFeedback& feedback) {
+void BatchFormer::report_feedback(std::uint64_t sequence, const BatchFeedback &feedback) {
   policy_->on_feedback(feedback);
   stats_->record_compute(sequence, feedback.compute_ns);
 }

@@ -66,19 +66,19 @@ public:
               std::shared_ptr<SizingPolicy> policy, std::shared_ptr<TelemetrySampler> telemetry,
               std::shared_ptr<StatsRecorder> stats);
   ~BatchFormer();
-  BatchFormer(const BatchFormer&) = delete;
-  BatchFormer& operator=(const BatchFormer&) = delete;
+  BatchFormer(const BatchFormer &) = delete;
+  BatchFormer &operator=(const BatchFormer &) = delete;
 
   // `sources` holds leaf_count() pointers per request, request-major.
   // Returns how many of `ids` were accepted (a prefix); fewer when the table is full or closed.
-  std::size_t push(std::span<const std::uint64_t> ids, std::span<const void* const> sources);
+  std::size_t push(std::span<const std::uint64_t> ids, std::span<const void *const> sources);
   void close_input();
 
-  NextStatus next_batch(FormedBatch& out, Nanoseconds deadline_ns);
-  void report_feedback(std::uint64_t sequence, const BatchFeedback& feedback);
+  NextStatus next_batch(FormedBatch &out, Nanoseconds deadline_ns);
+  void report_feedback(std::uint64_t sequence, const BatchFeedback &feedback);
   void close();
 
-  const std::shared_ptr<const BatchLayout>& layout() const noexcept { return layout_; }
+  const std::shared_ptr<const BatchLayout> &layout() const noexcept { return layout_; }
   std::size_t capacity() const noexcept { return requests_.capacity(); }
   std::size_t queued() const noexcept { return requests_.was_size(); }
 
@@ -95,7 +95,7 @@ private:
   const Nanoseconds started_ns_;
 
   // Request table: one row of leaf pointers per request in flight, rows recycled via a ring.
-  std::vector<const void*> rows_;
+  std::vector<const void *> rows_;
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
 

@@ -26,7 +26,7 @@ public:
   explicit BlockingQueue(std::size_t capacity, std::uint64_t start_position = 0)
       : ring_(capacity, start_position) {}
 
-  PushResult try_push(const T& value) noexcept {
+  PushResult try_push(const T &value) noexcept {
     if (closed()) {
       return PushResult::closed;
     }
@@ -37,7 +37,7 @@ public:
     return PushResult::ok;
   }
 
-  PushResult push_until(const T& value, Nanoseconds deadline_ns) {
+  PushResult push_until(const T &value, Nanoseconds deadline_ns) {
     for (;;) {
       const PushResult result = try_push(value);
       if (result != PushResult::full) {
@@ -55,7 +55,7 @@ public:
     }
   }
 
-  std::size_t try_pop_bulk(T* out, std::size_t max_items) noexcept {
+  std::size_t try_pop_bulk(T *out, std::size_t max_items) noexcept {
     std::size_t count = 0;
     while (count < max_items && ring_.try_pop(out[count])) {
       ++count;
@@ -67,7 +67,7 @@ public:
   }
 
   // Pops until max_items were taken, the deadline passed, or the queue is closed and empty.
-  std::size_t pop_bulk_until(T* out, std::size_t max_items, Nanoseconds deadline_ns) {
+  std::size_t pop_bulk_until(T *out, std::size_t max_items, Nanoseconds deadline_ns) {
     std::size_t count = try_pop_bulk(out, max_items);
     while (count < max_items) {
       const EventCount::Key key = not_empty_.prepare_wait();

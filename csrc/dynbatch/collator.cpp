@@ -13,7 +13,7 @@ namespace {
 constexpr std::size_t leaf_stagger = 256;
 constexpr std::size_t stagger_period = page_size / leaf_stagger;
 
-std::size_t element_count(const std::vector<std::int64_t>& shape) {
+std::size_t element_count(const std::vector<std::int64_t> &shape) {
   std::size_t count = 1;
   for (const std::int64_t extent : shape) {
     if (extent < 0) {
@@ -27,7 +27,7 @@ std::size_t element_count(const std::vector<std::int64_t>& shape) {
 
 BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(leaves)) {
   for (std::size_t index = 0; index < leaves_.size(); ++index) {
-    const LeafLayout& leaf = leaves_[index];
+    const LeafLayout &leaf = leaves_[index];
     const std::size_t element_bits = static_cast<std::size_t>(leaf.dtype.bits) * leaf.dtype.lanes;
     if (element_bits == 0 || element_bits % 8 != 0) {
       throw std::invalid_argument("leaf " + std::to_string(index) +
@@ -35,10 +35,9 @@ BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(lea
     }
     const std::size_t expected = element_count(leaf.sample_shape) * element_bits / 8;
     if (expected != leaf.bytes_per_sample) {
-      throw std::invalid_argument("leaf " + std::to_string(index) + ": " +
-                                  std::to_string(leaf.bytes_per_sample) +
-                                  " bytes per sample, but shape and dtype give " +
-                                  std::to_string(expected));
+      throw std::invalid_argument(
+          "leaf " + std::to_string(index) + ": " + std::to_string(leaf.bytes_per_sample) +
+          " bytes per sample, but shape and dtype give " + std::to_string(expected));
     }
     sample_bytes_ += leaf.bytes_per_sample;
   }
@@ -61,8 +60,8 @@ std::size_t BatchLayout::batch_bytes(std::size_t batch_size) const {
   return leaf_offset(last, batch_size) + leaves_[last].bytes_per_sample * batch_size;
 }
 
-void collate(const BatchLayout& layout, std::span<const void* const> sources,
-             std::size_t batch_size, std::byte* destination) {
+void collate(const BatchLayout &layout, std::span<const void *const> sources,
+             std::size_t batch_size, std::byte *destination) {
   const std::size_t leaves = layout.leaf_count();
   if (sources.size() != batch_size * leaves) {
     throw std::invalid_argument("collate: expected " + std::to_string(batch_size * leaves) +
@@ -70,7 +69,7 @@ void collate(const BatchLayout& layout, std::span<const void* const> sources,
   }
   for (std::size_t j = 0; j < leaves; ++j) {
     const std::size_t bytes = layout.leaf(j).bytes_per_sample;
-    std::byte* out = destination + layout.leaf_offset(j, batch_size);
+    std::byte *out = destination + layout.leaf_offset(j, batch_size);
     for (std::size_t i = 0; i < batch_size; ++i) {
       std::memcpy(out + i * bytes, sources[i * leaves + j], bytes);
     }

@@ -28,7 +28,7 @@ public:
   explicit BatchLayout(std::vector<LeafLayout> leaves);
 
   std::size_t leaf_count() const noexcept { return leaves_.size(); }
-  const LeafLayout& leaf(std::size_t index) const { return leaves_.at(index); }
+  const LeafLayout &leaf(std::size_t index) const { return leaves_.at(index); }
   std::size_t sample_bytes() const noexcept { return sample_bytes_; }
   // Where leaf `index` of an n-sample batch starts inside the staging buffer.
   std::size_t leaf_offset(std::size_t index, std::size_t batch_size) const;
@@ -40,7 +40,7 @@ private:
 };
 
 // sources holds batch_size rows of leaf_count() pointers, sample-major.
-void collate(const BatchLayout& layout, std::span<const void* const> sources,
-             std::size_t batch_size, std::byte* destination);
+void collate(const BatchLayout &layout, std::span<const void *const> sources,
+             std::size_t batch_size, std::byte *destination);
 
 } // namespace dynbatch

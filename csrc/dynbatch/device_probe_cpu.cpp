@@ -3,7 +3,9 @@
 
 namespace dynbatch {
 
-int detail::cuda_runtime_version() { return 0; }
+int detail::cuda_runtime_version() {
+  return 0;
+}
 
 DeviceProbe probe_cuda_devices() {
   DeviceProbe probe;

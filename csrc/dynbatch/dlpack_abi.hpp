@@ -28,19 +28,19 @@ struct DLDataType {
 };
 
 struct DLTensor {
-  void* data;
+  void *data;
   DLDevice device;
   std::int32_t ndim;
   DLDataType dtype;
-  std::int64_t* shape;
-  std::int64_t* strides; // null: compact row-major
+  std::int64_t *shape;
+  std::int64_t *strides; // null: compact row-major
   std::uint64_t byte_offset;
 };
 
 struct DLManagedTensor {
   DLTensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor* self);
+  void *manager_ctx;
+  void (*deleter)(DLManagedTensor *self);
 };
 
 } // namespace dynbatch::dlpack

@@ -13,16 +13,16 @@ struct ExportContext {
   std::vector<std::int64_t> strides;
 };
 
-void delete_export(dlpack::DLManagedTensor* tensor) {
-  delete static_cast<ExportContext*>(tensor->manager_ctx);
+void delete_export(dlpack::DLManagedTensor *tensor) {
+  delete static_cast<ExportContext *>(tensor->manager_ctx);
 }
 
 } // namespace
 
-dlpack::DLManagedTensor* export_leaf(const std::shared_ptr<SlotLease>& lease,
-                                     const BatchLayout& layout, std::size_t leaf_index,
+dlpack::DLManagedTensor *export_leaf(const std::shared_ptr<SlotLease> &lease,
+                                     const BatchLayout &layout, std::size_t leaf_index,
                                      std::size_t batch_size) {
-  const LeafLayout& leaf = layout.leaf(leaf_index);
+  const LeafLayout &leaf = layout.leaf(leaf_index);
   auto context = std::make_unique<ExportContext>();
   context->lease = lease;
   context->shape.reserve(leaf.sample_shape.size() + 1);
@@ -31,10 +31,11 @@ dlpack::DLManagedTensor* export_leaf(const std::shared_ptr<SlotLease>& lease,
   // Explicit compact strides: some consumers reject the null-strides shorthand.
   context->strides.assign(context->shape.size(), 1);
   for (std::size_t dim = context->shape.size(); dim-- > 1;) {
-    context->strides[dim - 1] = context->strides[dim] * std::max<std::int64_t>(context->shape[dim], 1);
+    context->strides[dim - 1] =
+        context->strides[dim] * std::max<std::int64_t>(context->shape[dim], 1);
   }
 
-  dlpack::DLTensor& tensor = context->tensor.dl_tensor;
+  dlpack::DLTensor &tensor = context->tensor.dl_tensor;
   tensor.data = lease->data() + layout.leaf_offset(leaf_index, batch_size);
   tensor.device = {dlpack::kDLCPU, 0};
   tensor.ndim = static_cast<std::int32_t>(context->shape.size());

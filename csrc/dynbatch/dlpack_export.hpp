@@ -14,8 +14,8 @@
 
 namespace dynbatch {
 
-dlpack::DLManagedTensor* export_leaf(const std::shared_ptr<SlotLease>& lease,
-                                     const BatchLayout& layout, std::size_t leaf_index,
+dlpack::DLManagedTensor *export_leaf(const std::shared_ptr<SlotLease> &lease,
+                                     const BatchLayout &layout, std::size_t leaf_index,
                                      std::size_t batch_size);
 
 } // namespace dynbatch

@@ -33,21 +33,21 @@ class MpmcRing {
 public:
   // start_position lets tests begin with the counters near their wrap-around.
   explicit MpmcRing(std::size_t capacity, std::uint64_t start_position = 0)
-      : mask_(checked_capacity(capacity) - 1), slots_(new Slot[capacity]),
-        head_(start_position), tail_(start_position) {
+      : mask_(checked_capacity(capacity) - 1), slots_(new Slot[capacity]), head_(start_position),
+        tail_(start_position) {
     for (std::size_t i = 0; i < capacity; ++i) {
       slots_[(start_position + i) & mask_].sequence.store(start_position + i,
                                                           std::memory_order_relaxed);
     }
   }
 
-  MpmcRing(const MpmcRing&) = delete;
-  MpmcRing& operator=(const MpmcRing&) = delete;
+  MpmcRing(const MpmcRing &) = delete;
+  MpmcRing &operator=(const MpmcRing &) = delete;
 
-  bool try_push(const T& value) noexcept {
+  bool try_push(const T &value) noexcept {
     std::uint64_t position = head_.load(std::memory_order_relaxed);
     for (;;) {
-      Slot& slot = slots_[position & mask_];
+      Slot &slot = slots_[position & mask_];
       const std::uint64_t sequence =
           slot.sequence.load(std::memory_order_acquire); // pairs with release in try_pop
       const auto lag = static_cast<std::int64_t>(sequence - position);
@@ -67,10 +67,10 @@ public:
     }
   }
 
-  bool try_pop(T& out) noexcept {
+  bool try_pop(T &out) noexcept {
     std::uint64_t position = tail_.load(std::memory_order_relaxed);
     for (;;) {
-      Slot& slot = slots_[position & mask_];
+      Slot &slot = slots_[position & mask_];
       const std::uint64_t sequence =
           slot.sequence.load(std::memory_order_acquire); // pairs with release in try_push
       const auto lag = static_cast<std::int64_t>(sequence - (position + 1));

@@ -6,14 +6,13 @@
 
 namespace dynbatch {
 namespace {
-constexpr double smoothing = 0.5;      // weight of a new measurement in the per-size average
+constexpr double smoothing = 0.5;    // weight of a new measurement in the per-size average
 constexpr double reprobe_span = 1.5; // a held size re-checks this far on either side
 constexpr std::size_t remembered_sizes = 32;
 } // namespace
 
-ThroughputClimb::ThroughputClimb(const ThroughputClimbOptions& options)
-    : options_(options), current_(options.min_batch_size),
-      memory_ceiling_(options.max_batch_size) {
+ThroughputClimb::ThroughputClimb(const ThroughputClimbOptions &options)
+    : options_(options), current_(options.min_batch_size), memory_ceiling_(options.max_batch_size) {
   if (options.min_batch_size < 1 || options.max_batch_size < options.min_batch_size) {
     throw std::invalid_argument("ThroughputClimb: need 1 <= min_batch_size <= max_batch_size");
   }
@@ -31,7 +30,7 @@ std::size_t ThroughputClimb::clamp(double size) const {
   return static_cast<std::size_t>(std::llround(bounded));
 }
 
-std::size_t ThroughputClimb::next_batch_size(const SizingInputs& inputs) {
+std::size_t ThroughputClimb::next_batch_size(const SizingInputs &inputs) {
   std::lock_guard lock(mutex_);
   memory_ceiling_ = options_.max_batch_size;
   const std::uint64_t available = inputs.telemetry.memory_available_bytes;
@@ -49,7 +48,7 @@ void ThroughputClimb::probe(std::size_t size) {
   probe_cost_ = 0.0;
 }
 
-void ThroughputClimb::on_feedback(const BatchFeedback& feedback) {
+void ThroughputClimb::on_feedback(const BatchFeedback &feedback) {
   std::lock_guard lock(mutex_);
   const std::size_t size = feedback.batch_size;
   const Nanoseconds period = std::max(feedback.compute_ns, feedback.collate_ns);

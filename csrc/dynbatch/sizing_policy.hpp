@@ -41,19 +41,19 @@ struct SizingState {
 class SizingPolicy {
 public:
   virtual ~SizingPolicy() = default;
-  virtual std::size_t next_batch_size(const SizingInputs& inputs) = 0;
-  virtual void on_feedback(const BatchFeedback& feedback) = 0;
+  virtual std::size_t next_batch_size(const SizingInputs &inputs) = 0;
+  virtual void on_feedback(const BatchFeedback &feedback) = 0;
   virtual SizingState state() const = 0;
 };
 
 struct ThroughputClimbOptions {
   std::size_t min_batch_size = 1;
   std::size_t max_batch_size = 64;
-  double memory_fraction = 0.25; // share of available memory one staged batch may take
-  double growth = 2.0;      // factor between sizes while expanding
-  double tolerance = 0.03; // a probe must beat the best size by this much to count
-  double tight = 1.15;     // narrowing stops when the bracket's ends are this close
-  std::size_t reprobe_after = 64; // batches to hold a converged size before probing again
+  double memory_fraction = 0.25;     // share of available memory one staged batch may take
+  double growth = 2.0;               // factor between sizes while expanding
+  double tolerance = 0.03;           // a probe must beat the best size by this much to count
+  double tight = 1.15;               // narrowing stops when the bracket's ends are this close
+  std::size_t reprobe_after = 64;    // batches to hold a converged size before probing again
   std::size_t batches_per_probe = 2; // measurements of a size before judging it
 };
 
@@ -65,10 +65,10 @@ struct ThroughputClimbOptions {
 // first batch of a new shape often pays one-off costs (kernel selection, allocator growth).
 class ThroughputClimb final : public SizingPolicy {
 public:
-  explicit ThroughputClimb(const ThroughputClimbOptions& options);
+  explicit ThroughputClimb(const ThroughputClimbOptions &options);
 
-  std::size_t next_batch_size(const SizingInputs& inputs) override;
-  void on_feedback(const BatchFeedback& feedback) override;
+  std::size_t next_batch_size(const SizingInputs &inputs) override;
+  void on_feedback(const BatchFeedback &feedback) override;
   SizingState state() const override;
 
 private:
@@ -81,10 +81,10 @@ private:
   const ThroughputClimbOptions options_;
   mutable std::mutex mutex_;
   Phase phase_ = Phase::expanding;
-  std::size_t current_;         // the size being probed or held
-  std::size_t best_ = 0;        // best size judged so far, 0 before the first judgement
-  double best_cost_ = 0.0;      // its nanoseconds per sample
-  std::size_t lower_ = 0;       // bracket around best_ while narrowing
+  std::size_t current_;    // the size being probed or held
+  std::size_t best_ = 0;   // best size judged so far, 0 before the first judgement
+  double best_cost_ = 0.0; // its nanoseconds per sample
+  std::size_t lower_ = 0;  // bracket around best_ while narrowing
   std::size_t upper_ = 0;
   std::size_t probe_batches_ = 0; // measurements of current_ in this probe
   double probe_cost_ = 0.0;       // the best of them, ns per sample

@@ -11,15 +11,17 @@ namespace {
 constexpr std::size_t growth_granularity = 64 * 1024;
 } // namespace
 
-void AlignedFree::operator()(std::byte* pointer) const noexcept { std::free(pointer); }
+void AlignedFree::operator()(std::byte *pointer) const noexcept {
+  std::free(pointer);
+}
 
 AlignedBuffer allocate_aligned(std::size_t bytes) {
   const std::size_t size = align_up(bytes == 0 ? 1 : bytes, page_size);
-  void* pointer = std::aligned_alloc(page_size, size);
+  void *pointer = std::aligned_alloc(page_size, size);
   if (pointer == nullptr) {
     throw std::bad_alloc();
   }
-  return AlignedBuffer(static_cast<std::byte*>(pointer));
+  return AlignedBuffer(static_cast<std::byte *>(pointer));
 }
 
 SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer,
@@ -38,13 +40,15 @@ std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots) {
   return std::shared_ptr<StagingPool>(new StagingPool(slots));
 }
 
-StagingPool::StagingPool(std::size_t slots) : slots_(slots) { stats_.pooled_slots = slots; }
+StagingPool::StagingPool(std::size_t slots) : slots_(slots) {
+  stats_.pooled_slots = slots;
+}
 
 std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
   std::unique_lock lock(mutex_);
   ++stats_.acquisitions;
   for (std::size_t index = 0; index < slots_.size(); ++index) {
-    Slot& slot = slots_[index];
+    Slot &slot = slots_[index];
     if (slot.in_use) {
       continue;
     }
@@ -82,7 +86,7 @@ std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
 
 void StagingPool::release(int slot, AlignedBuffer buffer, std::size_t capacity) noexcept {
   std::lock_guard lock(mutex_);
-  Slot& entry = slots_[static_cast<std::size_t>(slot)];
+  Slot &entry = slots_[static_cast<std::size_t>(slot)];
   entry.buffer = std::move(buffer);
   entry.capacity = capacity;
   entry.in_use = false;

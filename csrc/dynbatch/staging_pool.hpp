@@ -22,7 +22,7 @@ namespace dynbatch {
 class StagingPool;
 
 struct AlignedFree {
-  void operator()(std::byte* pointer) const noexcept;
+  void operator()(std::byte *pointer) const noexcept;
 };
 using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
 AlignedBuffer allocate_aligned(std::size_t bytes);
@@ -31,10 +31,10 @@ class SlotLease {
 public:
   SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer, std::size_t bytes);
   ~SlotLease();
-  SlotLease(const SlotLease&) = delete;
-  SlotLease& operator=(const SlotLease&) = delete;
+  SlotLease(const SlotLease &) = delete;
+  SlotLease &operator=(const SlotLease &) = delete;
 
-  std::byte* data() const noexcept { return buffer_.get(); }
+  std::byte *data() const noexcept { return buffer_.get(); }
   std::size_t capacity() const noexcept { return capacity_; }
   bool pooled() const noexcept { return slot_ >= 0; }
 

@@ -16,7 +16,7 @@ std::uint64_t StatsRecorder::next_sequence() {
   return sequence_++;
 }
 
-void StatsRecorder::record_batch(const BatchRecord& record) {
+void StatsRecorder::record_batch(const BatchRecord &record) {
   std::lock_guard lock(mutex_);
   ++totals_.batches;
   totals_.samples += record.batch_size;
@@ -35,7 +35,7 @@ void StatsRecorder::record_compute(std::uint64_t sequence, Nanoseconds compute_n
   totals_.compute_ns += compute_ns;
   // The batch is almost always the newest record: search backwards.
   for (std::size_t back = 1; back <= ring_.size(); ++back) {
-    BatchRecord& record = ring_[(ring_next_ + ring_.size() - back) % ring_.size()];
+    BatchRecord &record = ring_[(ring_next_ + ring_.size() - back) % ring_.size()];
     if (record.sequence == sequence) {
       record.compute_ns = compute_ns;
       return;

@@ -23,7 +23,7 @@ struct BatchRecord {
   Nanoseconds formed_ns = 0;        // when its collation finished
   Nanoseconds delivered_ns = 0;     // when the caller received it
   Nanoseconds collate_ns = 0;
-  Nanoseconds compute_ns = -1;      // the caller's time on it; -1 until reported
+  Nanoseconds compute_ns = -1; // the caller's time on it; -1 until reported
   std::uint64_t memory_available_bytes = 0;
 };
 
@@ -41,7 +41,7 @@ class StatsRecorder {
 public:
   explicit StatsRecorder(std::size_t ring_capacity = 4096);
 
-  void record_batch(const BatchRecord& record);
+  void record_batch(const BatchRecord &record);
   void record_compute(std::uint64_t sequence, Nanoseconds compute_ns);
   void add_active_time(Nanoseconds active_ns);
   std::uint64_t next_sequence();

@@ -10,7 +10,7 @@ namespace dynbatch {
 namespace {
 
 // Returns 0 when the file is absent or holds no number ("max" in a cgroup file means no limit).
-std::uint64_t read_number_file(const char* path) {
+std::uint64_t read_number_file(const char *path) {
   std::ifstream file(path);
   std::uint64_t value = 0;
   if (file >> value) {
@@ -19,7 +19,7 @@ std::uint64_t read_number_file(const char* path) {
   return 0;
 }
 
-void read_meminfo(TelemetrySample& sample) {
+void read_meminfo(TelemetrySample &sample) {
   std::ifstream meminfo("/proc/meminfo");
   std::string key;
   std::uint64_t kib = 0;
@@ -35,7 +35,7 @@ void read_meminfo(TelemetrySample& sample) {
 }
 
 // Inside a container the cgroup limit, not the machine, is what runs out first.
-void apply_cgroup_limit(TelemetrySample& sample) {
+void apply_cgroup_limit(TelemetrySample &sample) {
   std::uint64_t limit = read_number_file("/sys/fs/cgroup/memory.max");
   std::uint64_t used = read_number_file("/sys/fs/cgroup/memory.current");
   if (limit == 0) {
@@ -82,15 +82,15 @@ TelemetrySample HostTelemetrySource::read() {
   }
   const std::uint64_t busy = total - idle;
   if (previous_total_ != 0 && total > previous_total_) {
-    sample.utilization = static_cast<double>(busy - previous_busy_) /
-                         static_cast<double>(total - previous_total_);
+    sample.utilization =
+        static_cast<double>(busy - previous_busy_) / static_cast<double>(total - previous_total_);
   }
   previous_busy_ = busy;
   previous_total_ = total;
   return sample;
 }
 
-void ScriptedTelemetrySource::set(const TelemetrySample& sample) {
+void ScriptedTelemetrySource::set(const TelemetrySample &sample) {
   std::lock_guard lock(mutex_);
   sample_ = sample;
 }
@@ -135,7 +135,7 @@ void TelemetrySampler::refresh() {
   record(source_->read());
 }
 
-void TelemetrySampler::record(const TelemetrySample& sample) {
+void TelemetrySampler::record(const TelemetrySample &sample) {
   std::lock_guard lock(mutex_);
   latest_ = sample;
   peak_rss_ = std::max(peak_rss_, sample.process_rss_bytes);

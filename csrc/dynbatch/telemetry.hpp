@@ -48,7 +48,7 @@ private:
 class ScriptedTelemetrySource final : public TelemetrySource {
 public:
   explicit ScriptedTelemetrySource(TelemetrySample sample) : sample_(sample) {}
-  void set(const TelemetrySample& sample);
+  void set(const TelemetrySample &sample);
   TelemetrySample read() override;
   std::string name() const override { return "scripted"; }
 
@@ -61,8 +61,8 @@ class TelemetrySampler {
 public:
   TelemetrySampler(std::shared_ptr<TelemetrySource> source, Nanoseconds period_ns);
   ~TelemetrySampler();
-  TelemetrySampler(const TelemetrySampler&) = delete;
-  TelemetrySampler& operator=(const TelemetrySampler&) = delete;
+  TelemetrySampler(const TelemetrySampler &) = delete;
+  TelemetrySampler &operator=(const TelemetrySampler &) = delete;
 
   TelemetrySample latest() const;
   // Highest process RSS seen since the last reset_peak(), sampled every period.
@@ -76,7 +76,7 @@ public:
 
 private:
   void run();
-  void record(const TelemetrySample& sample);
+  void record(const TelemetrySample &sample);
 
   const std::shared_ptr<TelemetrySource> source_;
   const Nanoseconds period_ns_;

@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from . import _core
 from .errors import InvalidSampleError
-from .structure import unflatten
-from .torch_bridge import NUMBER, Schema
+from .torch_bridge import Schema
 
 __all__ = ["collate"]
 
@@ -32,12 +29,4 @@ def collate(samples: Sequence[Any]) -> Any:
     addresses: list[int] = []
     kept = [schema.admit(sample, index, addresses) for index, sample in enumerate(samples)]
     batch = _core.collate(schema.core_descriptors(), addresses, len(samples), _pool)
-    leaves: list[Any] = []
-    for position, spec in enumerate(schema.leaves):
-        if spec.kind == NUMBER:
-            leaves.append(torch.tensor([k[position] for k in kept], dtype=spec.dtype))
-        else:
-            leaves.append(torch.from_dlpack(batch.leaf(spec.core_index)))
-    if schema.single_tensor:
-        return leaves[0]
-    return unflatten(schema.treedef, leaves)
+    return schema.build_batch(batch, kept)

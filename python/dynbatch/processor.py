@@ -8,12 +8,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-
 from . import _core
 from .stats import Stats
-from .structure import unflatten
-from .torch_bridge import NUMBER, Schema
+from .torch_bridge import Schema
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
 
@@ -66,7 +63,9 @@ class DynamicBatchProcessor:
             )
         self.prefetch = _check_size("prefetch", prefetch)
         if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)):
-            raise TypeError(f"memory_fraction must be a number, got {type(memory_fraction).__name__}")
+            raise TypeError(
+                f"memory_fraction must be a number, got {type(memory_fraction).__name__}"
+            )
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         if telemetry is not None and not isinstance(telemetry, _core.Telemetry):
@@ -245,14 +244,14 @@ class BatchIterator(Iterator[Any]):
         )
         addresses: list[int] = []
         self._kept.append(self._schema.admit(first, 0, addresses))
-        self._former.push([0], addresses)
         self._read = 1
+        self._push(0, addresses)
         return True
 
     def _fill(self) -> None:
         """Reads ahead until the core holds enough samples for the batches in flight."""
         assert self._former is not None and self._schema is not None
-        ids: list[int] = []
+        first_id = self._read
         addresses: list[int] = []
         admit = self._schema.admit
         kept = self._kept
@@ -272,22 +271,25 @@ class BatchIterator(Iterator[Any]):
                 self._deferred = error
                 self._input_done = True
                 break
-            ids.append(self._read)
             self._read += 1
-            if len(ids) == _PUSH_CHUNK:
-                self._push(ids, addresses)
-                ids, addresses = [], []
-        if ids:
-            self._push(ids, addresses)
+            if self._read - first_id == _PUSH_CHUNK:
+                self._push(first_id, addresses)
+                first_id, addresses = self._read, []
+        if self._read > first_id:
+            self._push(first_id, addresses)
         if self._input_done:
             self._former.close_input()
 
-    def _push(self, ids: list[int], addresses: list[int]) -> None:
+    def _push(self, first_id: int, addresses: list[int]) -> None:
+        """Hands samples first_id .. self._read - 1 to the core."""
         assert self._former is not None
-        accepted = self._former.push(ids, addresses)
+        count = self._read - first_id
+        accepted = self._former.push(first_id, count, addresses)
         # The read-ahead never exceeds the core's capacity, so a refusal is a bug, not load.
-        if accepted != len(ids):
-            raise RuntimeError(f"dynbatch core refused samples {ids[accepted]}..{ids[-1]}")
+        if accepted != count:
+            raise RuntimeError(
+                f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
+            )
 
     def _assemble(self, batch: _core.Batch) -> Any:
         assert self._schema is not None
@@ -298,17 +300,6 @@ class BatchIterator(Iterator[Any]):
                 f"dynbatch core delivered samples {ids[0]}..{ids[-1]}, "
                 f"expected {self._delivered}..{self._delivered + size - 1}"
             )
-        kept = self._kept
-        leaves: list[Any] = []
-        for position, spec in enumerate(self._schema.leaves):
-            if spec.kind == NUMBER:
-                values = [kept[i][position] for i in range(size)]
-                leaves.append(torch.tensor(values, dtype=spec.dtype))
-            else:
-                leaves.append(torch.from_dlpack(batch.leaf(spec.core_index)))
-        for _ in range(size):
-            kept.popleft()
+        kept = [self._kept.popleft() for _ in range(size)]
         self._delivered += size
-        if self._schema.single_tensor:
-            return leaves[0]
-        return unflatten(self._schema.treedef, leaves)
+        return self._schema.build_batch(batch, kept)

@@ -104,7 +104,10 @@ class Stats:
             ("mean batch size", f"{self.mean_batch_size:.1f}"),
             ("batch sizes (size:count)", histogram or "-"),
             ("throughput", f"{self.throughput:,.0f} samples/s"),
-            ("batch latency p50 / p99", f"{self.latency_p50_ms:.3f} / {self.latency_p99_ms:.3f} ms"),
+            (
+                "batch latency p50 / p99",
+                f"{self.latency_p50_ms:.3f} / {self.latency_p99_ms:.3f} ms",
+            ),
             ("caller time p50 / p99", f"{self.compute_p50_ms:.3f} / {self.compute_p99_ms:.3f} ms"),
             (
                 "time collating / in caller",

@@ -40,7 +40,7 @@ class TreeDef:
             return [prefix]
         labels = self.keys if self.kind == "dict" else range(len(self.children))
         paths: list[str] = []
-        for label, child in zip(labels, self.children):
+        for label, child in zip(labels, self.children, strict=True):
             paths.extend(child.leaf_paths(f"{prefix}[{label!r}]"))
         return paths
 
@@ -80,7 +80,7 @@ def _build(treedef: TreeDef, leaves: Any) -> Any:
         return next(leaves)
     children = [_build(child, leaves) for child in treedef.children]
     if treedef.kind == "dict":
-        return dict(zip(treedef.keys, children))
+        return dict(zip(treedef.keys, children, strict=True))
     if treedef.kind == "tuple":
         return tuple(children)
     if treedef.kind == "namedtuple":
@@ -100,7 +100,9 @@ def describe_structure(treedef: TreeDef) -> str:
     return f"a {treedef.kind} of {len(treedef.children)}"
 
 
-def structure_mismatch(index: int, expected: TreeDef, actual: TreeDef, first_index: int) -> InvalidSampleError:
+def structure_mismatch(
+    index: int, expected: TreeDef, actual: TreeDef, first_index: int
+) -> InvalidSampleError:
     """The error for a sample whose structure differs, naming the first place it differs."""
     path = ""
     while True:
@@ -118,7 +120,7 @@ def structure_mismatch(index: int, expected: TreeDef, actual: TreeDef, first_ind
                 f"{describe_structure(expected)}, got {describe_structure(actual)}",
             )
         labels = expected.keys if expected.kind == "dict" else range(len(expected.children))
-        for label, want, got in zip(labels, expected.children, actual.children):
+        for label, want, got in zip(labels, expected.children, actual.children, strict=True):
             if want != got:
                 path += f"[{label!r}]"
                 expected, actual = want, got

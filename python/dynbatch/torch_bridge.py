@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.dlpack import from_dlpack
 
+from . import _core
 from .errors import InvalidSampleError, UnsupportedLeafError
-from .structure import TreeDef, flatten, structure_mismatch
+from .structure import TreeDef, flatten, structure_mismatch, unflatten
 
 __all__ = ["LeafSpec", "Schema"]
 
@@ -95,7 +97,7 @@ class Schema:
         paths = self.treedef.leaf_paths()
         specs: list[LeafSpec] = []
         core_index = 0
-        for path, leaf in zip(paths, leaves):
+        for path, leaf in zip(paths, leaves, strict=True):
             spec = _spec_of(first_index, path, leaf, core_index)
             if spec.kind == TENSOR:
                 core_index += 1
@@ -115,8 +117,9 @@ class Schema:
             if (
                 sample.dtype is spec.dtype
                 and sample.shape == spec.shape
-                and sample.device.type == "cpu"
+                and sample.is_cpu
                 and sample.is_contiguous()
+                and sample.layout is torch.strided
             ):
                 addresses.append(sample.data_ptr())
                 return sample
@@ -126,7 +129,7 @@ class Schema:
             raise structure_mismatch(index, self.treedef, treedef, self.first_index)
         kept: list[Any] = []
         own_addresses: list[int] = []  # joins `addresses` only once the whole sample passed
-        for spec, leaf in zip(self.leaves, leaves):
+        for spec, leaf in zip(self.leaves, leaves, strict=True):
             if spec.kind == NUMBER:
                 kept.append(_check_number(spec, leaf, index, self.first_index))
                 continue
@@ -136,6 +139,19 @@ class Schema:
             kept.append(host)
         addresses.extend(own_addresses)
         return kept[0] if self.single_tensor else kept
+
+    def build_batch(self, batch: _core.Batch, kept: list[Any]) -> Any:
+        """The batch in the samples' structure: core leaves as tensors over the staging
+        buffer, number leaves stacked from ``kept`` (what ``admit`` returned, in order)."""
+        leaves: list[Any] = []
+        for position, spec in enumerate(self.leaves):
+            if spec.kind == NUMBER:
+                leaves.append(torch.tensor([k[position] for k in kept], dtype=spec.dtype))
+            else:
+                leaves.append(from_dlpack(batch.leaf(spec.core_index)))
+        if self.single_tensor:
+            return leaves[0]
+        return unflatten(self.treedef, leaves)
 
 
 def _spec_of(index: int, path: str, leaf: Any, core_index: int) -> LeafSpec:

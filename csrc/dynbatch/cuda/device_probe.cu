@@ -8,7 +8,9 @@
 namespace dynbatch {
 namespace {
 
-__global__ void write_marker(int* out) { *out = 42; }
+__global__ void write_marker(int *out) {
+  *out = 42;
+}
 
 std::string describe(cudaError_t error) {
   return std::string(cudaGetErrorName(error)) + ": " + cudaGetErrorString(error);
@@ -16,7 +18,9 @@ std::string describe(cudaError_t error) {
 
 } // namespace
 
-int detail::cuda_runtime_version() { return CUDART_VERSION; }
+int detail::cuda_runtime_version() {
+  return CUDART_VERSION;
+}
 
 DeviceProbe probe_cuda_devices() {
   DeviceProbe probe;
@@ -31,7 +35,7 @@ DeviceProbe probe_cuda_devices() {
     probe.reason = "no CUDA device";
     return probe;
   }
-  int* marker = nullptr;
+  int *marker = nullptr;
   error = cudaMalloc(&marker, sizeof(int));
   if (error == cudaSuccess) {
     write_marker<<<1, 1>>>(marker);
