@@ -183,3 +183,22 @@ def test_collate_as_dataloader_collate_fn() -> None:
     dataset = tagged(50)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=ds.collate)
     assert torch.equal(torch.cat(list(loader)), torch.stack(dataset))
+
+
+def test_interpreter_exit_with_a_live_iteration_neither_hangs_nor_crashes() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, dynbatch as ds\n"
+        "bp = ds.DynamicBatchProcessor(max_batch_size=8)\n"
+        "it = bp([torch.zeros(3)] * 1000)\n"
+        "batch = next(it)\n"
+        "it.cycle = it  # kept alive by a cycle until the interpreter ends\n"
+        "print('exiting')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exiting"

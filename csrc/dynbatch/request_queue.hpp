@@ -36,7 +36,7 @@ public:
       : mask_(checked_capacity(capacity) - 1), slots_(new Slot[capacity]), head_(start_position),
         tail_(start_position) {
     for (std::size_t i = 0; i < capacity; ++i) {
-      slots_[(start_position + i) & mask_].sequence.store(start_position + i,
+      slots_[(start_position + i) & mask_].sequence.store(free_for(start_position + i),
                                                           std::memory_order_relaxed);
     }
   }
@@ -50,12 +50,12 @@ public:
       Slot &slot = slots_[position & mask_];
       const std::uint64_t sequence =
           slot.sequence.load(std::memory_order_acquire); // pairs with release in try_pop
-      const auto lag = static_cast<std::int64_t>(sequence - position);
+      const auto lag = static_cast<std::int64_t>(sequence - free_for(position));
       if (lag == 0) {
         if (head_.compare_exchange_weak(position, position + 1,
                                         std::memory_order_relaxed)) { // claim only
           slot.value = value;
-          slot.sequence.store(position + 1,
+          slot.sequence.store(published_for(position),
                               std::memory_order_release); // pairs with acquire in try_pop
           return true;
         }
@@ -73,12 +73,12 @@ public:
       Slot &slot = slots_[position & mask_];
       const std::uint64_t sequence =
           slot.sequence.load(std::memory_order_acquire); // pairs with release in try_push
-      const auto lag = static_cast<std::int64_t>(sequence - (position + 1));
+      const auto lag = static_cast<std::int64_t>(sequence - published_for(position));
       if (lag == 0) {
         if (tail_.compare_exchange_weak(position, position + 1,
                                         std::memory_order_relaxed)) { // claim only
           out = slot.value;
-          slot.sequence.store(position + mask_ + 1,
+          slot.sequence.store(free_for(position + mask_ + 1),
                               std::memory_order_release); // pairs with acquire in try_push
           return true;
         }
@@ -104,6 +104,14 @@ private:
     std::atomic<std::uint64_t> sequence{0};
     T value{};
   };
+
+  // A slot's sequence says whose turn it is: free_for(p) lets the producer of position p in,
+  // published_for(p) the consumer of p. Doubling keeps the two apart even at capacity 1, where
+  // "published for p" and "free for p + capacity" would otherwise be the same number.
+  static constexpr std::uint64_t free_for(std::uint64_t position) noexcept { return 2 * position; }
+  static constexpr std::uint64_t published_for(std::uint64_t position) noexcept {
+    return 2 * position + 1;
+  }
 
   static std::size_t checked_capacity(std::size_t capacity) {
     if (capacity == 0 || !std::has_single_bit(capacity)) {

@@ -1,5 +1,6 @@
 #include "dynbatch/staging_pool.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 
@@ -56,32 +57,41 @@ std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
     ++stats_.slots_in_use;
     AlignedBuffer buffer = std::move(slot.buffer);
     std::size_t capacity = slot.capacity;
-    if (capacity < bytes) {
-      // Allocate outside the lock: a large first-touch allocation must not stall releases.
-      stats_.pooled_bytes -= capacity;
-      lock.unlock();
-      buffer.reset();
-      capacity = align_up(bytes, growth_granularity);
-      try {
-        buffer = allocate_aligned(capacity);
-      } catch (...) {
+    try {
+      if (buffer == nullptr || capacity < bytes) { // never a null buffer, even for 0 bytes
+        // Allocate outside the lock: a large first-touch allocation must not stall releases.
+        stats_.pooled_bytes -= capacity;
+        capacity = 0;
+        lock.unlock();
+        buffer.reset();
+        const std::size_t grown = align_up(std::max<std::size_t>(bytes, 1), growth_granularity);
+        buffer = allocate_aligned(grown);
+        capacity = grown;
         lock.lock();
-        slot.capacity = 0;
-        slot.in_use = false;
-        --stats_.slots_in_use;
-        throw;
+        stats_.pooled_bytes += capacity;
+        ++stats_.slot_growths;
       }
-      lock.lock();
-      stats_.pooled_bytes += capacity;
-      ++stats_.slot_growths;
+      return std::make_shared<SlotLease>(shared_from_this(), static_cast<int>(index),
+                                         std::move(buffer), capacity);
+    } catch (...) {
+      if (!lock.owns_lock()) {
+        lock.lock();
+      }
+      stats_.pooled_bytes -= capacity;
+      slot.capacity = 0;
+      slot.in_use = false;
+      --stats_.slots_in_use;
+      throw;
     }
-    return std::make_shared<SlotLease>(shared_from_this(), static_cast<int>(index),
-                                       std::move(buffer), capacity);
   }
+  lock.unlock();
+  // Allocate before counting, so a failed allocation leaves the counters true.
+  AlignedBuffer buffer = allocate_aligned(bytes);
+  auto lease = std::make_shared<SlotLease>(shared_from_this(), -1, std::move(buffer), bytes);
+  lock.lock();
   ++stats_.one_off_allocations;
   ++stats_.one_off_in_use;
-  lock.unlock();
-  return std::make_shared<SlotLease>(shared_from_this(), -1, allocate_aligned(bytes), bytes);
+  return lease;
 }
 
 void StagingPool::release(int slot, AlignedBuffer buffer, std::size_t capacity) noexcept {

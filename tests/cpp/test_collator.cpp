@@ -39,29 +39,29 @@ LeafLayout leaf(std::vector<std::int64_t> shape, dl::DLDataType dtype) {
 
 // Leaves of different dtypes and shapes, odd sizes included so that offsets need rounding.
 std::vector<LeafLayout> mixed_leaves() {
-  return {leaf({2, 3}, f32), leaf({}, i64), leaf({5}, u8), leaf({7}, f16),
-          leaf({1}, boolean), leaf({3, 1, 2}, f32x4)};
+  return {leaf({2, 3}, f32), leaf({}, i64),      leaf({5}, u8),
+          leaf({7}, f16),    leaf({1}, boolean), leaf({3, 1, 2}, f32x4)};
 }
 
 // Random per-sample source rows, leaf-by-leaf, kept alive by the returned vectors.
 struct Sources {
   std::vector<std::vector<std::byte>> storage; // one buffer per (sample, leaf)
-  std::vector<const void*> pointers;           // sample-major, as collate() expects
+  std::vector<const void *> pointers;          // sample-major, as collate() expects
 };
 
-Sources make_sources(const BatchLayout& layout, std::size_t batch_size, std::uint32_t seed) {
+Sources make_sources(const BatchLayout &layout, std::size_t batch_size, std::uint32_t seed) {
   std::mt19937 random(seed);
   Sources sources;
   for (std::size_t i = 0; i < batch_size; ++i) {
     for (std::size_t j = 0; j < layout.leaf_count(); ++j) {
       std::vector<std::byte> bytes(layout.leaf(j).bytes_per_sample);
-      for (std::byte& b : bytes) {
+      for (std::byte &b : bytes) {
         b = static_cast<std::byte>(random());
       }
       sources.storage.push_back(std::move(bytes));
     }
   }
-  for (const auto& bytes : sources.storage) {
+  for (const auto &bytes : sources.storage) {
     sources.pointers.push_back(bytes.data());
   }
   return sources;
@@ -69,13 +69,13 @@ Sources make_sources(const BatchLayout& layout, std::size_t batch_size, std::uin
 
 // The naive reference: the whole batch_bytes() region, sentinel-filled, with each leaf block
 // written sample by sample at the documented place.
-std::vector<std::byte> reference_collate(const BatchLayout& layout, const Sources& sources,
+std::vector<std::byte> reference_collate(const BatchLayout &layout, const Sources &sources,
                                          std::size_t batch_size, std::byte sentinel) {
   std::vector<std::byte> expected(layout.batch_bytes(batch_size), sentinel);
   for (std::size_t j = 0; j < layout.leaf_count(); ++j) {
     const std::size_t bytes = layout.leaf(j).bytes_per_sample;
     for (std::size_t i = 0; i < batch_size; ++i) {
-      const auto& row = sources.storage[i * layout.leaf_count() + j];
+      const auto &row = sources.storage[i * layout.leaf_count() + j];
       for (std::size_t k = 0; k < bytes; ++k) {
         expected[layout.leaf_offset(j, batch_size) + i * bytes + k] = row[k];
       }
@@ -123,7 +123,7 @@ TEST_CASE(layout_rejects_inconsistent_leaves) {
   try {
     BatchLayout({leaf({2}, f32), LeafLayout{{3}, u8, 4}});
     CHECK(false);
-  } catch (const std::invalid_argument& error) {
+  } catch (const std::invalid_argument &error) {
     CHECK(std::string(error.what()).find("leaf 1") != std::string::npos);
   }
 }
@@ -185,11 +185,43 @@ TEST_CASE(collate_matches_naive_reference_byte_for_byte) {
   }
 }
 
+TEST_CASE(zero_extent_leaves_collate_and_export) {
+  // Empty sequences are legal samples: a [0, 3] leaf stages no bytes at all.
+  const BatchLayout only_empty({LeafLayout{{0, 3}, f32, 0}});
+  const BatchLayout mixed({LeafLayout{{0, 3}, f32, 0}, leaf({2}, i64)});
+  CHECK_EQ(only_empty.sample_bytes(), 0u);
+  CHECK_EQ(only_empty.batch_bytes(4), 0u);
+  auto pool = StagingPool::create(1);
+  for (const BatchLayout *layout : {&only_empty, &mixed}) {
+    constexpr std::size_t n = 4;
+    const Sources sources = make_sources(*layout, n, 11);
+    auto lease = pool->acquire(layout->batch_bytes(n));
+    // Under UBSan a null destination here is reported (memcpy's arguments are nonnull).
+    REQUIRE(lease->data() != nullptr);
+    dynbatch::collate(*layout, sources.pointers, n, lease->data());
+    if (layout == &mixed) {
+      const std::vector<std::byte> expected = reference_collate(*layout, sources, n, std::byte{0});
+      CHECK_EQ(std::memcmp(lease->data() + layout->leaf_offset(1, n),
+                           expected.data() + layout->leaf_offset(1, n), 2 * 8 * n),
+               0);
+    }
+    dl::DLManagedTensor *tensor = dynbatch::export_leaf(lease, *layout, 0, n);
+    CHECK_EQ(tensor->dl_tensor.ndim, 3);
+    CHECK_EQ(tensor->dl_tensor.shape[0], 4);
+    CHECK_EQ(tensor->dl_tensor.shape[1], 0);
+    CHECK_EQ(tensor->dl_tensor.shape[2], 3);
+    CHECK_EQ(tensor->dl_tensor.strides[2], 1);
+    CHECK_EQ(tensor->dl_tensor.strides[1], 3);
+    tensor->deleter(tensor);
+  }
+  CHECK_EQ(pool->stats().slots_in_use, 0u);
+}
+
 TEST_CASE(collate_rejects_wrong_source_count) {
   const BatchLayout layout(mixed_leaves());
   const Sources sources = make_sources(layout, 4, 7);
   std::vector<std::byte> destination(layout.batch_bytes(5));
-  std::span<const void* const> all(sources.pointers);
+  std::span<const void *const> all(sources.pointers);
   CHECK_THROWS_AS(dynbatch::collate(layout, all, 5, destination.data()), std::invalid_argument);
   CHECK_THROWS_AS(dynbatch::collate(layout, all.first(all.size() - 1), 4, destination.data()),
                   std::invalid_argument);
@@ -207,7 +239,7 @@ TEST_CASE(export_leaf_describes_staged_data_and_holds_the_lease) {
   std::vector<std::vector<float>> floats(n);
   std::vector<std::int64_t> ints(n);
   std::vector<std::vector<std::uint8_t>> bytes(n);
-  std::vector<const void*> pointers;
+  std::vector<const void *> pointers;
   for (std::size_t i = 0; i < n; ++i) {
     for (int e = 0; e < 6; ++e) {
       floats[i].push_back(static_cast<float>(10 * i + e));
@@ -220,14 +252,14 @@ TEST_CASE(export_leaf_describes_staged_data_and_holds_the_lease) {
   }
   dynbatch::collate(layout, pointers, n, lease->data());
 
-  dl::DLManagedTensor* t0 = dynbatch::export_leaf(lease, layout, 0, n);
-  dl::DLManagedTensor* t1 = dynbatch::export_leaf(lease, layout, 1, n);
-  dl::DLManagedTensor* t2 = dynbatch::export_leaf(lease, layout, 2, n);
+  dl::DLManagedTensor *t0 = dynbatch::export_leaf(lease, layout, 0, n);
+  dl::DLManagedTensor *t1 = dynbatch::export_leaf(lease, layout, 1, n);
+  dl::DLManagedTensor *t2 = dynbatch::export_leaf(lease, layout, 2, n);
   REQUIRE(t0 != nullptr);
   REQUIRE(t1 != nullptr);
   REQUIRE(t2 != nullptr);
 
-  const dl::DLTensor& a = t0->dl_tensor;
+  const dl::DLTensor &a = t0->dl_tensor;
   CHECK_EQ(a.ndim, 3);
   CHECK_EQ(a.shape[0], 5);
   CHECK_EQ(a.shape[1], 2);
@@ -241,27 +273,27 @@ TEST_CASE(export_leaf_describes_staged_data_and_holds_the_lease) {
   CHECK_EQ(a.dtype.lanes, 1);
   CHECK_EQ(a.device.device_type, dl::kDLCPU);
   CHECK_EQ(a.byte_offset, 0u);
-  CHECK_EQ(a.data, static_cast<void*>(lease->data() + layout.leaf_offset(0, n)));
-  const auto* values = static_cast<const float*>(a.data);
+  CHECK_EQ(a.data, static_cast<void *>(lease->data() + layout.leaf_offset(0, n)));
+  const auto *values = static_cast<const float *>(a.data);
   for (std::size_t i = 0; i < n; ++i) {
     for (int e = 0; e < 6; ++e) {
       CHECK_EQ(values[i * a.strides[0] + e], static_cast<float>(10 * i + e));
     }
   }
 
-  const dl::DLTensor& b = t1->dl_tensor;
+  const dl::DLTensor &b = t1->dl_tensor;
   CHECK_EQ(b.ndim, 1); // a scalar leaf becomes a [n] vector
   CHECK_EQ(b.shape[0], 5);
   CHECK_EQ(b.strides[0], 1);
   CHECK_EQ(b.dtype.code, dl::kDLInt);
   CHECK_EQ(b.dtype.bits, 64);
-  CHECK_EQ(b.data, static_cast<void*>(lease->data() + layout.leaf_offset(1, n)));
+  CHECK_EQ(b.data, static_cast<void *>(lease->data() + layout.leaf_offset(1, n)));
   std::int64_t scalar = 0;
-  std::memcpy(&scalar, static_cast<const std::byte*>(b.data) + 3 * sizeof(std::int64_t),
+  std::memcpy(&scalar, static_cast<const std::byte *>(b.data) + 3 * sizeof(std::int64_t),
               sizeof(scalar));
   CHECK_EQ(scalar, ints[3]);
 
-  const dl::DLTensor& c = t2->dl_tensor;
+  const dl::DLTensor &c = t2->dl_tensor;
   CHECK_EQ(c.ndim, 3);
   CHECK_EQ(c.shape[1], 4);
   CHECK_EQ(c.shape[2], 1);
@@ -269,7 +301,7 @@ TEST_CASE(export_leaf_describes_staged_data_and_holds_the_lease) {
   CHECK_EQ(c.strides[1], 1);
   CHECK_EQ(c.strides[2], 1);
   CHECK_EQ(c.dtype.code, dl::kDLUInt);
-  CHECK_EQ(static_cast<const std::uint8_t*>(c.data)[4 * 2 + 3], 202);
+  CHECK_EQ(static_cast<const std::uint8_t *>(c.data)[4 * 2 + 3], 202);
   CHECK(t0->deleter != nullptr);
 
   // The tensors hold the slot after the batch's own lease goes; the last deleter frees it.
@@ -279,7 +311,7 @@ TEST_CASE(export_leaf_describes_staged_data_and_holds_the_lease) {
   CHECK_EQ(pool->stats().slots_in_use, 1u);
   t0->deleter(t0);
   CHECK_EQ(pool->stats().slots_in_use, 1u);
-  CHECK_EQ(static_cast<const std::uint8_t*>(c.data)[0], 0); // still readable
+  CHECK_EQ(static_cast<const std::uint8_t *>(c.data)[0], 0); // still readable
   t2->deleter(t2);
   CHECK_EQ(pool->stats().slots_in_use, 0u);
 }
@@ -289,7 +321,7 @@ TEST_CASE(export_leaf_deleter_may_run_on_another_thread_after_pool_owner_is_gone
   auto pool = StagingPool::create(1);
   std::weak_ptr<StagingPool> watcher = pool;
   auto lease = pool->acquire(layout.batch_bytes(4));
-  dl::DLManagedTensor* tensor = dynbatch::export_leaf(lease, layout, 0, 4);
+  dl::DLManagedTensor *tensor = dynbatch::export_leaf(lease, layout, 0, 4);
   lease.reset();
   pool.reset();
   CHECK(!watcher.expired()); // the tensor keeps the lease, the lease keeps the pool
@@ -308,4 +340,6 @@ TEST_CASE(export_leaf_rejects_bad_leaf_index) {
   CHECK_EQ(pool->stats().slots_in_use, 0u);
 }
 
-int main(int argc, char** argv) { return dynbatch::testing::run_all(argc, argv); }
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}

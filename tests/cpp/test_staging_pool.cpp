@@ -19,13 +19,13 @@ using dynbatch::StagingPool;
 
 namespace {
 
-bool page_aligned(const void* pointer) {
+bool page_aligned(const void *pointer) {
   return reinterpret_cast<std::uintptr_t>(pointer) % dynbatch::page_size == 0;
 }
 
 // Writes every byte (AddressSanitizer checks the size) and reads the pattern back.
-bool fill_and_verify(SlotLease& lease, std::size_t bytes, std::uint8_t seed) {
-  std::byte* data = lease.data();
+bool fill_and_verify(SlotLease &lease, std::size_t bytes, std::uint8_t seed) {
+  std::byte *data = lease.data();
   for (std::size_t i = 0; i < bytes; ++i) {
     data[i] = static_cast<std::byte>(seed + i * 7);
   }
@@ -71,7 +71,7 @@ TEST_CASE(release_returns_slot_and_reuses_its_buffer) {
   auto pool = StagingPool::create(1);
   auto lease = pool->acquire(10'000);
   REQUIRE(lease != nullptr);
-  std::byte* const first = lease->data();
+  std::byte *const first = lease->data();
   const std::size_t first_capacity = lease->capacity();
   auto stats = pool->stats();
   CHECK_EQ(stats.slots_in_use, 1u);
@@ -85,10 +85,10 @@ TEST_CASE(release_returns_slot_and_reuses_its_buffer) {
   CHECK_EQ(stats.pooled_bytes, first_capacity);
 
   // Smaller or equal requests get the same memory back, without growing.
-  for (const std::size_t bytes : {1u, 5'000u, first_capacity}) {
+  for (const std::size_t bytes : {std::size_t{1}, std::size_t{5'000}, first_capacity}) {
     auto again = pool->acquire(bytes);
     CHECK(again->pooled());
-    CHECK_EQ(static_cast<void*>(again->data()), static_cast<void*>(first));
+    CHECK_EQ(static_cast<void *>(again->data()), static_cast<void *>(first));
     CHECK_EQ(again->capacity(), first_capacity);
   }
   stats = pool->stats();
@@ -129,7 +129,7 @@ TEST_CASE(exhausted_pool_hands_out_one_off_buffers_without_blocking) {
   auto b = pool->acquire(100);
   CHECK(a->pooled());
   CHECK(b->pooled());
-  CHECK_NE(static_cast<void*>(a->data()), static_cast<void*>(b->data()));
+  CHECK_NE(static_cast<void *>(a->data()), static_cast<void *>(b->data()));
 
   auto c = pool->acquire(5000); // returns at once even though every slot is held
   REQUIRE(c != nullptr);
@@ -155,11 +155,11 @@ TEST_CASE(exhausted_pool_hands_out_one_off_buffers_without_blocking) {
   CHECK_EQ(pool->stats().one_off_in_use, 0u);
 
   // A freed pooled slot is preferred again over a one-off.
-  std::byte* const a_data = a->data();
+  std::byte *const a_data = a->data();
   a.reset();
   auto e = pool->acquire(100);
   CHECK(e->pooled());
-  CHECK_EQ(static_cast<void*>(e->data()), static_cast<void*>(a_data));
+  CHECK_EQ(static_cast<void *>(e->data()), static_cast<void *>(a_data));
   CHECK_EQ(pool->stats().one_off_allocations, 2u);
 }
 
@@ -173,6 +173,21 @@ TEST_CASE(zero_slot_pool_always_gives_one_offs) {
   const auto stats = pool->stats();
   CHECK_EQ(stats.one_off_allocations, 1u);
   CHECK_EQ(stats.one_off_in_use, 0u);
+}
+
+TEST_CASE(zero_byte_acquire_gives_a_real_buffer) {
+  // A batch of zero-extent leaves stages 0 bytes. The lease must still point at memory:
+  // collate() and DLPack consumers pass data() to memcpy, where a null pointer is undefined
+  // behaviour even for 0 bytes. One-off buffers already get a page for 0 bytes; slots too.
+  auto pool = StagingPool::create(1);
+  auto pooled = pool->acquire(0);
+  CHECK(pooled->pooled());
+  CHECK(pooled->data() != nullptr);
+  CHECK(page_aligned(pooled->data()));
+  auto one_off = pool->acquire(0);
+  CHECK(!one_off->pooled());
+  CHECK(one_off->data() != nullptr);
+  CHECK(page_aligned(one_off->data()));
 }
 
 TEST_CASE(lease_keeps_pool_alive) {
@@ -227,7 +242,7 @@ TEST_CASE(concurrent_acquire_release) {
         held.push_back(std::move(lease));
         if (held.size() > 2 || random() % 2 == 0) {
           std::this_thread::yield();
-          for (const auto& mine : held) {
+          for (const auto &mine : held) {
             if (mine->data()[0] != stamp) {
               shared_slot_collisions.fetch_add(1);
             }
@@ -237,7 +252,7 @@ TEST_CASE(concurrent_acquire_release) {
       }
     });
   }
-  for (std::thread& thread : threads) {
+  for (std::thread &thread : threads) {
     thread.join();
   }
   CHECK_EQ(bad_leases.load(), 0u);
@@ -252,4 +267,6 @@ TEST_CASE(concurrent_acquire_release) {
   CHECK_LE(stats.pooled_bytes, 3u * (96u * 1024u + 64u * 1024u));
 }
 
-int main(int argc, char** argv) { return dynbatch::testing::run_all(argc, argv); }
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}

@@ -54,32 +54,32 @@ struct TestCase {
   std::function<void()> body;
 };
 
-inline std::vector<TestCase>& registry() {
+inline std::vector<TestCase> &registry() {
   static std::vector<TestCase> tests;
   return tests;
 }
 
-inline std::atomic<std::uint64_t>& failure_count() {
+inline std::atomic<std::uint64_t> &failure_count() {
   static std::atomic<std::uint64_t> failures{0};
   return failures;
 }
 
-inline std::mutex& output_mutex() {
+inline std::mutex &output_mutex() {
   static std::mutex mutex;
   return mutex;
 }
 
 struct Registrar {
-  Registrar(const char* name, void (*body)()) { registry().push_back({name, body}); }
+  Registrar(const char *name, void (*body)()) { registry().push_back({name, body}); }
 };
 
 // Thrown by REQUIRE to end the current test; the runner catches it.
 struct RequireFailed {};
 
 template <class T>
-concept Streamable = requires(std::ostream& os, const T& value) { os << value; };
+concept Streamable = requires(std::ostream &os, const T &value) { os << value; };
 
-template <class T> std::string show(const T& value) {
+template <class T> std::string show(const T &value) {
   std::ostringstream os;
   if constexpr (std::is_same_v<T, bool>) {
     os << (value ? "true" : "false");
@@ -89,10 +89,9 @@ template <class T> std::string show(const T& value) {
                        std::is_same_v<T, unsigned char>) {
     os << static_cast<int>(value);
   } else if constexpr (std::is_enum_v<T>) {
-    os << "enum(" << static_cast<long long>(static_cast<std::underlying_type_t<T>>(value))
-       << ")";
+    os << "enum(" << static_cast<long long>(static_cast<std::underlying_type_t<T>>(value)) << ")";
   } else if constexpr (std::is_pointer_v<T> || std::is_null_pointer_v<T>) {
-    os << static_cast<const void*>(value);
+    os << static_cast<const void *>(value);
   } else if constexpr (Streamable<T>) {
     os << value;
   } else {
@@ -101,15 +100,15 @@ template <class T> std::string show(const T& value) {
   return os.str();
 }
 
-inline void report_failure(const char* file, int line, const std::string& message) {
+inline void report_failure(const char *file, int line, const std::string &message) {
   failure_count().fetch_add(1, std::memory_order_relaxed);
   std::lock_guard lock(output_mutex());
   std::cerr << file << ":" << line << ": FAILED: " << message << std::endl;
 }
 
 template <class A, class B>
-bool check_compare(bool ok, const A& a, const B& b, const char* op, const char* a_text,
-                   const char* b_text, const char* file, int line) {
+bool check_compare(bool ok, const A &a, const B &b, const char *op, const char *a_text,
+                   const char *b_text, const char *file, int line) {
   if (!ok) {
     report_failure(file, line,
                    std::string(a_text) + " " + op + " " + b_text + "  [" + show(a) + " vs " +
@@ -119,7 +118,7 @@ bool check_compare(bool ok, const A& a, const B& b, const char* op, const char* 
 }
 
 // Compares integers of mixed signedness by value, everything else with the operator itself.
-template <class A, class B> constexpr bool equal(const A& a, const B& b) {
+template <class A, class B> constexpr bool equal(const A &a, const B &b) {
   if constexpr (std::is_integral_v<A> && std::is_integral_v<B> && !std::is_same_v<A, bool> &&
                 !std::is_same_v<B, bool>) {
     return std::cmp_equal(a, b);
@@ -127,7 +126,7 @@ template <class A, class B> constexpr bool equal(const A& a, const B& b) {
     return a == b;
   }
 }
-template <class A, class B> constexpr bool less(const A& a, const B& b) {
+template <class A, class B> constexpr bool less(const A &a, const B &b) {
   if constexpr (std::is_integral_v<A> && std::is_integral_v<B> && !std::is_same_v<A, bool> &&
                 !std::is_same_v<B, bool>) {
     return std::cmp_less(a, b);
@@ -149,8 +148,8 @@ public:
     changed_.notify_all();
     thread_.join();
   }
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
+  Watchdog(const Watchdog &) = delete;
+  Watchdog &operator=(const Watchdog &) = delete;
 
 private:
   void watch(std::chrono::seconds limit) {
@@ -172,24 +171,23 @@ private:
 
 } // namespace detail
 
-inline std::size_t env_size(const char* name, std::size_t fallback) {
-  const char* text = std::getenv(name);
+inline std::size_t env_size(const char *name, std::size_t fallback) {
+  const char *text = std::getenv(name);
   if (text == nullptr || *text == '\0') {
     return fallback;
   }
-  char* end = nullptr;
+  char *end = nullptr;
   const unsigned long long value = std::strtoull(text, &end, 10);
-  return (end != nullptr && *end == '\0' && value > 0) ? static_cast<std::size_t>(value)
-                                                         : fallback;
+  return (end != nullptr && *end == '\0' && value > 0) ? static_cast<std::size_t>(value) : fallback;
 }
 
-inline int run_all(int argc, char** argv) {
+inline int run_all(int argc, char **argv) {
   const std::string_view filter = argc > 1 ? std::string_view(argv[1]) : std::string_view();
   const auto hang_limit = std::chrono::seconds(env_size("DYNBATCH_TEST_HANG_S", 90));
   std::size_t passed = 0;
   std::size_t failed = 0;
   const auto start_all = std::chrono::steady_clock::now();
-  for (const detail::TestCase& test : detail::registry()) {
+  for (const detail::TestCase &test : detail::registry()) {
     if (!filter.empty() && test.name.find(filter) == std::string::npos) {
       continue;
     }
@@ -204,9 +202,9 @@ inline int run_all(int argc, char** argv) {
       detail::Watchdog watchdog(test.name, hang_limit);
       try {
         test.body();
-      } catch (const detail::RequireFailed&) {
+      } catch (const detail::RequireFailed &) {
         threw = true;
-      } catch (const std::exception& error) {
+      } catch (const std::exception &error) {
         detail::report_failure(__FILE__, __LINE__,
                                "uncaught exception in " + test.name + ": " + error.what());
         threw = true;
@@ -241,54 +239,54 @@ inline int run_all(int argc, char** argv) {
 #define DYNBATCH_TEST_CONCAT_INNER(a, b) a##b
 #define DYNBATCH_TEST_CONCAT(a, b) DYNBATCH_TEST_CONCAT_INNER(a, b)
 
-#define TEST_CASE(name)                                                                           \
-  static void name();                                                                             \
-  static const ::dynbatch::testing::detail::Registrar DYNBATCH_TEST_CONCAT(registrar_, name)(    \
-      #name, &name);                                                                              \
+#define TEST_CASE(name)                                                                            \
+  static void name();                                                                              \
+  static const ::dynbatch::testing::detail::Registrar DYNBATCH_TEST_CONCAT(registrar_,             \
+                                                                           name)(#name, &name);    \
   static void name()
 
-#define CHECK(cond)                                                                               \
-  ((cond) ? true                                                                                  \
-          : (::dynbatch::testing::detail::report_failure(__FILE__, __LINE__, "CHECK(" #cond ")"), \
+#define CHECK(cond)                                                                                \
+  ((cond) ? true                                                                                   \
+          : (::dynbatch::testing::detail::report_failure(__FILE__, __LINE__, "CHECK(" #cond ")"),  \
              false))
 
-#define REQUIRE(cond)                                                                             \
-  do {                                                                                            \
-    if (!CHECK(cond)) {                                                                           \
-      throw ::dynbatch::testing::detail::RequireFailed{};                                         \
-    }                                                                                             \
+#define REQUIRE(cond)                                                                              \
+  do {                                                                                             \
+    if (!CHECK(cond)) {                                                                            \
+      throw ::dynbatch::testing::detail::RequireFailed{};                                          \
+    }                                                                                              \
   } while (false)
 
-#define DYNBATCH_CHECK_OP(a, b, op, test)                                                         \
-  [&](const auto& dynbatch_a_, const auto& dynbatch_b_) {                                         \
-    return ::dynbatch::testing::detail::check_compare(test, dynbatch_a_, dynbatch_b_, op, #a, #b, \
-                                                      __FILE__, __LINE__);                        \
+#define DYNBATCH_CHECK_OP(a, b, op, test)                                                          \
+  [&](const auto &dynbatch_a_, const auto &dynbatch_b_) {                                          \
+    return ::dynbatch::testing::detail::check_compare(test, dynbatch_a_, dynbatch_b_, op, #a, #b,  \
+                                                      __FILE__, __LINE__);                         \
   }((a), (b))
 
-#define CHECK_EQ(a, b)                                                                            \
+#define CHECK_EQ(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, "==", ::dynbatch::testing::detail::equal(dynbatch_a_, dynbatch_b_))
-#define CHECK_NE(a, b)                                                                            \
+#define CHECK_NE(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, "!=", !::dynbatch::testing::detail::equal(dynbatch_a_, dynbatch_b_))
-#define CHECK_LT(a, b)                                                                            \
+#define CHECK_LT(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, "<", ::dynbatch::testing::detail::less(dynbatch_a_, dynbatch_b_))
-#define CHECK_LE(a, b)                                                                            \
+#define CHECK_LE(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, "<=", !::dynbatch::testing::detail::less(dynbatch_b_, dynbatch_a_))
-#define CHECK_GT(a, b)                                                                            \
+#define CHECK_GT(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, ">", ::dynbatch::testing::detail::less(dynbatch_b_, dynbatch_a_))
-#define CHECK_GE(a, b)                                                                            \
+#define CHECK_GE(a, b)                                                                             \
   DYNBATCH_CHECK_OP(a, b, ">=", !::dynbatch::testing::detail::less(dynbatch_a_, dynbatch_b_))
 
-#define CHECK_THROWS_AS(expr, type)                                                               \
-  do {                                                                                            \
-    bool dynbatch_caught_ = false;                                                                \
-    try {                                                                                         \
-      static_cast<void>(expr);                                                                    \
-    } catch (const type&) {                                                                       \
-      dynbatch_caught_ = true;                                                                    \
-    } catch (...) {                                                                               \
-    }                                                                                             \
-    if (!dynbatch_caught_) {                                                                      \
-      ::dynbatch::testing::detail::report_failure(__FILE__, __LINE__,                            \
-                                                  "expected " #expr " to throw " #type);          \
-    }                                                                                             \
+#define CHECK_THROWS_AS(expr, type)                                                                \
+  do {                                                                                             \
+    bool dynbatch_caught_ = false;                                                                 \
+    try {                                                                                          \
+      static_cast<void>(expr);                                                                     \
+    } catch (const type &) {                                                                       \
+      dynbatch_caught_ = true;                                                                     \
+    } catch (...) {                                                                                \
+    }                                                                                              \
+    if (!dynbatch_caught_) {                                                                       \
+      ::dynbatch::testing::detail::report_failure(__FILE__, __LINE__,                              \
+                                                  "expected " #expr " to throw " #type);           \
+    }                                                                                              \
   } while (false)

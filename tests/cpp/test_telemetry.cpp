@@ -195,7 +195,7 @@ TEST_CASE(concurrent_readers_and_refreshers) {
     }
   }
   stop.store(true);
-  for (std::thread& thread : threads) {
+  for (std::thread &thread : threads) {
     thread.join();
   }
   CHECK_EQ(inconsistent.load(), 0u);
@@ -216,4 +216,6 @@ TEST_CASE(destructor_joins_promptly) {
   }
 }
 
-int main(int argc, char** argv) { return dynbatch::testing::run_all(argc, argv); }
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}

@@ -1,0 +1,622 @@
+// BatchFormer end to end: requests in, collated batches out, with the real staging pool, stats
+// recorder, telemetry sampler and ThroughputClimb. Checks exactly-once and in-order delivery,
+// batch contents, backpressure at the (power-of-two) capacity, prefetch depth, prompt and
+// idempotent close(), error propagation, stats, and the memory ceiling.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "dynbatch/batch_former.hpp"
+#include "dynbatch/dlpack_export.hpp"
+#include "test_support.hpp"
+
+using dynbatch::BatchFeedback;
+using dynbatch::BatchFormer;
+using dynbatch::BatchLayout;
+using dynbatch::FormedBatch;
+using dynbatch::FormerOptions;
+using dynbatch::LeafLayout;
+using dynbatch::Nanoseconds;
+using dynbatch::NextStatus;
+using dynbatch::no_deadline;
+using dynbatch::now_ns;
+using dynbatch::StagingPool;
+using dynbatch::StatsRecorder;
+using dynbatch::TelemetrySample;
+using dynbatch::TelemetrySampler;
+using dynbatch::ThroughputClimb;
+using dynbatch::ThroughputClimbOptions;
+namespace dl = dynbatch::dlpack;
+
+namespace {
+
+constexpr Nanoseconds ms = 1'000'000;
+constexpr Nanoseconds hang_bound_ns = 5'000 * ms; // only to detect a hang
+constexpr std::uint64_t id_base = 7'000;          // ids are not indices
+
+// Three leaves per sample, values derived from the sample index k: f32[4], i64 scalar, u8[3].
+BatchLayout sample_layout() {
+  return BatchLayout({LeafLayout{{4}, dl::DLDataType{dl::kDLFloat, 32, 1}, 16},
+                      LeafLayout{{}, dl::DLDataType{dl::kDLInt, 64, 1}, 8},
+                      LeafLayout{{3}, dl::DLDataType{dl::kDLUInt, 8, 1}, 3}});
+}
+
+struct Sample {
+  float f[4];
+  std::int64_t i;
+  std::uint8_t u[3];
+};
+
+class SampleStore {
+public:
+  explicit SampleStore(std::size_t count) : samples_(count) {
+    for (std::size_t k = 0; k < count; ++k) {
+      Sample &s = samples_[k];
+      for (int e = 0; e < 4; ++e) {
+        s.f[e] = static_cast<float>(k) * 4.0f + static_cast<float>(e) + 0.25f;
+      }
+      s.i = -static_cast<std::int64_t>(k) * 1'000'003;
+      for (int e = 0; e < 3; ++e) {
+        s.u[e] = static_cast<std::uint8_t>(k * 3 + e);
+      }
+    }
+  }
+  std::size_t size() const { return samples_.size(); }
+  const Sample &at(std::size_t k) const { return samples_.at(k); }
+  static std::uint64_t id_of(std::size_t k) { return id_base + k; }
+  static std::size_t index_of(std::uint64_t id) { return static_cast<std::size_t>(id - id_base); }
+
+  // Ids and source pointers (request-major) for samples [first, first + count).
+  void describe(std::size_t first, std::size_t count, std::vector<std::uint64_t> &ids,
+                std::vector<const void *> &sources) const {
+    ids.clear();
+    sources.clear();
+    for (std::size_t k = first; k < first + count; ++k) {
+      ids.push_back(id_of(k));
+      sources.push_back(samples_[k].f);
+      sources.push_back(&samples_[k].i);
+      sources.push_back(samples_[k].u);
+    }
+  }
+
+private:
+  std::vector<Sample> samples_;
+};
+
+// Counts samples of `batch` whose staged bytes differ from their sources.
+std::size_t content_mismatches(const BatchLayout &layout, const FormedBatch &batch,
+                               const SampleStore &store) {
+  const std::size_t n = batch.ids.size();
+  const std::byte *base = batch.lease->data();
+  const std::byte *f = base + layout.leaf_offset(0, n);
+  const std::byte *i64 = base + layout.leaf_offset(1, n);
+  const std::byte *u8 = base + layout.leaf_offset(2, n);
+  std::size_t mismatches = 0;
+  for (std::size_t row = 0; row < n; ++row) {
+    const std::size_t k = SampleStore::index_of(batch.ids[row]);
+    if (k >= store.size()) {
+      ++mismatches;
+      continue;
+    }
+    const Sample &s = store.at(k);
+    mismatches += std::memcmp(f + row * 16, s.f, 16) != 0 ? 1 : 0;
+    mismatches += std::memcmp(i64 + row * 8, &s.i, 8) != 0 ? 1 : 0;
+    mismatches += std::memcmp(u8 + row * 3, s.u, 3) != 0 ? 1 : 0;
+  }
+  return mismatches;
+}
+
+ThroughputClimbOptions fixed_size(std::size_t size) {
+  ThroughputClimbOptions options;
+  options.min_batch_size = size;
+  options.max_batch_size = size;
+  return options;
+}
+
+TelemetrySample scripted(std::uint64_t available) {
+  TelemetrySample sample;
+  sample.memory_total_bytes = 64ull << 30;
+  sample.memory_available_bytes = available;
+  sample.process_rss_bytes = 1 << 20;
+  return sample;
+}
+
+// Everything a BatchFormer needs, with handles the tests inspect afterwards.
+struct Rig {
+  std::shared_ptr<StagingPool> pool;
+  std::shared_ptr<dynbatch::SizingPolicy> policy;
+  std::shared_ptr<TelemetrySampler> telemetry;
+  std::shared_ptr<StatsRecorder> stats;
+  std::unique_ptr<BatchFormer> former;
+
+  Rig(ThroughputClimbOptions sizing, FormerOptions options,
+      std::shared_ptr<dynbatch::TelemetrySource> source = nullptr,
+      std::shared_ptr<dynbatch::SizingPolicy> custom_policy = nullptr)
+      : pool(StagingPool::create(4)),
+        policy(custom_policy ? std::move(custom_policy)
+                             : std::make_shared<ThroughputClimb>(sizing)),
+        telemetry(std::make_shared<TelemetrySampler>(
+            source ? std::move(source) : std::make_shared<dynbatch::HostTelemetrySource>(),
+            10 * ms)),
+        stats(std::make_shared<StatsRecorder>(1024)),
+        former(std::make_unique<BatchFormer>(sample_layout(), options, pool, policy, telemetry,
+                                             stats)) {}
+};
+
+// Pushes samples [first, first + count), retrying while the former is at capacity.
+void push_all(BatchFormer &former, const SampleStore &store, std::size_t first, std::size_t count,
+              std::size_t chunk) {
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  std::size_t done = 0;
+  while (done < count) {
+    const std::size_t take = std::min(chunk, count - done);
+    store.describe(first + done, take, ids, sources);
+    const std::size_t accepted = former.push(ids, sources);
+    CHECK_LE(accepted, take);
+    done += accepted;
+    if (accepted < take) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+}
+
+template <class Predicate> bool eventually(Predicate done) {
+  const Nanoseconds deadline = now_ns() + hang_bound_ns;
+  while (now_ns() < deadline) {
+    if (done()) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return done();
+}
+
+} // namespace
+
+TEST_CASE(end_to_end_fixed_size_exactly_once_in_order) {
+  constexpr std::size_t n_requests = 1000;
+  constexpr std::size_t size = 32;
+  const SampleStore store(n_requests);
+  Rig rig(fixed_size(size), FormerOptions{64, 1});
+  BatchFormer &former = *rig.former;
+  const BatchLayout &layout = *former.layout();
+
+  // A producer thread pushes in chunks against a 64-request capacity, so backpressure happens.
+  std::thread producer([&] {
+    push_all(former, store, 0, n_requests, 50);
+    former.close_input();
+  });
+
+  std::size_t next_index = 0;
+  std::size_t batches = 0;
+  std::size_t mismatches = 0;
+  std::size_t wrong_sizes = 0;
+  std::uint64_t last_sequence = 0;
+  for (;;) {
+    FormedBatch batch;
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    REQUIRE(status != NextStatus::timeout);
+    if (status == NextStatus::finished) {
+      break;
+    }
+    REQUIRE(batch.lease != nullptr);
+    const std::size_t count = batch.ids.size();
+    const bool last = next_index + count == n_requests;
+    wrong_sizes += (count != size && !(last && count == n_requests % size)) ? 1 : 0;
+    CHECK_EQ(batch.target, size);
+    for (const std::uint64_t id : batch.ids) {
+      CHECK_EQ(id, SampleStore::id_of(next_index));
+      ++next_index;
+    }
+    mismatches += content_mismatches(layout, batch, store);
+    CHECK_GE(batch.lease->capacity(), layout.batch_bytes(count));
+    CHECK(batches == 0 || batch.sequence > last_sequence);
+    CHECK_GE(batch.formed_ns, batch.first_enqueue_ns);
+    CHECK_GE(batch.collate_ns, 0);
+    last_sequence = batch.sequence;
+    BatchFeedback feedback;
+    feedback.batch_size = count;
+    feedback.compute_ns = 1000 + static_cast<Nanoseconds>(batches);
+    former.report_feedback(batch.sequence, feedback);
+    ++batches;
+  }
+  producer.join();
+  CHECK_EQ(next_index, n_requests);
+  CHECK_EQ(wrong_sizes, 0u);
+  CHECK_EQ(mismatches, 0u);
+  CHECK_EQ(batches, (n_requests + size - 1) / size);
+
+  // Finished stays finished.
+  FormedBatch extra;
+  CHECK(former.next_batch(extra, now_ns() + 10 * ms) == NextStatus::finished);
+  CHECK(extra.ids.empty());
+
+  const auto snapshot = rig.stats->snapshot();
+  CHECK_EQ(snapshot.batches, batches);
+  CHECK_EQ(snapshot.samples, n_requests);
+  CHECK_EQ(snapshot.histogram.size(), 2u);
+  CHECK_EQ(snapshot.histogram.count(size) ? snapshot.histogram.at(size) : 0, n_requests / size);
+  CHECK_EQ(snapshot.histogram.count(n_requests % size) ? snapshot.histogram.at(n_requests % size)
+                                                       : 0,
+           1u);
+  REQUIRE(snapshot.recent.size() == batches);
+  Nanoseconds compute_total = 0;
+  for (std::size_t b = 0; b < batches; ++b) {
+    CHECK_EQ(snapshot.recent[b].compute_ns, 1000 + static_cast<Nanoseconds>(b));
+    CHECK_EQ(snapshot.recent[b].target, size);
+    CHECK_GE(snapshot.recent[b].delivered_ns, snapshot.recent[b].formed_ns);
+    compute_total += 1000 + static_cast<Nanoseconds>(b);
+  }
+  CHECK_EQ(snapshot.compute_ns, compute_total);
+  CHECK_GT(snapshot.collate_ns, 0);
+
+  former.close();
+  CHECK_GT(rig.stats->snapshot().active_ns, 0);
+  CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
+  CHECK_EQ(rig.pool->stats().one_off_in_use, 0u);
+}
+
+TEST_CASE(several_producers_each_request_once_in_producer_order) {
+  constexpr std::size_t producers = 3;
+  constexpr std::size_t per_producer = 400;
+  const SampleStore store(producers * per_producer);
+  Rig rig(fixed_size(16), FormerOptions{32, 2});
+  BatchFormer &former = *rig.former;
+  std::vector<std::thread> threads;
+  std::atomic<std::size_t> producers_left{producers};
+  for (std::size_t p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      push_all(former, store, p * per_producer, per_producer, 1 + p * 5);
+      if (producers_left.fetch_sub(1) == 1) {
+        former.close_input(); // the last producer ends the input
+      }
+    });
+  }
+  std::vector<int> seen(producers * per_producer, 0);
+  std::vector<std::int64_t> last(producers, -1);
+  std::size_t out_of_order = 0;
+  std::size_t mismatches = 0;
+  std::size_t oversized = 0;
+  std::size_t short_batches = 0;
+  for (;;) {
+    FormedBatch batch;
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    REQUIRE(status != NextStatus::timeout);
+    if (status == NextStatus::finished) {
+      break;
+    }
+    oversized += batch.ids.size() > 16 ? 1 : 0;
+    short_batches += batch.ids.size() < 16 ? 1 : 0;
+    mismatches += content_mismatches(*former.layout(), batch, store);
+    for (const std::uint64_t id : batch.ids) {
+      const std::size_t k = SampleStore::index_of(id);
+      REQUIRE(k < seen.size());
+      ++seen[k];
+      const std::size_t p = k / per_producer;
+      out_of_order += static_cast<std::int64_t>(k) <= last[p] ? 1 : 0;
+      last[p] = static_cast<std::int64_t>(k);
+    }
+  }
+  for (std::thread &thread : threads) {
+    thread.join();
+  }
+  CHECK_EQ(static_cast<std::size_t>(std::count(seen.begin(), seen.end(), 1)), seen.size());
+  CHECK_EQ(out_of_order, 0u);
+  CHECK_EQ(mismatches, 0u);
+  CHECK_EQ(oversized, 0u);
+  CHECK_LE(short_batches, 1u); // only the batch closed by end of input may be short
+}
+
+TEST_CASE(exported_leaf_shares_the_batch_slot) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(8), FormerOptions{8, 1});
+  push_all(*rig.former, store, 0, 8, 8);
+  rig.former->close_input();
+  FormedBatch batch;
+  REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  REQUIRE(batch.ids.size() == 8u);
+  dl::DLManagedTensor *tensor = dynbatch::export_leaf(batch.lease, *rig.former->layout(), 0, 8);
+  CHECK_EQ(tensor->dl_tensor.shape[0], 8);
+  CHECK_EQ(tensor->dl_tensor.shape[1], 4);
+  const auto *values = static_cast<const float *>(tensor->dl_tensor.data);
+  CHECK_EQ(values[5 * 4 + 2], store.at(5).f[2]);
+  batch = FormedBatch{}; // the batch goes; the tensor keeps the slot
+  rig.former->close();
+  CHECK_EQ(rig.pool->stats().slots_in_use, 1u);
+  tensor->deleter(tensor);
+  CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
+}
+
+TEST_CASE(push_accepts_up_to_capacity_rounded_to_power_of_two) {
+  const SampleStore store(20);
+  // Target 16 but only 8 requests can be in flight: the former holds all 8 while it waits for
+  // more, so exactly 8 are accepted whatever the timing.
+  Rig rig(fixed_size(16), FormerOptions{5, 1});
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(former.capacity(), 8u);
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(0, 20, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 8u);
+  store.describe(8, 12, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 0u);
+  CHECK_EQ(former.push({}, {}), 0u); // an empty push is fine
+
+  former.close_input();
+  store.describe(8, 1, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 0u); // input closed
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  REQUIRE(batch.ids.size() == 8u); // end of input closes the partial batch
+  for (std::size_t k = 0; k < 8; ++k) {
+    CHECK_EQ(batch.ids[k], SampleStore::id_of(k));
+  }
+  CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
+  CHECK(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::finished);
+}
+
+TEST_CASE(capacity_is_recycled_as_batches_form) {
+  constexpr std::size_t total = 200;
+  const SampleStore store(total);
+  Rig rig(fixed_size(4), FormerOptions{8, 1});
+  BatchFormer &former = *rig.former;
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(0, total, ids, sources);
+  // Without a consumer, at most capacity + one formed batch (prefetch 1) can be taken.
+  const std::size_t first = former.push(ids, sources);
+  CHECK_GE(first, 8u);
+  CHECK_LE(first, 12u);
+  std::size_t pushed = first;
+  std::size_t received = 0;
+  while (received < total) {
+    FormedBatch batch;
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    REQUIRE(status == NextStatus::batch);
+    for (const std::uint64_t id : batch.ids) {
+      CHECK_EQ(id, SampleStore::id_of(received));
+      ++received;
+    }
+    if (pushed < total) {
+      store.describe(pushed, total - pushed, ids, sources);
+      pushed += former.push(ids, sources);
+    }
+    if (pushed == total) {
+      former.close_input();
+    }
+  }
+  CHECK_EQ(received, total);
+}
+
+TEST_CASE(push_rejects_wrong_source_count) {
+  Rig rig(fixed_size(4), FormerOptions{8, 1});
+  const std::uint64_t ids[2] = {1, 2};
+  const void *sources[5] = {};
+  CHECK_THROWS_AS(rig.former->push(ids, sources), std::invalid_argument);
+  CHECK_THROWS_AS(BatchFormer(sample_layout(), FormerOptions{8, 0}, rig.pool, rig.policy,
+                              rig.telemetry, rig.stats),
+                  std::invalid_argument);
+}
+
+TEST_CASE(prefetch_depth_bounds_formed_batches) {
+  for (const std::size_t depth : {1u, 2u, 3u}) {
+    const SampleStore store(64);
+    Rig rig(fixed_size(4), FormerOptions{64, depth});
+    push_all(*rig.former, store, 0, 64, 64);
+    // Nobody consumes: the former stops after `depth` batches, each holding one slot.
+    CHECK(eventually([&] { return rig.pool->stats().slots_in_use == depth; }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    CHECK_EQ(rig.pool->stats().slots_in_use, depth);
+    CHECK_EQ(rig.pool->stats().acquisitions, depth);
+    FormedBatch batch;
+    REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+    // One taken out, one more formed: depth waiting plus the one the caller holds.
+    CHECK(eventually([&] { return rig.pool->stats().slots_in_use == depth + 1; }));
+    CHECK_EQ(batch.ids.front(), SampleStore::id_of(0));
+    batch = FormedBatch{};
+    rig.former->close(); // drops the undelivered batches: their slots go back
+    CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
+    CHECK_EQ(rig.pool->stats().one_off_in_use, 0u);
+  }
+}
+
+TEST_CASE(next_batch_times_out_without_input) {
+  Rig rig(fixed_size(4), FormerOptions{8, 1});
+  FormedBatch batch;
+  const Nanoseconds start = now_ns();
+  CHECK(rig.former->next_batch(batch, start + 20 * ms) == NextStatus::timeout);
+  CHECK_GE(now_ns() - start, 19 * ms);
+  CHECK(batch.lease == nullptr);
+  // A partial batch is not delivered before its size is reached or input ends.
+  const SampleStore store(3);
+  push_all(*rig.former, store, 0, 3, 3);
+  CHECK(rig.former->next_batch(batch, now_ns() + 20 * ms) == NextStatus::timeout);
+  rig.former->close_input();
+  REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 3u);
+}
+
+TEST_CASE(close_while_former_waits_for_input_is_prompt_and_idempotent) {
+  const SampleStore store(3);
+  Rig rig(fixed_size(16), FormerOptions{32, 1});
+  BatchFormer &former = *rig.former;
+  push_all(former, store, 0, 3, 3); // fewer than the target: the former thread blocks
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const Nanoseconds start = now_ns();
+  former.close();
+  CHECK_LT(now_ns() - start, hang_bound_ns);
+  former.close(); // idempotent
+  FormedBatch batch;
+  const Nanoseconds asked = now_ns();
+  CHECK(former.next_batch(batch, no_deadline) == NextStatus::finished);
+  CHECK_LT(now_ns() - asked, hang_bound_ns);
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(0, 1, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 0u); // closed
+  CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
+  rig.former.reset(); // the destructor after close() is fine too
+}
+
+TEST_CASE(close_wakes_a_consumer_blocked_in_next_batch) {
+  Rig rig(fixed_size(4), FormerOptions{8, 1});
+  std::atomic<int> status{-1};
+  std::thread consumer([&] {
+    FormedBatch batch;
+    status.store(static_cast<int>(rig.former->next_batch(batch, no_deadline)));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK_EQ(status.load(), -1); // still waiting
+  const Nanoseconds start = now_ns();
+  rig.former->close();
+  consumer.join();
+  CHECK_LT(now_ns() - start, hang_bound_ns);
+  CHECK_EQ(status.load(), static_cast<int>(NextStatus::finished));
+}
+
+TEST_CASE(destructor_without_close_joins) {
+  const SampleStore store(5);
+  Rig rig(fixed_size(4), FormerOptions{8, 1});
+  push_all(*rig.former, store, 0, 5, 5);
+  const Nanoseconds start = now_ns();
+  rig.former.reset();
+  CHECK_LT(now_ns() - start, hang_bound_ns);
+  CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
+}
+
+namespace {
+// A policy that fails on its `fail_at`-th call, to exercise error propagation from the thread.
+class FailingPolicy final : public dynbatch::SizingPolicy {
+public:
+  explicit FailingPolicy(int fail_at) : fail_at_(fail_at) {}
+  std::size_t next_batch_size(const dynbatch::SizingInputs &) override {
+    if (++calls_ == fail_at_) {
+      throw std::runtime_error("policy failed");
+    }
+    return 2;
+  }
+  void on_feedback(const BatchFeedback &) override {}
+  dynbatch::SizingState state() const override { return {}; }
+
+private:
+  const int fail_at_;
+  std::atomic<int> calls_{0};
+};
+} // namespace
+
+TEST_CASE(error_in_former_thread_is_rethrown_by_next_batch) {
+  const SampleStore store(10);
+  Rig rig(fixed_size(2), FormerOptions{16, 4}, nullptr, std::make_shared<FailingPolicy>(3));
+  push_all(*rig.former, store, 0, 10, 10);
+  // Two good batches first, then the error, and it stays an error.
+  std::size_t delivered = 0;
+  bool threw = false;
+  for (int attempt = 0; attempt < 4 && !threw; ++attempt) {
+    FormedBatch batch;
+    try {
+      const NextStatus status = rig.former->next_batch(batch, now_ns() + hang_bound_ns);
+      REQUIRE(status == NextStatus::batch);
+      delivered += batch.ids.size();
+    } catch (const std::runtime_error &error) {
+      threw = std::string(error.what()) == "policy failed";
+    }
+  }
+  CHECK(threw);
+  CHECK_EQ(delivered, 4u);
+  FormedBatch batch;
+  CHECK_THROWS_AS(rig.former->next_batch(batch, now_ns() + hang_bound_ns), std::runtime_error);
+  rig.former->close();
+}
+
+TEST_CASE(tiny_available_memory_shrinks_batches_to_min) {
+  // Feedback that favours big batches (2 ms per batch + 10 us per sample) grows the size with
+  // plenty of memory; with almost none the ceiling pins every batch at min.
+  constexpr std::size_t total = 128;
+  const SampleStore store(total);
+  for (const bool tight : {false, true}) {
+    ThroughputClimbOptions sizing;
+    sizing.min_batch_size = 2;
+    sizing.max_batch_size = 16;
+    auto source =
+        std::make_shared<dynbatch::ScriptedTelemetrySource>(scripted(tight ? 1 : (16ull << 30)));
+    Rig rig(sizing, FormerOptions{128, 1}, source);
+    push_all(*rig.former, store, 0, total, total);
+    rig.former->close_input();
+    std::size_t largest = 0;
+    std::size_t smallest = SIZE_MAX;
+    std::size_t received = 0;
+    for (;;) {
+      FormedBatch batch;
+      const NextStatus status = rig.former->next_batch(batch, now_ns() + hang_bound_ns);
+      REQUIRE(status != NextStatus::timeout);
+      if (status == NextStatus::finished) {
+        break;
+      }
+      const std::size_t n = batch.ids.size();
+      received += n;
+      largest = std::max(largest, n);
+      if (received < total) {
+        smallest = std::min(smallest, n); // the last batch may be short
+      }
+      CHECK_EQ(batch.memory_available_bytes, tight ? 1u : (16ull << 30));
+      BatchFeedback feedback;
+      feedback.batch_size = n;
+      feedback.compute_ns = 2 * ms + 10'000 * static_cast<Nanoseconds>(n);
+      rig.former->report_feedback(batch.sequence, feedback);
+    }
+    CHECK_EQ(received, total);
+    if (tight) {
+      CHECK_EQ(largest, 2u);
+      CHECK_EQ(smallest, 2u);
+      CHECK_EQ(rig.policy->state().memory_ceiling, 2u);
+    } else {
+      CHECK_EQ(largest, 16u);
+    }
+  }
+}
+
+TEST_CASE(stats_recorder_ring_keeps_the_latest_records) {
+  CHECK_THROWS_AS(StatsRecorder(0), std::invalid_argument);
+  StatsRecorder stats(3);
+  for (std::uint64_t s = 0; s < 5; ++s) {
+    CHECK_EQ(stats.next_sequence(), s);
+    dynbatch::BatchRecord record;
+    record.sequence = s;
+    record.batch_size = 10 + s;
+    record.collate_ns = 100;
+    stats.record_batch(record);
+  }
+  stats.record_compute(3, 77);
+  stats.record_compute(0, 5); // evicted: counted in the total, no record to update
+  stats.add_active_time(1234);
+  auto snapshot = stats.snapshot();
+  CHECK_EQ(snapshot.batches, 5u);
+  CHECK_EQ(snapshot.samples, 10u + 11 + 12 + 13 + 14);
+  CHECK_EQ(snapshot.collate_ns, 500);
+  CHECK_EQ(snapshot.compute_ns, 82);
+  CHECK_EQ(snapshot.active_ns, 1234);
+  CHECK_EQ(snapshot.histogram.size(), 5u);
+  REQUIRE(snapshot.recent.size() == 3u);
+  CHECK_EQ(snapshot.recent[0].sequence, 2u); // oldest first
+  CHECK_EQ(snapshot.recent[1].sequence, 3u);
+  CHECK_EQ(snapshot.recent[2].sequence, 4u);
+  CHECK_EQ(snapshot.recent[1].compute_ns, 77);
+  CHECK_EQ(snapshot.recent[0].compute_ns, -1);
+  stats.reset();
+  snapshot = stats.snapshot();
+  CHECK_EQ(snapshot.batches, 0u);
+  CHECK(snapshot.recent.empty());
+  CHECK(snapshot.histogram.empty());
+}
+
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}
