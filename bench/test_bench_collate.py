@@ -17,10 +17,11 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import dynbatch as ds
 import pytest
 import torch
 from torch.utils.data import default_collate
+
+import dynbatch as ds
 
 _DEFAULT_THREADS = torch.get_num_threads()
 THREADS = sorted({1, _DEFAULT_THREADS})

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import dynbatch as ds
 import pytest
 import torch
+
+import dynbatch as ds
 
 PLAIN_CHUNK = 32
 MAX_BATCH, MIN_BATCH = 64, 8
