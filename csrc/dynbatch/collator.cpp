@@ -69,6 +69,9 @@ void collate(const BatchLayout &layout, std::span<const void *const> sources,
   }
   for (std::size_t j = 0; j < leaves; ++j) {
     const std::size_t bytes = layout.leaf(j).bytes_per_sample;
+    if (bytes == 0) {
+      continue; // an empty leaf: its sources may be null (an empty tensor's data pointer)
+    }
     std::byte *out = destination + layout.leaf_offset(j, batch_size);
     for (std::size_t i = 0; i < batch_size; ++i) {
       std::memcpy(out + i * bytes, sources[i * leaves + j], bytes);
