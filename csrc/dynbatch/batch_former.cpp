@@ -61,37 +61,64 @@ void BatchFormer::close_input() {
 }
 
 void BatchFormer::run() {
-  std::vector<RequestDescriptor> taken;
   try {
     for (;;) {
       {
         std::unique_lock lock(ready_mutex_);
-        ready_changed_.wait(lock,
-                            [&] { return stopping_ || ready_.size() < options_.prefetch_depth; });
-        if (stopping_) {
+        ready_changed_.wait(lock, [&] {
+          return stopping_ || finished_ || ready_.size() < options_.prefetch_depth;
+        });
+        if (stopping_ || finished_) {
           return;
         }
       }
-      SizingInputs inputs;
-      inputs.queued = requests_.was_size();
-      inputs.bytes_per_sample = layout_->sample_bytes();
-      inputs.telemetry = telemetry_->latest();
-      const std::size_t target = std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
-      taken.resize(target);
-      const std::size_t count = requests_.pop_bulk_until(taken.data(), target, no_deadline);
-      if (count == 0) { // closed and drained: end of input, or close()
-        std::lock_guard lock(ready_mutex_);
-        finished_ = true;
-        ready_changed_.notify_all();
+      requests_.wait_for_size(target_size(), no_deadline);
+      std::lock_guard form_lock(form_mutex_);
+      if (form_one(true) == FormResult::finished) {
         return;
       }
-      form(std::span(taken.data(), count), target);
     }
   } catch (...) {
     std::lock_guard lock(ready_mutex_);
     error_ = std::current_exception();
     ready_changed_.notify_all();
   }
+}
+
+std::size_t BatchFormer::target_size() {
+  SizingInputs inputs;
+  inputs.queued = requests_.was_size();
+  inputs.bytes_per_sample = layout_->sample_bytes();
+  inputs.telemetry = telemetry_->latest();
+  return std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
+}
+
+BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound) {
+  {
+    std::lock_guard lock(ready_mutex_);
+    if (stopping_ || finished_ || error_) {
+      return FormResult::skipped;
+    }
+    if (keep_prefetch_bound ? ready_.size() >= options_.prefetch_depth : !ready_.empty()) {
+      return FormResult::skipped;
+    }
+  }
+  const std::size_t target = target_size();
+  // Only this holder of form_mutex_ pops, so a size seen here can only grow until the pop.
+  const bool closed = requests_.closed();
+  if (!closed && requests_.was_size() < target) {
+    return FormResult::needs_input;
+  }
+  taken_.resize(target);
+  const std::size_t count = requests_.try_pop_bulk(taken_.data(), target);
+  if (count == 0) { // closed and drained: the end of input
+    std::lock_guard lock(ready_mutex_);
+    finished_ = true;
+    ready_changed_.notify_all();
+    return FormResult::finished;
+  }
+  form(std::span(taken_.data(), count), target);
+  return FormResult::formed;
 }
 
 void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target) {
@@ -124,41 +151,63 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
 }
 
 NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
-  std::unique_lock lock(ready_mutex_);
   const auto can_return = [&] {
     return !ready_.empty() || finished_ || stopping_ || error_ != nullptr;
   };
-  if (deadline_ns == no_deadline) {
-    ready_changed_.wait(lock, can_return);
-  } else {
-    const auto deadline = std::chrono::steady_clock::time_point(
-        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-            std::chrono::nanoseconds(deadline_ns)));
-    if (!ready_changed_.wait_until(lock, deadline, can_return)) {
-      return NextStatus::timeout;
+  for (bool helped = false;; helped = true) {
+    {
+      std::unique_lock lock(ready_mutex_);
+      if (!ready_.empty()) {
+        out = std::move(ready_.front());
+        ready_.pop_front();
+        ready_changed_.notify_all();
+        break;
+      }
+      if (error_) {
+        std::rethrow_exception(error_);
+      }
+      if (finished_ || stopping_) {
+        return NextStatus::finished;
+      }
+    }
+    if (!helped && form_mutex_.try_lock()) {
+      std::lock_guard form_lock(form_mutex_, std::adopt_lock);
+      FormResult result = FormResult::skipped;
+      try {
+        result = form_one(false);
+      } catch (...) { // sticky, as when the thread fails: the stream cannot go on in order
+        std::lock_guard lock(ready_mutex_);
+        error_ = std::current_exception();
+        ready_changed_.notify_all();
+        throw;
+      }
+      if (result == FormResult::formed || result == FormResult::finished) {
+        continue;
+      }
+    }
+    std::unique_lock lock(ready_mutex_);
+    if (deadline_ns == no_deadline) {
+      ready_changed_.wait(lock, can_return);
+    } else {
+      const auto deadline = std::chrono::steady_clock::time_point(
+          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+              std::chrono::nanoseconds(deadline_ns)));
+      if (!ready_changed_.wait_until(lock, deadline, can_return)) {
+        return NextStatus::timeout;
+      }
     }
   }
-  if (!ready_.empty()) {
-    out = std::move(ready_.front());
-    ready_.pop_front();
-    ready_changed_.notify_all();
-    lock.unlock();
-    BatchRecord record;
-    record.sequence = out.sequence;
-    record.batch_size = out.ids.size();
-    record.target = out.target;
-    record.first_enqueue_ns = out.first_enqueue_ns;
-    record.formed_ns = out.formed_ns;
-    record.delivered_ns = now_ns();
-    record.collate_ns = out.collate_ns;
-    record.memory_available_bytes = out.memory_available_bytes;
-    stats_->record_batch(record);
-    return NextStatus::batch;
-  }
-  if (error_) {
-    std::rethrow_exception(error_);
-  }
-  return NextStatus::finished;
+  BatchRecord record;
+  record.sequence = out.sequence;
+  record.batch_size = out.ids.size();
+  record.target = out.target;
+  record.first_enqueue_ns = out.first_enqueue_ns;
+  record.formed_ns = out.formed_ns;
+  record.delivered_ns = now_ns();
+  record.collate_ns = out.collate_ns;
+  record.memory_available_bytes = out.memory_available_bytes;
+  stats_->record_batch(record);
+  return NextStatus::batch;
 }
 
 void BatchFormer::report_feedback(std::uint64_t sequence, const BatchFeedback &feedback) {

@@ -6,12 +6,16 @@
 //   blocks; it returns PushResult::full when `capacity` requests are already in flight. The
 //   sources must stay valid until the batch holding the request has been formed (the Python
 //   layer keeps them alive until then).
-// - The former thread pops up to the size the SizingPolicy asks for, closing a batch at that
-//   size or at the end of input (close_input()), collates it into a staging slot and queues it
-//   for the consumer. It keeps at most `prefetch_depth` formed batches waiting, so the next
-//   batch is ready while the caller computes on the current one.
+// - A batch closes at the size the SizingPolicy asks for, or at the end of input
+//   (close_input()); it is collated into a staging slot and queued for the consumer. The
+//   former thread keeps up to `prefetch_depth` batches formed ahead, so the next batch is
+//   ready while the caller computes on the current one.
 // - The consumer calls next_batch() (one thread at a time); it waits without spinning and
-//   without the GIL. report_feedback() feeds the caller's time on a batch back to the policy.
+//   without the GIL. When nothing is ready but the input for a batch is, it forms the batch
+//   itself instead of waiting for the former thread to be scheduled (a cross-thread wake-up
+//   costs more than collating a small batch). Formation is serialised by one mutex, so batches
+//   stay in input order whoever forms them.
+// - report_feedback() feeds the caller's time on a batch back to the policy.
 // - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
 //   slots return to the pool). The destructor calls it. An error inside the thread (e.g. no
 //   memory for a slot) is rethrown by next_batch(), never lost.
@@ -83,7 +87,12 @@ public:
   std::size_t queued() const noexcept { return requests_.was_size(); }
 
 private:
+  enum class FormResult { formed, needs_input, finished, skipped };
+
   void run();
+  std::size_t target_size();
+  // Caller holds form_mutex_. Never blocks: forms one batch if its input is there.
+  FormResult form_one(bool keep_prefetch_bound);
   void form(std::span<const RequestDescriptor> requests, std::size_t target);
 
   const std::shared_ptr<const BatchLayout> layout_;
@@ -98,6 +107,9 @@ private:
   std::vector<const void *> rows_;
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
+
+  std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
+  std::vector<RequestDescriptor> taken_; // guarded by form_mutex_
 
   std::mutex ready_mutex_;
   std::condition_variable ready_changed_;

@@ -2,8 +2,8 @@
 // BlockingQueue<T>: MpmcRing plus sleeping waits, a deadline-bounded bulk pop and close().
 //
 // Contract
-// - try_push / try_pop_bulk never block; push_until / pop_bulk_until sleep (no spinning core)
-//   until they can proceed, the deadline passes, or the queue is closed.
+// - try_push / try_pop_bulk never block; push_until / pop_bulk_until / wait_for_size sleep (no
+//   spinning core) until they can proceed, the deadline passes, or the queue is closed.
 // - close() is idempotent and wakes every waiter. After close(), pushes fail and pops drain
 //   what is left, then return 0. A push racing with close() may still land; whoever owns the
 //   requests accounts for them (nothing is dropped silently by the queue itself).
@@ -83,6 +83,23 @@ public:
       count += try_pop_bulk(out + count, max_items - count);
     }
     return count;
+  }
+
+  // Waits until at least `count` items are queued, the queue is closed, or the deadline passed.
+  // Returns whether one of the first two holds.
+  bool wait_for_size(std::size_t count, Nanoseconds deadline_ns) {
+    const auto ready = [&] { return ring_.was_size() >= count || closed(); };
+    while (!ready()) {
+      const EventCount::Key key = not_empty_.prepare_wait();
+      if (ready()) {
+        not_empty_.cancel_wait();
+        return true;
+      }
+      if (!not_empty_.wait_until(key, deadline_ns)) {
+        return ready();
+      }
+    }
+    return true;
   }
 
   void close() noexcept {

