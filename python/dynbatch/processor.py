@@ -8,6 +8,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 from . import _core
 from .stats import Stats
 from .torch_bridge import Schema
@@ -251,31 +253,48 @@ class BatchIterator(Iterator[Any]):
     def _fill(self) -> None:
         """Reads ahead until the core holds enough samples for the batches in flight."""
         assert self._former is not None and self._schema is not None
-        first_id = self._read
+        room = self._read_ahead - (self._read - self._delivered)
+        if self._input_done or room <= 0:
+            return
+        schema = self._schema
+        source = self._source
+        keep = self._kept.append
+        admit = schema.admit
+        # The lone-tensor check inlined: this loop runs once per sample.
+        lone_tensor = schema.single_tensor
+        dtype, shape = schema.leaves[0].dtype, schema.leaves[0].shape
+        strided, tensor_type = torch.strided, torch.Tensor
+        index = first_id = self._read
+        stop = index + room
         addresses: list[int] = []
-        admit = self._schema.admit
-        kept = self._kept
-        while not self._input_done and self._read - self._delivered < self._read_ahead:
-            try:
-                sample = next(self._source)
-            except StopIteration:
-                self._input_done = True
-                break
-            except Exception as error:  # raised to the caller after the batches before it
-                self._deferred = error
-                self._input_done = True
-                break
-            try:
-                kept.append(admit(sample, self._read, addresses))
-            except Exception as error:
-                self._deferred = error
-                self._input_done = True
-                break
-            self._read += 1
-            if self._read - first_id == _PUSH_CHUNK:
-                self._push(first_id, addresses)
-                first_id, addresses = self._read, []
-        if self._read > first_id:
+        try:
+            while index < stop:
+                sample = next(source)
+                if (
+                    lone_tensor
+                    and type(sample) is tensor_type
+                    and sample.dtype is dtype
+                    and sample.shape == shape
+                    and sample.is_cpu
+                    and sample.layout is strided
+                    and sample.is_contiguous()
+                ):
+                    addresses.append(sample.data_ptr())
+                    keep(sample)
+                else:
+                    keep(admit(sample, index, addresses))
+                index += 1
+                if index - first_id == _PUSH_CHUNK:
+                    self._read = index
+                    self._push(first_id, addresses)
+                    first_id, addresses = index, []
+        except StopIteration:
+            self._input_done = True
+        except Exception as error:  # raised to the caller after the batches before it
+            self._deferred = error
+            self._input_done = True
+        self._read = index
+        if index > first_id:
             self._push(first_id, addresses)
         if self._input_done:
             self._former.close_input()
