@@ -25,7 +25,7 @@ def test_build_info_describes_the_build() -> None:
 
 
 def test_telemetry_reads_host_memory() -> None:
-    reading = ds.telemetry()
+    reading = ds.telemetry()["host"]
     assert reading["source"] == "host"
     assert 0 < reading["memory_available_bytes"] <= reading["memory_total_bytes"]
     assert reading["process_rss_bytes"] > 0

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,52 +18,62 @@ from dynbatch import _core
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def simulate(policy: _core.SizingPolicy, seconds_per_batch: object, batches: int) -> list[int]:
+def drive(
+    policy: _core.SizingPolicy, seconds_per_batch: Callable[[int], float], batches: int
+) -> list[int]:
     """Drives a policy with a made-up caller, with the one-batch lag of the real iterator."""
     sizes: list[int] = []
     formed = policy.next_batch_size(0, 0, 0)
     for _ in range(batches):
         current = formed
         formed = policy.next_batch_size(0, 0, 0)
-        cost_ns = int(seconds_per_batch(current) * 1e9)  # type: ignore[operator]
-        policy.on_feedback(current, cost_ns, 0)
+        cost_ns = int(seconds_per_batch(current) * 1e9)
+        policy.on_feedback(_core.BatchFeedback(current, compute_ns=cost_ns))
         sizes.append(current)
     return sizes
 
 
-def test_climbs_toward_max_when_bigger_is_always_better() -> None:
-    policy = _core.ThroughputClimb(8, 512)
-    sizes = simulate(policy, lambda n: 0.002 + 10e-6 * n, 60)
-    assert sizes[0] == 8 and sizes[-1] == 512
-    assert policy.state()["converged"]
+def test_explores_by_doubling_then_stops_at_the_knee() -> None:
+    policy = _core.SizingController(1, 4096, knee_tolerance=0.05)
+    # a = 2 ms, b = 10 us: knee = 0.95 * 2e6 / (0.05 * 1e4) = 3800
+    sizes = drive(policy, lambda n: 0.002 + 10e-6 * n, 40)
+    assert sizes[:6] == [1, 1, 2, 2, 4, 4]  # each size twice: the iterator forms one ahead
+    state = policy.state()
+    assert not state["exploring"]
+    assert state["knee"] == 3800
+    assert sizes[-1] == 3800
+    assert abs(state["latency_intercept_ns"] - 2e6) < 1e3
+    assert abs(state["latency_slope_ns"] - 1e4) < 1
 
 
-def test_settles_near_the_best_size_of_a_curved_cost() -> None:
-    # Per-sample cost is lowest at n = 96: c(n) = a/n + b + k*n.
-    def batch_time(n: int) -> float:
-        return 0.00092 + 1e-5 * n + 1e-7 * n * n
-
-    policy = _core.ThroughputClimb(1, 1024)
-    sizes = simulate(policy, batch_time, 120)
-    assert 96 / 1.25 <= sizes[-1] <= 96 * 1.25
-    assert all(1 <= size <= 1024 for size in sizes)
+def test_no_fixed_cost_means_no_reason_to_batch() -> None:
+    policy = _core.SizingController(2, 512)
+    sizes = drive(policy, lambda n: 1e-5 * n, 30)
+    assert sizes[-1] == 2
 
 
 def test_never_leaves_bounds_under_noise() -> None:
     rng = random.Random(7)
-    policy = _core.ThroughputClimb(8, 64)
-    sizes = simulate(policy, lambda n: rng.uniform(1e-4, 5e-3) * (1 + n / 64), 500)
+    policy = _core.SizingController(8, 64)
+    sizes = drive(policy, lambda n: rng.uniform(1e-4, 5e-3) * (1 + n / 64), 500)
     assert min(sizes) >= 8 and max(sizes) <= 64
     assert len(set(sizes)) > 1
 
 
-def test_memory_ceiling_caps_the_batch() -> None:
-    policy = _core.ThroughputClimb(4, 512, 0.25)
-    simulate(policy, lambda n: 0.001 + 1e-5 * n, 60)  # grows to 512
+def test_staged_memory_caps_the_batch_before_a_memory_model() -> None:
+    policy = _core.SizingController(4, 512, staged_memory_fraction=0.25)
+    drive(policy, lambda n: 0.001 + 1e-6 * n, 60)
     assert policy.next_batch_size(0, 1000, 10**9) == 512
     assert policy.next_batch_size(0, 1000, 40_000) == 10  # 25% of 40 kB / 1 kB
     assert policy.next_batch_size(0, 1000, 100) == 4  # never below the minimum
     assert policy.state()["memory_ceiling"] == 4
+
+
+def test_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="min_batch_size"):
+        _core.SizingController(0, 8)
+    with pytest.raises(ValueError, match="knee_tolerance"):
+        _core.SizingController(1, 8, knee_tolerance=1.5)
 
 
 def test_low_scripted_memory_shrinks_batches_in_the_iterator() -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import dynbatch as ds
@@ -52,3 +53,14 @@ def test_unknown_command_prints_usage() -> None:
         [sys.executable, "-m", "dynbatch", "nope"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_stats_after_close_and_closed_telemetry_raises() -> None:
+    processor = ds.DynamicBatchProcessor(max_batch_size=8)
+    assert sum(len(batch) for batch in processor([torch.zeros(2)] * 20)) == 20
+    processor.close()
+    assert processor.stats().samples == 20
+    telemetry = ds._core.Telemetry.host()
+    telemetry.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        telemetry.latest()

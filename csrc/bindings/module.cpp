@@ -12,6 +12,7 @@
 #include "dynbatch/build_info.hpp"
 #include "dynbatch/collator.hpp"
 #include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/sizing_controller.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
 #include "dynbatch/stats.hpp"
@@ -83,6 +84,23 @@ struct PyBatch {
     });
   }
 };
+
+py::dict state_to_dict(const SizingState &state) {
+  py::dict out;
+  out["target"] = state.target;
+  out["memory_ceiling"] = state.memory_ceiling;
+  out["oom_ceiling"] = state.oom_ceiling;
+  out["slo_ceiling"] = state.slo_ceiling;
+  out["knee"] = state.knee;
+  out["exploring"] = state.exploring;
+  out["ooms"] = state.ooms;
+  out["latency_intercept_ns"] = state.latency_intercept_ns;
+  out["latency_slope_ns"] = state.latency_slope_ns;
+  out["memory_intercept_bytes"] = state.memory_intercept_bytes;
+  out["memory_slope_bytes"] = state.memory_slope_bytes;
+  out["observations"] = state.observations;
+  return out;
+}
 
 } // namespace
 
@@ -167,46 +185,64 @@ PYBIND11_MODULE(_core, m) {
         return out;
       });
 
+  py::class_<BatchFeedback>(m, "BatchFeedback")
+      .def(py::init([](std::size_t batch_size, Nanoseconds compute_ns, Nanoseconds collate_ns,
+                       std::uint64_t peak_memory_bytes, std::uint64_t reclaimable_bytes,
+                       bool out_of_memory, std::uint64_t bucket) {
+             return BatchFeedback{bucket,       batch_size,        compute_ns,
+                                  collate_ns,   peak_memory_bytes, reclaimable_bytes,
+                                  out_of_memory};
+           }),
+           py::arg("batch_size"), py::arg("compute_ns") = 0, py::arg("collate_ns") = 0,
+           py::arg("peak_memory_bytes") = 0, py::arg("reclaimable_bytes") = 0,
+           py::arg("out_of_memory") = false, py::arg("bucket") = 0);
+
   py::class_<SizingPolicy, std::shared_ptr<SizingPolicy>>(m, "SizingPolicy")
       .def(
           "next_batch_size",
           [](SizingPolicy &policy, std::size_t queued, std::size_t bytes_per_sample,
-             std::uint64_t memory_available_bytes) {
+             std::uint64_t memory_available_bytes, std::uint64_t memory_total_bytes,
+             double utilization, std::uint64_t bucket) {
             SizingInputs inputs;
+            inputs.bucket = bucket;
             inputs.queued = queued;
             inputs.bytes_per_sample = bytes_per_sample;
             inputs.telemetry.memory_available_bytes = memory_available_bytes;
+            inputs.telemetry.memory_total_bytes = memory_total_bytes;
+            inputs.telemetry.utilization = utilization;
             return policy.next_batch_size(inputs);
           },
-          py::arg("queued"), py::arg("bytes_per_sample"), py::arg("memory_available_bytes"))
-      .def(
-          "on_feedback",
-          [](SizingPolicy &policy, std::size_t batch_size, Nanoseconds compute_ns,
-             Nanoseconds collate_ns) {
-            policy.on_feedback(BatchFeedback{batch_size, compute_ns, collate_ns});
-          },
-          py::arg("batch_size"), py::arg("compute_ns"), py::arg("collate_ns") = 0)
-      .def("state", [](const SizingPolicy &policy) {
-        const SizingState state = policy.state();
-        py::dict out;
-        out["target"] = state.target;
-        out["memory_ceiling"] = state.memory_ceiling;
-        out["converged"] = state.converged;
-        out["best_size"] = state.best_size;
-        out["best_samples_per_second"] = state.best_samples_per_second;
-        return out;
-      });
+          py::arg("queued"), py::arg("bytes_per_sample"), py::arg("memory_available_bytes"),
+          py::arg("memory_total_bytes") = 0, py::arg("utilization") = 0.0, py::arg("bucket") = 0)
+      .def("on_feedback", &SizingPolicy::on_feedback, py::arg("feedback"))
+      .def("state", [](const SizingPolicy &policy) { return state_to_dict(policy.state()); });
 
-  py::class_<ThroughputClimb, SizingPolicy, std::shared_ptr<ThroughputClimb>>(m, "ThroughputClimb")
-      .def(py::init(
-               [](std::size_t min_batch_size, std::size_t max_batch_size, double memory_fraction) {
-                 ThroughputClimbOptions options;
-                 options.min_batch_size = min_batch_size;
-                 options.max_batch_size = max_batch_size;
-                 options.memory_fraction = memory_fraction;
-                 return std::make_shared<ThroughputClimb>(options);
-               }),
-           py::arg("min_batch_size"), py::arg("max_batch_size"), py::arg("memory_fraction") = 0.25);
+  py::class_<SizingController, SizingPolicy, std::shared_ptr<SizingController>>(m,
+                                                                                "SizingController")
+      .def(py::init([](std::size_t min_batch_size, std::size_t max_batch_size,
+                       std::optional<double> latency_slo_ms, double knee_tolerance,
+                       double memory_margin_fraction, double staged_memory_fraction,
+                       double utilization_target, std::size_t history, std::size_t probe_after,
+                       double probe_step) {
+             ControllerOptions options;
+             options.min_batch_size = min_batch_size;
+             options.max_batch_size = max_batch_size;
+             options.latency_slo_ns =
+                 latency_slo_ms ? static_cast<Nanoseconds>(*latency_slo_ms * 1e6) : 0;
+             options.knee_tolerance = knee_tolerance;
+             options.memory_margin_fraction = memory_margin_fraction;
+             options.staged_memory_fraction = staged_memory_fraction;
+             options.utilization_target = utilization_target;
+             options.history = history;
+             options.probe_after = probe_after;
+             options.probe_step = probe_step;
+             return std::make_shared<SizingController>(options);
+           }),
+           py::arg("min_batch_size"), py::arg("max_batch_size"),
+           py::arg("latency_slo_ms") = py::none(), py::arg("knee_tolerance") = 0.05,
+           py::arg("memory_margin_fraction") = 0.05, py::arg("staged_memory_fraction") = 0.25,
+           py::arg("utilization_target") = 0.0, py::arg("history") = 64,
+           py::arg("probe_after") = 16, py::arg("probe_step") = 0.1);
 
   py::class_<StatsRecorder, std::shared_ptr<StatsRecorder>>(m, "StatsRecorder")
       .def(py::init<std::size_t>(), py::arg("ring_capacity") = 4096)
@@ -297,13 +333,9 @@ PYBIND11_MODULE(_core, m) {
             }
           },
           py::arg("timeout_s") = py::none())
-      .def(
-          "report_feedback",
-          [](BatchFormer &former, std::uint64_t sequence, std::size_t batch_size,
-             Nanoseconds compute_ns, Nanoseconds collate_ns) {
-            former.report_feedback(sequence, BatchFeedback{batch_size, compute_ns, collate_ns});
-          },
-          py::arg("sequence"), py::arg("batch_size"), py::arg("compute_ns"), py::arg("collate_ns"))
+      .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),
+           py::arg("feedback"))
+      .def_property_readonly("bucket", &BatchFormer::bucket)
       .def("close",
            [](BatchFormer &former) {
              py::gil_scoped_release release;

@@ -87,6 +87,7 @@ void BatchFormer::run() {
 
 std::size_t BatchFormer::target_size() {
   SizingInputs inputs;
+  inputs.bucket = bucket();
   inputs.queued = requests_.was_size();
   inputs.bytes_per_sample = layout_->sample_bytes();
   inputs.telemetry = telemetry_->latest();
@@ -210,7 +211,8 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   return NextStatus::batch;
 }
 
-void BatchFormer::report_feedback(std::uint64_t sequence, const BatchFeedback &feedback) {
+void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback) {
+  feedback.bucket = bucket();
   policy_->on_feedback(feedback);
   stats_->record_compute(sequence, feedback.compute_ns);
 }

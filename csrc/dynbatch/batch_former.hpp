@@ -79,7 +79,10 @@ public:
   void close_input();
 
   NextStatus next_batch(FormedBatch &out, Nanoseconds deadline_ns);
-  void report_feedback(std::uint64_t sequence, const BatchFeedback &feedback);
+  // Fills in the bucket; `sequence` names the batch in the stats.
+  void report_feedback(std::uint64_t sequence, BatchFeedback feedback);
+  // Costs are learned per input shape; a former's layout is one shape.
+  std::uint64_t bucket() const noexcept { return layout_->sample_bytes(); }
   void close();
 
   const std::shared_ptr<const BatchLayout> &layout() const noexcept { return layout_; }

@@ -50,7 +50,9 @@ void apply_cgroup_limit(TelemetrySample &sample) {
   sample.memory_available_bytes = std::min(sample.memory_available_bytes, cgroup_available);
 }
 
-std::uint64_t read_process_rss() {
+} // namespace
+
+std::uint64_t host_process_rss_bytes() {
   std::ifstream statm("/proc/self/statm");
   std::uint64_t size_pages = 0;
   std::uint64_t resident_pages = 0;
@@ -58,14 +60,12 @@ std::uint64_t read_process_rss() {
   return resident_pages * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE));
 }
 
-} // namespace
-
 TelemetrySample HostTelemetrySource::read() {
   TelemetrySample sample;
   sample.time_ns = now_ns();
   read_meminfo(sample);
   apply_cgroup_limit(sample);
-  sample.process_rss_bytes = read_process_rss();
+  sample.process_rss_bytes = host_process_rss_bytes();
 
   std::ifstream stat("/proc/stat");
   std::string cpu;

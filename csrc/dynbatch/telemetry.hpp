@@ -8,6 +8,7 @@
 //   counters are thread-safe and never block on I/O. The destructor stops and joins the thread.
 // - HostTelemetrySource reports host memory (the tighter of /proc/meminfo and the cgroup limit)
 //   and whole-machine CPU utilization. ScriptedTelemetrySource returns what a test set.
+//   NvmlTelemetrySource (nvml_telemetry.hpp) reads a GPU through NVML.
 
 #include <condition_variable>
 #include <cstdint>
@@ -27,6 +28,9 @@ struct TelemetrySample {
   std::uint64_t process_rss_bytes = 0;
   double utilization = 0.0; // 0..1 over the last sampling period
 };
+
+// This process's resident set size, from /proc/self/statm (0 where that is absent).
+std::uint64_t host_process_rss_bytes();
 
 class TelemetrySource {
 public:

@@ -1,5 +1,6 @@
 """Type stubs of dynbatch._core, the compiled core (private: use the dynbatch package)."""
 
+from os import PathLike
 from typing import Any
 
 from typing_extensions import CapsuleType
@@ -8,6 +9,11 @@ LeafDescriptor = tuple[list[int], int, int, int]  # sample shape, DLPack code, b
 
 def build_info() -> dict[str, Any]: ...
 def host_telemetry() -> dict[str, Any]: ...
+def nvml_status(library: str | PathLike[str] | None = None) -> dict[str, Any]:
+    """available, reason, device_count, library; None: the process-wide default library."""
+
+def nvml_devices(library: str | PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """One reading per device NVML sees (empty when NVML is unavailable)."""
 
 class RequestQueue:
     def __init__(self, capacity: int, start_position: int = 0) -> None: ...
@@ -25,6 +31,14 @@ class RequestQueue:
 class Telemetry:
     @staticmethod
     def host(period_s: float = 0.05) -> Telemetry: ...
+    @staticmethod
+    def auto(device_index: int = -1, period_s: float = 0.05) -> Telemetry:
+        """NVML for device_index when it can be read there, else the host (device_index < 0)."""
+    @staticmethod
+    def nvml(
+        device_index: int, period_s: float = 0.05, library: str | PathLike[str] | None = None
+    ) -> Telemetry:
+        """Raises RuntimeError, saying why, when NVML cannot read device_index."""
     @staticmethod
     def scripted(
         memory_total_bytes: int,
@@ -54,16 +68,44 @@ class StagingPool:
     def __init__(self, slots: int) -> None: ...
     def stats(self) -> dict[str, int]: ...
 
+class BatchFeedback:
+    def __init__(
+        self,
+        batch_size: int,
+        compute_ns: int = 0,
+        collate_ns: int = 0,
+        peak_memory_bytes: int = 0,
+        reclaimable_bytes: int = 0,
+        out_of_memory: bool = False,
+        bucket: int = 0,
+    ) -> None: ...
+
 class SizingPolicy:
     def next_batch_size(
-        self, queued: int, bytes_per_sample: int, memory_available_bytes: int
+        self,
+        queued: int,
+        bytes_per_sample: int,
+        memory_available_bytes: int,
+        memory_total_bytes: int = 0,
+        utilization: float = 0.0,
+        bucket: int = 0,
     ) -> int: ...
-    def on_feedback(self, batch_size: int, compute_ns: int, collate_ns: int = 0) -> None: ...
+    def on_feedback(self, feedback: BatchFeedback) -> None: ...
     def state(self) -> dict[str, Any]: ...
 
-class ThroughputClimb(SizingPolicy):
+class SizingController(SizingPolicy):
     def __init__(
-        self, min_batch_size: int, max_batch_size: int, memory_fraction: float = 0.25
+        self,
+        min_batch_size: int,
+        max_batch_size: int,
+        latency_slo_ms: float | None = None,
+        knee_tolerance: float = 0.05,
+        memory_margin_fraction: float = 0.05,
+        staged_memory_fraction: float = 0.25,
+        utilization_target: float = 0.0,
+        history: int = 64,
+        probe_after: int = 16,
+        probe_step: float = 0.1,
     ) -> None: ...
 
 class StatsRecorder:
@@ -99,9 +141,9 @@ class BatchFormer:
         """Requests first_id .. first_id + count - 1, leaf addresses request-major."""
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
-    def report_feedback(
-        self, sequence: int, batch_size: int, compute_ns: int, collate_ns: int
-    ) -> None: ...
+    def report_feedback(self, sequence: int, feedback: BatchFeedback) -> None: ...
+    @property
+    def bucket(self) -> int: ...
     def close(self) -> None: ...
     @property
     def capacity(self) -> int: ...

@@ -29,4 +29,4 @@ def collate(samples: Sequence[Any]) -> Any:
     addresses: list[int] = []
     kept = [schema.admit(sample, index, addresses) for index, sample in enumerate(samples)]
     batch = _core.collate(schema.core_descriptors(), addresses, len(samples), _pool)
-    return schema.build_batch(batch, kept)
+    return schema.structure(schema.batch_leaves(batch, kept))

@@ -33,7 +33,9 @@ class _Row:
     mean_batch_size: float
     samples_per_second: float
     peak_rss_bytes: int
+    memory_total_bytes: int
     sizes: str
+    learned: str = ""
 
 
 def _run_processor(
@@ -49,12 +51,19 @@ def _run_processor(
     stats = processor.stats()
     top = sorted(stats.histogram.items(), key=lambda item: -item[1])[:4]
     processor.close()
+    learned = (
+        f"{name}: learned latency {stats.latency_intercept_ms:.3f} ms + "
+        f"{stats.latency_slope_ms * 1e3:.2f} us*n, knee {stats.knee}, "
+        f"memory ceiling {stats.memory_ceiling}, OOM ceiling {stats.oom_ceiling}"
+    )
     return _Row(
         name,
         stats.mean_batch_size,
         stats.throughput,
         stats.peak_rss_bytes,
+        stats.memory_total_bytes,
         ", ".join(f"{size}x{count}" for size, count in top),
+        learned,
     )
 
 
@@ -67,22 +76,26 @@ def _run_stack_loop(model: torch.nn.Module, data: list[torch.Tensor], size: int)
             model(torch.stack(data[offset : offset + size]))
     elapsed = time.perf_counter() - start
     peak = telemetry.peak_rss_bytes
+    total = telemetry.latest()["memory_total_bytes"]
     telemetry.close()
     batches = -(-len(data) // size)
-    return _Row(f"torch.stack loop, {size}", len(data) / batches, len(data) / elapsed, peak, "-")
+    return _Row(
+        f"torch.stack loop, {size}", len(data) / batches, len(data) / elapsed, peak, total, "-"
+    )
 
 
 def _table(rows: Iterable[_Row], baseline: float) -> str:
     header = (
         f"{'mode':<28} {'mean batch':>10} {'samples/s':>11} {'vs fixed 32':>11} "
-        f"{'peak RSS':>10}  most used sizes"
+        f"{'peak RSS':>10} {'of memory':>9}  most used sizes"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.name:<28} {row.mean_batch_size:>10.1f} {row.samples_per_second:>11,.0f} "
             f"{row.samples_per_second / baseline:>10.2f}x "
-            f"{row.peak_rss_bytes / 2**20:>7,.0f} MiB  {row.sizes}"
+            f"{row.peak_rss_bytes / 2**20:>7,.0f} MiB "
+            f"{100 * row.peak_rss_bytes / max(row.memory_total_bytes, 1):>8.1f}%  {row.sizes}"
         )
     return "\n".join(lines)
 
@@ -117,7 +130,14 @@ def run_demo(samples: int, width: int, max_batch_size: int, echo: Callable[[str]
         ),
     ]
     echo(_table(rows, baseline=rows[1].samples_per_second))
-    echo("\nPeak RSS is the whole process, sampled every 20-50 ms by the core's telemetry thread.")
+    echo("")
+    for row in rows:
+        if row.learned:
+            echo(row.learned)
+    echo(
+        "\nPeak RSS is the whole process (host memory here: no GPU), sampled every 20-50 ms "
+        "by the core's telemetry thread; 'of memory' is its share of the machine's total."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

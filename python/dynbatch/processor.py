@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from . import _core
+from .errors import DynbatchError
+from .memory import MemoryMonitor, default_memory_monitor
 from .stats import Stats
-from .torch_bridge import Schema
+from .torch_bridge import Schema, split_outputs
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
 
 # Samples are handed to the core in chunks this size, so collation of the first batch can
 # start while the rest of the read-ahead is still being read.
 _PUSH_CHUNK = 16
+
+
+_GPU_UTILIZATION_TARGET = 0.8
+
+
+def _default_telemetry() -> _core.Telemetry:
+    """The current CUDA device's NVML readings when usable, host memory otherwise."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    return _core.Telemetry.auto(device, 0.05)
+
+
+def _check_fraction(name: str, value: object, *, inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 < value <= 1.0 if inclusive else 0.0 < value < 1.0):
+        bounds = "(0, 1]" if inclusive else "(0, 1)"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
 
 
 def _check_size(name: str, value: object) -> int:
@@ -30,31 +50,51 @@ def _check_size(name: str, value: object) -> int:
 
 
 class DynamicBatchProcessor:
-    """Forms batches from an iterable of samples, sizing each batch as it goes.
+    """Forms batches from an iterable of samples, sizing each batch from what it learns.
 
     ``for batch in processor(samples)`` yields batches in input order; every sample lands in
     exactly one batch, and each batch holds between ``min_batch_size`` and ``max_batch_size``
-    samples except possibly the last. The size climbs toward the best measured throughput of
-    the loop (the caller's time per batch against its size) and is capped by host memory
-    headroom. The next batch is collated by the core while the caller works on the current one.
+    samples except possibly the last (and the parts of a batch split after running out of
+    memory). ``processor.map(fn, samples)`` runs ``fn`` on every batch and returns one result
+    per sample, splitting and retrying batches that run out of memory.
+
+    The size comes from cost models learned per input shape (latency ``a + b*n`` from the
+    caller's time per batch, peak memory ``m0 + m1*n`` from torch's allocator on a GPU): the
+    largest size that fits the free memory, meets ``latency_slo_ms`` and is not past the
+    throughput knee, below a ceiling lowered by every out-of-memory error. With no size
+    arguments it starts at 1 and grows until it has found the knee. The core collates the next
+    batch while the caller works on the current one.
 
     Args:
-        max_batch_size: the largest batch (default 256).
+        max_batch_size: the largest batch (default 1024).
         min_batch_size: the smallest batch, except a last one (default 1).
+        latency_slo_ms: keep a batch's predicted compute time within this (default none).
+        oom_errors: exception types that mean "out of memory", besides
+            ``torch.cuda.OutOfMemoryError`` (e.g. a simulated one in tests).
         prefetch: batches prepared ahead of the caller (default 1).
-        memory_fraction: share of available host memory one staged batch may take.
+        memory_fraction: before a memory model exists, the share of available memory the
+            staged bytes of one batch may take.
+        knee_tolerance: how close to its ceiling throughput must be to stop growing (0.05).
         telemetry: a ``dynbatch._core.Telemetry`` to read memory from (default: the host's,
-            sampled every 50 ms by a core thread). Tests pass a scripted one.
+            sampled every 50 ms by a core thread).
+        clock: nanoseconds now (default ``time.perf_counter_ns``); simulations inject one.
+        memory_monitor: per-batch memory feedback (default: torch's CUDA allocator when CUDA
+            is available, none otherwise); simulations inject one.
     """
 
     def __init__(
         self,
-        max_batch_size: int = 256,
+        max_batch_size: int = 1024,
         min_batch_size: int = 1,
         *,
+        latency_slo_ms: float | None = None,
+        oom_errors: tuple[type[BaseException], ...] = (),
         prefetch: int = 1,
         memory_fraction: float = 0.25,
+        knee_tolerance: float = 0.05,
         telemetry: _core.Telemetry | None = None,
+        clock: Callable[[], int] | None = None,
+        memory_monitor: MemoryMonitor | None = None,
     ) -> None:
         self.max_batch_size = _check_size("max_batch_size", max_batch_size)
         self.min_batch_size = _check_size("min_batch_size", min_batch_size)
@@ -64,23 +104,51 @@ class DynamicBatchProcessor:
                 f"min_batch_size ({min_batch_size})"
             )
         self.prefetch = _check_size("prefetch", prefetch)
-        if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)):
-            raise TypeError(
-                f"memory_fraction must be a number, got {type(memory_fraction).__name__}"
-            )
-        if not 0.0 < memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        _check_fraction("memory_fraction", memory_fraction, inclusive=True)
+        _check_fraction("knee_tolerance", knee_tolerance, inclusive=False)
+        if latency_slo_ms is not None:
+            if isinstance(latency_slo_ms, bool) or not isinstance(latency_slo_ms, (int, float)):
+                raise TypeError(
+                    f"latency_slo_ms must be a number, got {type(latency_slo_ms).__name__}"
+                )
+            if not latency_slo_ms > 0:
+                raise ValueError(f"latency_slo_ms must be positive, got {latency_slo_ms}")
+        if not isinstance(oom_errors, tuple) or not all(
+            isinstance(kind, type) and issubclass(kind, BaseException) for kind in oom_errors
+        ):
+            raise TypeError("oom_errors must be a tuple of exception types")
         if telemetry is not None and not isinstance(telemetry, _core.Telemetry):
             raise TypeError("telemetry must be a dynbatch._core.Telemetry")
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning nanoseconds")
 
-        self._telemetry = telemetry if telemetry is not None else _core.Telemetry.host(0.05)
-        self._policy = _core.ThroughputClimb(
-            self.min_batch_size, self.max_batch_size, float(memory_fraction)
+        self._telemetry = telemetry if telemetry is not None else _default_telemetry()
+        on_gpu = self._telemetry.source.startswith("nvml")
+        self._policy = _core.SizingController(
+            self.min_batch_size,
+            self.max_batch_size,
+            latency_slo_ms=None if latency_slo_ms is None else float(latency_slo_ms),
+            knee_tolerance=float(knee_tolerance),
+            staged_memory_fraction=float(memory_fraction),
+            # A GPU's utilization says whether it has compute to spare; a host's does not
+            # (other processes, the loader's own threads).
+            utilization_target=_GPU_UTILIZATION_TARGET if on_gpu else 0.0,
+        )
+        self._final_telemetry: dict[str, Any] | None = None
+        self._oom_types: tuple[type[BaseException], ...] = (
+            torch.cuda.OutOfMemoryError,
+            *oom_errors,
+        )
+        self._clock: Callable[[], int] = clock if clock is not None else time.perf_counter_ns
+        self._memory: MemoryMonitor = (
+            memory_monitor if memory_monitor is not None else default_memory_monitor()
         )
         self._recorder = _core.StatsRecorder()
         # Enough slots for the batches in flight (prefetched + the caller's + one forming).
         self._pool = _core.StagingPool(self.prefetch + 2)
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
+        self._last_iterator: weakref.ref[BatchIterator] | None = None
+        self._split_batches = 0
         self._closed = False
 
     def __call__(self, data: Iterable[Any], /) -> BatchIterator:
@@ -98,26 +166,71 @@ class DynamicBatchProcessor:
         self._iterators.add(iterator)
         return iterator
 
+    def map(self, fn: Callable[[Any], Any], data: Iterable[Any], /) -> list[Any]:
+        """``fn`` on every batch of ``data``; one result per sample, in input order.
+
+        ``fn``'s output (a tensor, or dicts/tuples/lists of tensors) is split along its first
+        dimension, which must equal the batch size. A batch whose ``fn`` runs out of memory is
+        split in halves and retried, and the size ceiling is lowered; each sample's result
+        comes from exactly one successful call. Any other exception propagates.
+        """
+        if not callable(fn):
+            raise TypeError(f"map needs a callable model, got {type(fn).__name__}")
+        results: list[Any] = []
+        iterator = self(data)
+        with contextlib.closing(iterator):
+            for batch in iterator:
+                size = iterator.batch_size
+                started = self._clock()
+                try:
+                    output = fn(batch)
+                except self._oom_types:
+                    iterator.report_oom()
+                    continue
+                iterator.note_compute(self._clock() - started)
+                results.extend(split_outputs(output, size))
+        return results
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` means the batch did not fit (the types ``report_oom`` expects)."""
+        return isinstance(error, self._oom_types)
+
+    def report_oom(self) -> None:
+        """The batch the loop is working on ran out of memory: its samples come back in
+        smaller batches, and the size ceiling drops. Call it from the loop that caught the
+        error, before asking for the next batch."""
+        iterator = self._last_iterator() if self._last_iterator is not None else None
+        if iterator is None:
+            raise RuntimeError("report_oom() needs a batch from a live iteration to report")
+        iterator.report_oom()
+
     def stats(self) -> Stats:
-        """Counters, batch-size histogram, throughput, latency and memory so far."""
+        """Counters, batch-size histogram, throughput, latency, memory and the learned costs."""
         live_ns = sum(it.active_ns() for it in list(self._iterators))
-        telemetry = {
-            "source": self._telemetry.source,
-            "peak_rss_bytes": self._telemetry.peak_rss_bytes,
-            "min_available_bytes": self._telemetry.min_available_bytes,
-        }
+        telemetry = self._final_telemetry or self._telemetry_reading()
         return Stats.from_core(
             self._recorder.snapshot(),
             live_ns,
             self._policy.state(),
             telemetry,
             self._pool.stats(),
+            self._split_batches,
         )
 
+    def _telemetry_reading(self) -> dict[str, Any]:
+        return {
+            "source": self._telemetry.source,
+            "peak_rss_bytes": self._telemetry.peak_rss_bytes,
+            "min_available_bytes": self._telemetry.min_available_bytes,
+            "total_bytes": self._telemetry.latest()["memory_total_bytes"],
+        }
+
     def reset_stats(self) -> None:
-        """Starts the counters and the memory peaks afresh (the learned sizing is kept)."""
+        """Starts the counters and the memory peaks afresh (the learned costs are kept)."""
         self._recorder.reset()
-        self._telemetry.reset_peak()
+        if not self._closed:
+            self._telemetry.reset_peak()
+        self._split_batches = 0
 
     def close(self) -> None:
         """Stops every live iteration and the telemetry thread. Idempotent."""
@@ -126,6 +239,7 @@ class DynamicBatchProcessor:
         self._closed = True
         for iterator in list(self._iterators):
             iterator.close()
+        self._final_telemetry = self._telemetry_reading()  # stats() still works after close
         self._telemetry.close()
 
     def __enter__(self) -> DynamicBatchProcessor:
@@ -147,7 +261,9 @@ class BatchIterator(Iterator[Any]):
     Samples are read ahead by up to ``(prefetch + 1) * max_batch_size``, checked against the
     first sample, and handed to the core, which forms and collates batches on its own thread.
     An invalid sample or an exception from the input is raised after every batch of the
-    samples before it has been yielded, so nothing read is lost.
+    samples before it has been yielded, so nothing read is lost. After an out-of-memory
+    report, batches come back in parts no larger than the lowered ceiling: slices of the
+    collated batch, no copy.
     """
 
     def __init__(self, processor: DynamicBatchProcessor, source: Iterator[Any]) -> None:
@@ -161,7 +277,10 @@ class BatchIterator(Iterator[Any]):
         self._delivered = 0
         self._input_done = False
         self._deferred: BaseException | None = None
-        self._pending_feedback: tuple[int, int, int, int] | None = None
+        self._parts: deque[_Part] = deque()  # split batches waiting to be yielded
+        self._current: _Part | None = None  # yielded, waiting for its feedback
+        self._yielded_ns = 0
+        self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
         self._closed = False
 
@@ -169,33 +288,57 @@ class BatchIterator(Iterator[Any]):
         return self
 
     def __next__(self) -> Any:
-        resumed_ns = time.perf_counter_ns()
+        resumed_ns = self._processor._clock()
         if self._closed:
             raise StopIteration
         try:
-            self._report_feedback(resumed_ns)
-            if self._former is None and not self._start():
-                raise StopIteration
-            assert self._former is not None
-            self._fill()
-            batch = self._former.next_batch()
-            if batch is None:
+            self._finish_current(resumed_ns)
+            part = self._next_part()
+            if part is None:
                 deferred = self._deferred
                 self.close()
                 if deferred is not None:
                     raise deferred
                 raise StopIteration
-            result = self._assemble(batch)
         except BaseException:
             self.close()
             raise
-        self._pending_feedback = (
-            batch.sequence,
-            batch.size,
-            batch.collate_ns,
-            time.perf_counter_ns(),
+        assert self._schema is not None
+        self._current = part
+        self._processor._last_iterator = weakref.ref(self)
+        self._processor._memory.begin()
+        self._yielded_ns = self._processor._clock()
+        return self._schema.structure(part.leaves)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in the batch last yielded (0 before the first)."""
+        return self._current.size if self._current is not None else 0
+
+    def note_compute(self, compute_ns: int) -> None:
+        """The caller's own measure of its time on the batch last yielded (used by ``map``)."""
+        self._compute_ns = compute_ns
+
+    def report_oom(self) -> None:
+        """The batch last yielded ran out of memory: it comes back as two halves."""
+        part = self._current
+        if part is None:
+            raise RuntimeError("report_oom() must follow a batch that failed; none is outstanding")
+        self._current = None
+        self._compute_ns = None
+        assert self._former is not None
+        processor = self._processor
+        processor._policy.on_feedback(
+            _core.BatchFeedback(part.size, out_of_memory=True, bucket=self._former.bucket)
         )
-        return result
+        if part.size == 1:
+            error = DynbatchError(
+                f"sample {part.first_id} alone does not fit in memory; it cannot be split further"
+            )
+            self.close()
+            raise error
+        processor._split_batches += 1
+        self._parts.extendleft(reversed(part.split(-(-part.size // 2))))
 
     def active_ns(self) -> int:
         """Wall time of this pass so far, while it is running."""
@@ -212,18 +355,60 @@ class BatchIterator(Iterator[Any]):
             self._former.close()
             self._former = None
         self._kept.clear()
+        self._parts.clear()
+        self._current = None
         self._deferred = None
 
     def __del__(self) -> None:
         self.close()
 
-    def _report_feedback(self, resumed_ns: int) -> None:
-        if self._pending_feedback is None:
+    def _finish_current(self, resumed_ns: int) -> None:
+        """Feeds the caller's time and memory on the batch last yielded back to the sizing."""
+        part = self._current
+        if part is None:
             return
-        sequence, size, collate_ns, yielded_ns = self._pending_feedback
-        self._pending_feedback = None
+        self._current = None
+        peak_bytes, reclaimable_bytes = self._processor._memory.end()
+        compute_ns = (
+            self._compute_ns if self._compute_ns is not None else resumed_ns - self._yielded_ns
+        )
+        self._compute_ns = None
         assert self._former is not None
-        self._former.report_feedback(sequence, size, resumed_ns - yielded_ns, collate_ns)
+        feedback = _core.BatchFeedback(
+            part.size,
+            compute_ns=compute_ns,
+            collate_ns=part.collate_ns,
+            peak_memory_bytes=peak_bytes,
+            reclaimable_bytes=reclaimable_bytes,
+            bucket=self._former.bucket,
+        )
+        if part.sequence is not None:
+            self._former.report_feedback(part.sequence, feedback)
+        else:
+            self._processor._policy.on_feedback(feedback)
+
+    def _next_part(self) -> _Part | None:
+        """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
+        if self._parts:
+            return self._parts.popleft()
+        if self._former is None and not self._start():
+            return None
+        assert self._former is not None and self._schema is not None
+        self._fill()
+        batch = self._former.next_batch()
+        if batch is None:
+            return None
+        part = self._assemble(batch)
+        ceiling = (
+            self._processor._policy.state()["oom_ceiling"] if self._processor._split_batches else 0
+        )
+        if ceiling and part.size > ceiling:
+            # Formed before the ceiling dropped: deliver it in parts that fit.
+            self._processor._split_batches += 1
+            pieces = part.split(ceiling)
+            self._parts.extendleft(reversed(pieces[1:]))
+            return pieces[0]
+        return part
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -310,7 +495,7 @@ class BatchIterator(Iterator[Any]):
                 f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
             )
 
-    def _assemble(self, batch: _core.Batch) -> Any:
+    def _assemble(self, batch: _core.Batch) -> _Part:
         assert self._schema is not None
         size = batch.size
         ids = batch.ids
@@ -321,4 +506,34 @@ class BatchIterator(Iterator[Any]):
             )
         kept = [self._kept.popleft() for _ in range(size)]
         self._delivered += size
-        return self._schema.build_batch(batch, kept)
+        leaves = self._schema.batch_leaves(batch, kept)
+        return _Part(leaves, size, ids[0], batch.sequence, batch.collate_ns)
+
+
+class _Part:
+    """A batch as flat leaves, or a slice of one; ``sequence`` is the core's batch number
+    for a whole batch, None for a slice."""
+
+    __slots__ = ("collate_ns", "first_id", "leaves", "sequence", "size")
+
+    def __init__(
+        self, leaves: list[Any], size: int, first_id: int, sequence: int | None, collate_ns: int
+    ) -> None:
+        self.leaves = leaves
+        self.size = size
+        self.first_id = first_id
+        self.sequence = sequence
+        self.collate_ns = collate_ns
+
+    def split(self, chunk: int) -> list[_Part]:
+        """Consecutive slices of at most ``chunk`` samples (views: nothing is copied)."""
+        return [
+            _Part(
+                [leaf[start : start + chunk] for leaf in self.leaves],
+                min(chunk, self.size - start),
+                self.first_id + start,
+                None,
+                0,
+            )
+            for start in range(0, self.size, chunk)
+        ]

@@ -45,9 +45,19 @@ class Stats:
     compute_seconds: float
     target_batch_size: int
     memory_ceiling: int
-    best_batch_size: int
+    oom_ceiling: int
+    slo_ceiling: int
+    knee: int
+    exploring: bool
+    ooms: int
+    split_batches: int  # batches delivered in parts after an out-of-memory error
+    latency_intercept_ms: float  # learned L(n) = a + b*n
+    latency_slope_ms: float
+    memory_intercept_bytes: float  # learned M(n) = m0 + m1*n (GPU peak memory)
+    memory_slope_bytes: float
     peak_rss_bytes: int
     min_available_bytes: int
+    memory_total_bytes: int
     staging_bytes: int
     telemetry_source: str
     window: int
@@ -61,6 +71,7 @@ class Stats:
         sizing: dict[str, Any],
         telemetry: dict[str, Any],
         pool: dict[str, Any],
+        split_batches: int,
     ) -> Stats:
         records = snapshot["recent"]
         # record: (sequence, size, target, first_enqueue, formed, delivered, collate, compute, mem)
@@ -84,9 +95,19 @@ class Stats:
             compute_seconds=int(snapshot["compute_ns"]) / 1e9,
             target_batch_size=int(sizing["target"]),
             memory_ceiling=int(sizing["memory_ceiling"]),
-            best_batch_size=int(sizing["best_size"]),
+            oom_ceiling=int(sizing["oom_ceiling"]),
+            slo_ceiling=int(sizing["slo_ceiling"]),
+            knee=int(sizing["knee"]),
+            exploring=bool(sizing["exploring"]),
+            ooms=int(sizing["ooms"]),
+            split_batches=split_batches,
+            latency_intercept_ms=float(sizing["latency_intercept_ns"]) / 1e6,
+            latency_slope_ms=float(sizing["latency_slope_ns"]) / 1e6,
+            memory_intercept_bytes=float(sizing["memory_intercept_bytes"]),
+            memory_slope_bytes=float(sizing["memory_slope_bytes"]),
             peak_rss_bytes=int(telemetry["peak_rss_bytes"]),
             min_available_bytes=int(telemetry["min_available_bytes"]),
+            memory_total_bytes=int(telemetry["total_bytes"]),
             staging_bytes=int(pool["pooled_bytes"]),
             telemetry_source=str(telemetry["source"]),
             window=len(records),
@@ -114,9 +135,22 @@ class Stats:
                 f"{self.collate_seconds:.4f} s / {self.compute_seconds:.4f} s",
             ),
             (
-                "target / memory ceiling / best",
-                f"{self.target_batch_size} / {self.memory_ceiling} / {self.best_batch_size}",
+                "target / knee / memory / OOM / SLO ceilings",
+                f"{self.target_batch_size} / {self.knee} / {self.memory_ceiling} / "
+                f"{self.oom_ceiling} / {self.slo_ceiling}"
+                + (" (exploring)" if self.exploring else ""),
             ),
+            (
+                "learned latency a + b*n",
+                f"{self.latency_intercept_ms:.4f} ms + {self.latency_slope_ms * 1e3:.3f} us*n",
+            ),
+            (
+                "learned memory m0 + m1*n",
+                f"{_mib(self.memory_intercept_bytes)} + {self.memory_slope_bytes / 1024:.1f} KiB*n"
+                if self.memory_slope_bytes or self.memory_intercept_bytes
+                else "- (no device memory feedback)",
+            ),
+            ("out-of-memory errors / split batches", f"{self.ooms} / {self.split_batches}"),
             ("peak process RSS", _mib(self.peak_rss_bytes)),
             ("lowest available memory", _mib(self.min_available_bytes)),
             ("staging buffers", _mib(self.staging_bytes)),

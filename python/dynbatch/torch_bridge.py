@@ -13,7 +13,7 @@ from . import _core
 from .errors import InvalidSampleError, UnsupportedLeafError
 from .structure import TreeDef, flatten, structure_mismatch, unflatten
 
-__all__ = ["LeafSpec", "Schema"]
+__all__ = ["LeafSpec", "Schema", "split_outputs"]
 
 # torch dtype -> DLPack (type code, bits). Lanes are always 1.
 _DLPACK_TYPES: dict[torch.dtype, tuple[int, int]] = {
@@ -140,8 +140,8 @@ class Schema:
         addresses.extend(own_addresses)
         return kept[0] if self.single_tensor else kept
 
-    def build_batch(self, batch: _core.Batch, kept: list[Any]) -> Any:
-        """The batch in the samples' structure: core leaves as tensors over the staging
+    def batch_leaves(self, batch: _core.Batch, kept: list[Any]) -> list[Any]:
+        """The batch's leaves in flatten order: core leaves as tensors over the staging
         buffer, number leaves stacked from ``kept`` (what ``admit`` returned, in order)."""
         leaves: list[Any] = []
         for position, spec in enumerate(self.leaves):
@@ -149,9 +149,35 @@ class Schema:
                 leaves.append(torch.tensor([k[position] for k in kept], dtype=spec.dtype))
             else:
                 leaves.append(from_dlpack(batch.leaf(spec.core_index)))
+        return leaves
+
+    def structure(self, leaves: list[Any]) -> Any:
+        """Batch leaves put back into the samples' structure."""
         if self.single_tensor:
             return leaves[0]
         return unflatten(self.treedef, leaves)
+
+
+def split_outputs(output: Any, size: int) -> list[Any]:
+    """Per-sample results from a model's batched output (a tensor, or dicts, tuples and lists
+    nesting tensors), split along the first dimension."""
+    leaves: list[Any] = []
+    treedef = flatten(output, leaves)
+    columns: list[Any] = []
+    for path, leaf in zip(treedef.leaf_paths(), leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            raise ValueError(
+                f"model output{path or ''} must be a tensor with a batch dimension, "
+                f"got {type(leaf).__name__}"
+            )
+        if leaf.shape[0] != size:
+            raise ValueError(
+                f"model output{path or ''} has {leaf.shape[0]} rows for a batch of {size} samples"
+            )
+        columns.append(leaf.unbind(0))
+    if treedef.kind == "leaf":
+        return list(columns[0])
+    return [unflatten(treedef, [column[i] for column in columns]) for i in range(size)]
 
 
 def _spec_of(index: int, path: str, leaf: Any, core_index: int) -> LeafSpec:

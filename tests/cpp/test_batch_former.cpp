@@ -1,5 +1,5 @@
 // BatchFormer end to end: requests in, collated batches out, with the real staging pool, stats
-// recorder, telemetry sampler and ThroughputClimb. Checks exactly-once and in-order delivery,
+// recorder, telemetry sampler and SizingController. Checks exactly-once and in-order delivery,
 // batch contents, backpressure at the (power-of-two) capacity, prefetch depth, prompt and
 // idempotent close(), error propagation, stats, and the memory ceiling.
 
@@ -15,11 +15,13 @@
 
 #include "dynbatch/batch_former.hpp"
 #include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/sizing_controller.hpp"
 #include "test_support.hpp"
 
 using dynbatch::BatchFeedback;
 using dynbatch::BatchFormer;
 using dynbatch::BatchLayout;
+using dynbatch::ControllerOptions;
 using dynbatch::FormedBatch;
 using dynbatch::FormerOptions;
 using dynbatch::LeafLayout;
@@ -27,12 +29,11 @@ using dynbatch::Nanoseconds;
 using dynbatch::NextStatus;
 using dynbatch::no_deadline;
 using dynbatch::now_ns;
+using dynbatch::SizingController;
 using dynbatch::StagingPool;
 using dynbatch::StatsRecorder;
 using dynbatch::TelemetrySample;
 using dynbatch::TelemetrySampler;
-using dynbatch::ThroughputClimb;
-using dynbatch::ThroughputClimbOptions;
 namespace dl = dynbatch::dlpack;
 
 namespace {
@@ -113,8 +114,9 @@ std::size_t content_mismatches(const BatchLayout &layout, const FormedBatch &bat
   return mismatches;
 }
 
-ThroughputClimbOptions fixed_size(std::size_t size) {
-  ThroughputClimbOptions options;
+// min == max: the controller returns that size whatever it learns.
+ControllerOptions fixed_size(std::size_t size) {
+  ControllerOptions options;
   options.min_batch_size = size;
   options.max_batch_size = size;
   return options;
@@ -136,12 +138,12 @@ struct Rig {
   std::shared_ptr<StatsRecorder> stats;
   std::unique_ptr<BatchFormer> former;
 
-  Rig(ThroughputClimbOptions sizing, FormerOptions options,
+  Rig(ControllerOptions sizing, FormerOptions options,
       std::shared_ptr<dynbatch::TelemetrySource> source = nullptr,
       std::shared_ptr<dynbatch::SizingPolicy> custom_policy = nullptr)
       : pool(StagingPool::create(4)),
         policy(custom_policy ? std::move(custom_policy)
-                             : std::make_shared<ThroughputClimb>(sizing)),
+                             : std::make_shared<SizingController>(sizing)),
         telemetry(std::make_shared<TelemetrySampler>(
             source ? std::move(source) : std::make_shared<dynbatch::HostTelemetrySource>(),
             10 * ms)),
@@ -539,12 +541,14 @@ TEST_CASE(error_in_former_thread_is_rethrown_by_next_batch) {
 }
 
 TEST_CASE(tiny_available_memory_shrinks_batches_to_min) {
-  // Feedback that favours big batches (2 ms per batch + 10 us per sample) grows the size with
-  // plenty of memory; with almost none the ceiling pins every batch at min.
+  // Feedback that favours big batches (2 ms per batch + 10 us per sample: the knee is at 3800)
+  // grows the size with plenty of memory; with almost none the ceiling pins every batch at min.
+  // No peak memory is reported, so the ceiling is the staged bytes of a batch within
+  // staged_memory_fraction of available: 16 GiB leaves max, 1 byte leaves less than one sample.
   constexpr std::size_t total = 128;
   const SampleStore store(total);
   for (const bool tight : {false, true}) {
-    ThroughputClimbOptions sizing;
+    ControllerOptions sizing;
     sizing.min_batch_size = 2;
     sizing.max_batch_size = 16;
     auto source =

@@ -1,0 +1,197 @@
+#include "dynbatch/sizing_controller.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace dynbatch {
+namespace {
+constexpr double boost_step = 1.25;
+constexpr double max_boost = 8.0;
+} // namespace
+
+SizingController::SizingController(const ControllerOptions &options)
+    : options_(options), explore_size_(options.min_batch_size),
+      oom_ceiling_(options.max_batch_size), probe_wait_(options.probe_after) {
+  if (options.min_batch_size < 1 || options.max_batch_size < options.min_batch_size) {
+    throw std::invalid_argument("SizingController: need 1 <= min_batch_size <= max_batch_size");
+  }
+  if (!(options.knee_tolerance > 0.0 && options.knee_tolerance < 1.0)) {
+    throw std::invalid_argument("SizingController: knee_tolerance must be in (0, 1)");
+  }
+  if (options.latency_slo_ns < 0 || options.max_buckets < 1 || options.probe_after < 1) {
+    throw std::invalid_argument("SizingController: invalid options");
+  }
+}
+
+std::size_t SizingController::clamp(double size) const {
+  const double low = static_cast<double>(options_.min_batch_size);
+  const double high = static_cast<double>(options_.max_batch_size);
+  if (std::isnan(size)) {
+    return options_.min_batch_size;
+  }
+  return static_cast<std::size_t>(std::clamp(std::floor(size), low, high));
+}
+
+SizingController::Bucket &SizingController::bucket(std::uint64_t key) {
+  auto found = buckets_.find(key);
+  if (found == buckets_.end()) {
+    if (buckets_.size() >= options_.max_buckets) {
+      buckets_.erase(std::min_element(buckets_.begin(), buckets_.end(), [](auto &a, auto &b) {
+        return a.second.last_used < b.second.last_used;
+      }));
+    }
+    found = buckets_.emplace(key, Bucket{CostModel(options_.history), 0}).first;
+  }
+  found->second.last_used = ++uses_;
+  return found->second;
+}
+
+SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
+                                                      const SizingInputs &inputs) const {
+  const double unbounded = static_cast<double>(options_.max_batch_size);
+  const LinearFit &memory = entry.model.memory_bytes;
+  const LinearFit &latency = entry.model.latency_ns;
+  const TelemetrySample &telemetry = inputs.telemetry;
+
+  double memory_limit = unbounded;
+  if (telemetry.memory_available_bytes > 0) {
+    const double margin =
+        options_.memory_margin_fraction * static_cast<double>(telemetry.memory_total_bytes);
+    const double usable = static_cast<double>(telemetry.memory_available_bytes) +
+                          static_cast<double>(reclaimable_bytes_) - margin;
+    if (memory.count() > 0) {
+      const double per_sample = std::max(memory.slope(), 0.0);
+      const double fixed = std::max(memory.intercept(), 0.0);
+      memory_limit = per_sample > 0.0 ? (usable - fixed) / per_sample : unbounded;
+    } else if (inputs.bytes_per_sample > 0) {
+      memory_limit = static_cast<double>(telemetry.memory_available_bytes) *
+                     options_.staged_memory_fraction / static_cast<double>(inputs.bytes_per_sample);
+    }
+  }
+
+  const double a = std::max(latency.intercept(), 0.0);
+  const double b = latency.slope();
+  double slo_limit = unbounded;
+  if (options_.latency_slo_ns > 0 && latency.count() > 0 && b > 0.0) {
+    slo_limit = (static_cast<double>(options_.latency_slo_ns) - a) / b;
+  }
+  double knee = unbounded;
+  if (latency.has_line() && b > 0.0) {
+    const double tol = options_.knee_tolerance;
+    knee = std::ceil((1.0 - tol) * a / (tol * b));
+  }
+  return Ceilings{clamp(memory_limit), clamp(slo_limit), clamp(knee)};
+}
+
+std::size_t SizingController::next_batch_size(const SizingInputs &inputs) {
+  std::lock_guard lock(mutex_);
+  Bucket &entry = bucket(inputs.bucket);
+  last_bucket_ = inputs.bucket;
+  last_inputs_ = inputs;
+  last_utilization_ = inputs.telemetry.utilization;
+  return decide(ceilings(entry, inputs));
+}
+
+std::size_t SizingController::decide(const Ceilings &limit) const {
+  const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
+  const std::size_t wanted =
+      exploring_ ? explore_size_ : clamp(static_cast<double>(limit.knee) * boost_);
+  return std::max(options_.min_batch_size, std::min(wanted, hard));
+}
+
+void SizingController::on_feedback(const BatchFeedback &feedback) {
+  std::lock_guard lock(mutex_);
+  const std::size_t size = feedback.batch_size;
+  if (size == 0) {
+    return;
+  }
+  if (feedback.out_of_memory) {
+    ++ooms_;
+    if (largest_success_ > 0 && largest_success_ < size) {
+      if (ooms_ > 1) {
+        probe_wait_ *= 2; // a probe failed: wait longer before the next one
+      }
+      oom_ceiling_ = std::min(oom_ceiling_, largest_success_);
+    } else { // nothing smaller is known to work (or memory shrank since): halve
+      largest_success_ = 0;
+      // Below min_batch_size if need be: memory wins over a preference.
+      oom_ceiling_ = std::max<std::size_t>(1, std::min(oom_ceiling_, size / 2));
+    }
+    failed_size_ = failed_size_ == 0 ? size : std::min(failed_size_, size);
+    good_batches_at_ceiling_ = 0;
+    exploring_ = false;
+    boost_ = 1.0;
+    return;
+  }
+  if (failed_size_ == 0 || size < failed_size_) {
+    largest_success_ = std::max(largest_success_, size);
+  }
+  Bucket &entry = bucket(feedback.bucket);
+  if (feedback.compute_ns > 0) {
+    entry.model.latency_ns.add(static_cast<double>(size), static_cast<double>(feedback.compute_ns));
+  }
+  if (feedback.peak_memory_bytes > 0) {
+    entry.model.memory_bytes.add(static_cast<double>(size),
+                                 static_cast<double>(feedback.peak_memory_bytes));
+  }
+  reclaimable_bytes_ = feedback.reclaimable_bytes;
+
+  const Ceilings limit = ceilings(entry, last_inputs_);
+  const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
+  if (exploring_ && size >= std::min(explore_size_, hard)) {
+    const bool knee_found = entry.model.latency_ns.has_line() && explore_size_ >= limit.knee;
+    if (knee_found || explore_size_ >= hard) {
+      exploring_ = false;
+    } else {
+      explore_size_ = clamp(static_cast<double>(explore_size_) * 2.0);
+    }
+  }
+  if (oom_ceiling_ < options_.max_batch_size && size >= oom_ceiling_ &&
+      ++good_batches_at_ceiling_ >= probe_wait_) {
+    // Creep back up, but never to a size that has failed.
+    const double grown = std::ceil(static_cast<double>(oom_ceiling_) * (1.0 + options_.probe_step));
+    std::size_t next = clamp(std::max(grown, static_cast<double>(oom_ceiling_ + 1)));
+    if (failed_size_ != 0) {
+      next = std::min(next, failed_size_ - 1);
+    }
+    oom_ceiling_ = std::max(oom_ceiling_, next);
+    good_batches_at_ceiling_ = 0;
+  }
+  if (options_.utilization_target > 0.0 && last_utilization_ > 0.0 && !exploring_) {
+    if (last_utilization_ < options_.utilization_target && size < hard) {
+      boost_ = std::min(boost_ * boost_step, max_boost);
+    } else if (last_utilization_ >= options_.utilization_target) {
+      boost_ = std::max(1.0, boost_ / boost_step);
+    }
+  }
+}
+
+SizingState SizingController::state() const {
+  std::lock_guard lock(mutex_);
+  SizingState state;
+  state.oom_ceiling = oom_ceiling_;
+  state.exploring = exploring_;
+  state.ooms = ooms_;
+  const auto found = buckets_.find(last_bucket_);
+  if (found != buckets_.end()) {
+    const Ceilings limit = ceilings(found->second, last_inputs_);
+    state.memory_ceiling = limit.memory;
+    state.slo_ceiling = limit.slo;
+    state.knee = limit.knee;
+    const CostModel &model = found->second.model;
+    state.latency_intercept_ns = std::max(model.latency_ns.intercept(), 0.0);
+    state.latency_slope_ns = model.latency_ns.slope();
+    state.memory_intercept_bytes = std::max(model.memory_bytes.intercept(), 0.0);
+    state.memory_slope_bytes = std::max(model.memory_bytes.slope(), 0.0);
+    state.observations = model.latency_ns.count();
+    state.target = decide(limit);
+  } else {
+    state.target = explore_size_;
+    state.memory_ceiling = state.slo_ceiling = state.knee = options_.max_batch_size;
+  }
+  return state;
+}
+
+} // namespace dynbatch

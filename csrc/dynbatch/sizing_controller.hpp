@@ -1,0 +1,87 @@
+#pragma once
+// SizingController: picks the batch size from learned costs, memory headroom, an optional
+// latency SLO, out-of-memory history and utilization.
+//
+// The size is the largest n in [min, max] that
+//   - fits memory: M(n) = m0 + m1*n <= available + reclaimable - margin (before a memory model
+//     exists: the staged bytes of n samples within `staged_memory_fraction` of available);
+//   - meets the SLO when one is set: L(n) = a + b*n <= slo;
+//   - stays below the OOM ceiling: after an out-of-memory error at n the ceiling drops to the
+//     largest size that has worked below n (n/2 when none has), then creeps back up by
+//     `probe_step` after `probe_after` good batches at it, never to a size that failed; every
+//     failed probe doubles the wait before the next, so OOMs thin out instead of looping;
+//   - is not past the throughput knee: n / L(n) within `knee_tolerance` of its limit 1/b,
+//     i.e. n >= (1 - tol) * a / (tol * b); with `utilization_target` set, a device that stays
+//     below it lets the size grow past the knee while memory allows.
+// It explores first: from min it doubles after each batch of the current size, until the
+// latency line puts the knee at or below that size or a memory/SLO/OOM limit stops it.
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+#include "dynbatch/cost_model.hpp"
+#include "dynbatch/sizing_policy.hpp"
+
+namespace dynbatch {
+
+struct ControllerOptions {
+  std::size_t min_batch_size = 1;
+  std::size_t max_batch_size = 1024;
+  Nanoseconds latency_slo_ns = 0; // 0: no SLO
+  double knee_tolerance = 0.05;
+  double memory_margin_fraction = 0.05; // of total memory, kept free
+  double staged_memory_fraction = 0.25; // before a memory model: share of available for staging
+  double utilization_target = 0.0;      // 0: utilization does not move the size
+  std::size_t history = 64;             // observations before an unrevisited size is forgotten
+  std::size_t probe_after = 16;
+  double probe_step = 0.1;
+  std::size_t max_buckets = 16;
+};
+
+class SizingController final : public SizingPolicy {
+public:
+  explicit SizingController(const ControllerOptions &options);
+
+  std::size_t next_batch_size(const SizingInputs &inputs) override;
+  void on_feedback(const BatchFeedback &feedback) override;
+  SizingState state() const override;
+
+private:
+  struct Bucket {
+    CostModel model;
+    std::uint64_t last_used = 0;
+  };
+  struct Ceilings {
+    std::size_t memory;
+    std::size_t slo;
+    std::size_t knee;
+  };
+
+  Bucket &bucket(std::uint64_t key);
+  Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
+  std::size_t decide(const Ceilings &limit) const;
+  std::size_t clamp(double size) const;
+
+  const ControllerOptions options_;
+  mutable std::mutex mutex_;
+  std::map<std::uint64_t, Bucket> buckets_;
+  std::uint64_t uses_ = 0;
+  std::uint64_t last_bucket_ = 0;
+
+  bool exploring_ = true;
+  std::size_t explore_size_;
+  std::size_t oom_ceiling_;
+  std::size_t failed_size_ = 0;     // smallest size that ran out of memory; 0: none
+  std::size_t largest_success_ = 0; // largest size that worked (reset when memory shrank)
+  std::size_t good_batches_at_ceiling_ = 0;
+  std::size_t probe_wait_;
+  std::uint64_t ooms_ = 0;
+  std::uint64_t reclaimable_bytes_ = 0;
+  double boost_ = 1.0; // growth past the knee while utilization stays low
+  double last_utilization_ = 0.0;
+  SizingInputs last_inputs_;
+};
+
+} // namespace dynbatch

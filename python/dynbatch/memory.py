@@ -1,0 +1,54 @@
+"""Per-batch memory feedback: what a batch took above what was in use, and what the
+allocator holds reserved but unused (memory a bigger batch can still have)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+__all__ = ["CudaMemoryMonitor", "MemoryMonitor", "NoMemoryMonitor", "default_memory_monitor"]
+
+
+class MemoryMonitor(Protocol):
+    """Brackets the caller's work on one batch. ``end`` returns (peak bytes above the level
+    at ``begin``, reclaimable bytes); 0 means unknown."""
+
+    def begin(self) -> None: ...
+
+    def end(self) -> tuple[int, int]: ...
+
+
+class NoMemoryMonitor:
+    """Host tensors: torch's CPU allocator keeps no peak, so the memory model stays unfitted
+    and sizing relies on the staged bytes against host headroom."""
+
+    def begin(self) -> None:
+        return None
+
+    def end(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class CudaMemoryMonitor:
+    """torch's caching allocator on one device: peak allocated, reset per batch."""
+
+    def __init__(self, device: int) -> None:
+        self._device = device
+        self._start = 0
+
+    def begin(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self._device)
+        self._start = torch.cuda.memory_allocated(self._device)
+
+    def end(self) -> tuple[int, int]:
+        peak = torch.cuda.max_memory_allocated(self._device) - self._start
+        reserved = torch.cuda.memory_reserved(self._device)
+        allocated = torch.cuda.memory_allocated(self._device)
+        return (max(peak, 0), max(reserved - allocated, 0))
+
+
+def default_memory_monitor() -> MemoryMonitor:
+    if torch.cuda.is_available():
+        return CudaMemoryMonitor(torch.cuda.current_device())
+    return NoMemoryMonitor()

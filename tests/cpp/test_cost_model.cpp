@@ -1,0 +1,174 @@
+// LinearFit and CostModel: exact lines from exact points, the line through the origin for one
+// point, the robust per-x representative (min or max of the last 3 values), forgetting points
+// not re-added within `history` additions, and the constructor's bound.
+
+#include <cmath>
+#include <stdexcept>
+
+#include "dynbatch/cost_model.hpp"
+#include "test_support.hpp"
+
+using dynbatch::CostModel;
+using dynbatch::LinearFit;
+
+namespace {
+
+bool near(double actual, double expected, double relative = 1e-9) {
+  return std::abs(actual - expected) <= relative * std::max(1.0, std::abs(expected));
+}
+
+#define CHECK_NEAR(actual, expected)                                                               \
+  do {                                                                                             \
+    const double near_actual_ = (actual);                                                          \
+    const double near_expected_ = (expected);                                                      \
+    if (!near(near_actual_, near_expected_)) {                                                     \
+      CHECK_EQ(near_actual_, near_expected_);                                                      \
+    }                                                                                              \
+  } while (false)
+
+} // namespace
+
+TEST_CASE(exact_points_give_the_exact_line) {
+  for (const LinearFit::Robust robust : {LinearFit::Robust::low, LinearFit::Robust::high}) {
+    LinearFit fit(robust);
+    CHECK_EQ(fit.count(), 0u);
+    CHECK(!fit.has_line());
+    for (const double x : {1.0, 2.0, 4.0, 8.0, 16.0, 300.0}) {
+      fit.add(x, 3'500.0 + 2'250.0 * x); // a = 3500, b = 2250
+    }
+    CHECK_EQ(fit.count(), 6u);
+    CHECK(fit.has_line());
+    CHECK_NEAR(fit.intercept(), 3'500.0);
+    CHECK_NEAR(fit.slope(), 2'250.0);
+    CHECK_NEAR(fit.predict(1'000.0), 3'500.0 + 2'250'000.0);
+    // Memory-sized numbers: 1 GiB + 10 MiB per sample.
+    LinearFit big(robust);
+    for (const double x : {1.0, 2.0, 1024.0}) {
+      big.add(x, 1073741824.0 + 10485760.0 * x);
+    }
+    CHECK_NEAR(big.intercept(), 1073741824.0);
+    CHECK_NEAR(big.slope(), 10485760.0);
+  }
+}
+
+TEST_CASE(single_point_gives_the_line_through_the_origin) {
+  for (const LinearFit::Robust robust : {LinearFit::Robust::low, LinearFit::Robust::high}) {
+    LinearFit fit(robust);
+    fit.add(4.0, 20.0);
+    CHECK(!fit.has_line());
+    CHECK_EQ(fit.count(), 1u);
+    CHECK_NEAR(fit.intercept(), 0.0);
+    CHECK_NEAR(fit.slope(), 5.0);
+    CHECK_NEAR(fit.predict(10.0), 50.0);
+    // Repeats of the same x are still one point: no line.
+    fit.add(4.0, 24.0);
+    CHECK(!fit.has_line());
+    CHECK_EQ(fit.count(), 2u);
+    CHECK_NEAR(fit.slope(), robust == LinearFit::Robust::low ? 5.0 : 6.0);
+    // A second x makes a line.
+    fit.add(8.0, 40.0);
+    CHECK(fit.has_line());
+  }
+  LinearFit at_zero(LinearFit::Robust::low);
+  at_zero.add(0.0, 7.0); // no slope through the origin from x = 0
+  CHECK_NEAR(at_zero.intercept(), 0.0);
+  CHECK_NEAR(at_zero.slope(), 0.0);
+}
+
+TEST_CASE(low_fit_takes_the_min_of_the_last_three_values) {
+  // y = 100 + 10 x, measured at x = 1 and x = 2.
+  LinearFit fit(LinearFit::Robust::low);
+  fit.add(1.0, 110.0);
+  fit.add(2.0, 500.0); // the first value at x = 2 is a slow outlier: it is all there is
+  CHECK_NEAR(fit.slope(), 390.0);
+  fit.add(2.0, 120.0); // one normal value follows: the min ignores the outlier
+  CHECK_NEAR(fit.intercept(), 100.0);
+  CHECK_NEAR(fit.slope(), 10.0);
+  fit.add(2.0, 120.0);
+  fit.add(1.0, 500.0); // an outlier at a size with a normal value in its window: no effect
+  CHECK_NEAR(fit.intercept(), 100.0);
+  CHECK_NEAR(fit.slope(), 10.0);
+  // A faster value is the minimum while it is among the last 3 values at its x...
+  fit.add(2.0, 60.0);
+  CHECK_NEAR(fit.slope(), -50.0);
+  fit.add(2.0, 120.0);
+  fit.add(2.0, 120.0);
+  CHECK_NEAR(fit.slope(), -50.0);
+  // ...and drops out with the third value after it.
+  fit.add(2.0, 120.0);
+  CHECK_NEAR(fit.intercept(), 100.0);
+  CHECK_NEAR(fit.slope(), 10.0);
+}
+
+TEST_CASE(high_fit_takes_the_max_of_the_last_three_values) {
+  LinearFit fit(LinearFit::Robust::high);
+  fit.add(1.0, 110.0);
+  fit.add(2.0, 120.0);
+  fit.add(2.0, 200.0); // a peak: memory must fit the largest recent one
+  CHECK_NEAR(fit.slope(), 90.0);
+  fit.add(2.0, 120.0);
+  fit.add(2.0, 120.0);
+  CHECK_NEAR(fit.slope(), 90.0); // 200 is still among the last 3 at x = 2
+  fit.add(2.0, 120.0);           // now it is not
+  CHECK_NEAR(fit.intercept(), 100.0);
+  CHECK_NEAR(fit.slope(), 10.0);
+  fit.add(1.0, 50.0); // a low value under the max does not move a high fit
+  CHECK_NEAR(fit.slope(), 10.0);
+}
+
+TEST_CASE(point_not_readded_within_history_is_forgotten) {
+  LinearFit fit(LinearFit::Robust::low, 4);
+  fit.add(10.0, 1'000'000.0); // addition 1, far off the line y = 5 + 2 x
+  fit.add(1.0, 7.0);          // 2
+  fit.add(2.0, 9.0);          // 3
+  fit.add(1.0, 7.0);          // 4: x = 10 was added 3 additions ago, still remembered
+  CHECK(!near(fit.slope(), 2.0));
+  fit.add(2.0, 9.0); // 5: 4 additions since x = 10: forgotten
+  CHECK_NEAR(fit.intercept(), 5.0);
+  CHECK_NEAR(fit.slope(), 2.0);
+  CHECK_EQ(fit.count(), 5u); // count() is additions, not remembered points
+  // Points that keep being re-added stay, however long it runs.
+  for (int i = 0; i < 50; ++i) {
+    fit.add(i % 2 == 0 ? 1.0 : 2.0, i % 2 == 0 ? 7.0 : 9.0);
+  }
+  CHECK(fit.has_line());
+  CHECK_NEAR(fit.slope(), 2.0);
+  // A workload that drifts is followed: once x = 4 stops being measured, the old line goes.
+  LinearFit drift(LinearFit::Robust::high, 6);
+  drift.add(4.0, 1'000.0);
+  for (int i = 0; i < 6; ++i) {
+    drift.add(i % 2 == 0 ? 1.0 : 2.0, i % 2 == 0 ? 30.0 : 50.0); // y = 10 + 20 x
+  }
+  CHECK_NEAR(drift.intercept(), 10.0);
+  CHECK_NEAR(drift.slope(), 20.0);
+}
+
+TEST_CASE(history_below_two_throws) {
+  CHECK_THROWS_AS(LinearFit(LinearFit::Robust::low, 0), std::invalid_argument);
+  CHECK_THROWS_AS(LinearFit(LinearFit::Robust::high, 1), std::invalid_argument);
+  CHECK_THROWS_AS(CostModel(1), std::invalid_argument);
+  LinearFit ok(LinearFit::Robust::low, 2);
+  ok.add(1.0, 1.0);
+  CHECK_EQ(ok.count(), 1u);
+}
+
+TEST_CASE(cost_model_times_are_low_and_memory_is_high) {
+  CostModel model(64);
+  for (const double x : {1.0, 2.0}) {
+    for (const double noise : {0.0, 40.0, 0.0}) {
+      model.latency_ns.add(x, 100.0 + 10.0 * x + noise);
+      model.memory_bytes.add(x, 1'000.0 + 100.0 * x - noise);
+    }
+  }
+  model.latency_ns.add(2.0, 160.0); // a slow batch: ignored by the min
+  model.memory_bytes.add(2.0, 1'300.0);
+  CHECK_NEAR(model.latency_ns.intercept(), 100.0);
+  CHECK_NEAR(model.latency_ns.slope(), 10.0);
+  // Memory: the max at x = 1 is 1100; at x = 2 the last 3 are 1160, 1200, 1300.
+  CHECK_NEAR(model.memory_bytes.intercept(), 900.0);
+  CHECK_NEAR(model.memory_bytes.slope(), 200.0);
+}
+
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}

@@ -1,0 +1,650 @@
+// SizingController driven as a simulated device with deterministic feedback: latency
+// L(n) = a + b*n ns, peak memory M(n) = m0 + m1*n bytes, total memory C and free memory F; a
+// batch with M(n) > F fails with out-of-memory. Scenarios: exploring by doubling from min, the
+// memory ceiling, the throughput knee, a latency SLO, recovery from an OOM, a capacity drop,
+// bounds under random feedback, per-bucket models, the utilization boost, bad options.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "dynbatch/sizing_controller.hpp"
+#include "test_support.hpp"
+
+using dynbatch::BatchFeedback;
+using dynbatch::ControllerOptions;
+using dynbatch::Nanoseconds;
+using dynbatch::SizingController;
+using dynbatch::SizingInputs;
+using dynbatch::SizingState;
+
+namespace {
+
+constexpr double mib = 1024.0 * 1024.0;
+constexpr double gib = 1024.0 * mib;
+
+ControllerOptions options(std::size_t min, std::size_t max) {
+  ControllerOptions result;
+  result.min_batch_size = min;
+  result.max_batch_size = max;
+  return result;
+}
+
+// The simulated device. Memory values are whole bytes, so the learned lines are exact.
+struct Device {
+  double a_ns = 10e6; // L(n) = a + b n
+  double b_ns = 10e3;
+  double m0 = 0.0; // M(n) = m0 + m1 n, bytes above what is in use
+  double m1 = mib;
+  double total = 16 * gib;     // C
+  double available = 16 * gib; // F
+  bool report_peak = true;     // false: peak_memory_bytes = 0 (unknown)
+  double utilization = 0.0;
+  std::uint64_t bucket = 0;
+  std::size_t bytes_per_sample = 1024; // staged host bytes: small, never the binding limit
+
+  double latency(std::size_t n) const { return a_ns + b_ns * static_cast<double>(n); }
+  double memory(std::size_t n) const { return m0 + m1 * static_cast<double>(n); }
+  bool fits(std::size_t n) const { return memory(n) <= available; }
+
+  SizingInputs inputs() const {
+    SizingInputs in;
+    in.bucket = bucket;
+    in.queued = 100'000;
+    in.bytes_per_sample = bytes_per_sample;
+    in.telemetry.memory_total_bytes = static_cast<std::uint64_t>(total);
+    in.telemetry.memory_available_bytes = static_cast<std::uint64_t>(available);
+    in.telemetry.utilization = utilization;
+    return in;
+  }
+
+  BatchFeedback run(std::size_t n) const {
+    BatchFeedback feedback;
+    feedback.bucket = bucket;
+    feedback.batch_size = n;
+    if (!fits(n)) {
+      feedback.out_of_memory = true;
+      return feedback;
+    }
+    feedback.compute_ns = static_cast<Nanoseconds>(latency(n));
+    feedback.collate_ns = feedback.compute_ns / 10;
+    feedback.peak_memory_bytes = report_peak ? static_cast<std::uint64_t>(memory(n)) : 0;
+    return feedback;
+  }
+};
+
+// The largest size whose M(n) fits in F minus the controller's margin of C, within bounds.
+std::size_t memory_limit(const Device &d, const ControllerOptions &o) {
+  const double n = std::floor((d.available - o.memory_margin_fraction * d.total - d.m0) / d.m1);
+  return static_cast<std::size_t>(
+      std::clamp(n, static_cast<double>(o.min_batch_size), static_cast<double>(o.max_batch_size)));
+}
+
+// Where n / L(n) is within the tolerance of 1/b.
+std::size_t knee_of(const Device &d, const ControllerOptions &o) {
+  const double tol = o.knee_tolerance;
+  return static_cast<std::size_t>(std::ceil((1.0 - tol) * d.a_ns / (tol * d.b_ns)));
+}
+
+// The loop the batch former runs: ask (twice: asking must not change the course), run the
+// batch on the device, report it.
+struct Driver {
+  SizingController &controller;
+  Device device;
+  std::vector<std::size_t> sizes = {};
+  std::size_t ooms = 0;
+  std::size_t unstable_asks = 0; // a second ask or state().target disagreed with the first
+
+  std::size_t step() {
+    const SizingInputs in = device.inputs();
+    const std::size_t n = controller.next_batch_size(in);
+    unstable_asks += controller.next_batch_size(in) != n ? 1 : 0;
+    unstable_asks += controller.state().target != n ? 1 : 0;
+    sizes.push_back(n);
+    const BatchFeedback feedback = device.run(n);
+    ooms += feedback.out_of_memory ? 1 : 0;
+    controller.on_feedback(feedback);
+    return n;
+  }
+  void steps(std::size_t count) {
+    for (std::size_t i = 0; i < count; ++i) {
+      step();
+    }
+  }
+  // First index from which every size is within [low, high], or sizes.size() if none.
+  std::size_t settled_from(std::size_t low, std::size_t high) const {
+    std::size_t from = sizes.size();
+    while (from > 0 && sizes[from - 1] >= low && sizes[from - 1] <= high) {
+      --from;
+    }
+    return from;
+  }
+};
+
+std::size_t lower10(std::size_t n) {
+  return static_cast<std::size_t>(std::ceil(0.9 * n));
+}
+std::size_t upper10(std::size_t n) {
+  return static_cast<std::size_t>(std::floor(1.1 * n));
+}
+
+// Knee-bound: knee = ceil(0.95 * 157900 / (0.05 * 10000)) = ceil(300.01) = 301; memory plenty.
+Device knee_device() {
+  Device d;
+  d.a_ns = 157'900;
+  d.b_ns = 10'000;
+  d.m0 = 0.5 * gib;
+  d.m1 = mib;
+  d.total = 80 * gib;
+  d.available = 80 * gib;
+  return d;
+}
+
+// Memory-bound: knee = 19 * 1000 = 19000 > max; M(n) = 1 GiB + 10 MiB n in 12 of 16 GiB free:
+// limit = floor((12288 - 819.2 - 1024) MiB / 10 MiB) = floor(1044.48) = 1044.
+Device memory_device() {
+  Device d;
+  d.a_ns = 10e6;
+  d.b_ns = 10e3;
+  d.m0 = 1 * gib;
+  d.m1 = 10 * mib;
+  d.total = 16 * gib;
+  d.available = 12 * gib;
+  return d;
+}
+
+} // namespace
+
+// (j)
+TEST_CASE(constructor_rejects_bad_options) {
+  CHECK_THROWS_AS(SizingController(options(0, 8)), std::invalid_argument);
+  CHECK_THROWS_AS(SizingController(options(0, 0)), std::invalid_argument);
+  CHECK_THROWS_AS(SizingController(options(9, 8)), std::invalid_argument);
+  CHECK_THROWS_AS(SizingController(options(2, 1)), std::invalid_argument);
+  for (const double tol : {0.0, 1.0, -0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    ControllerOptions bad = options(1, 8);
+    bad.knee_tolerance = tol;
+    CHECK_THROWS_AS(SizingController(bad), std::invalid_argument);
+  }
+  ControllerOptions bad = options(1, 8);
+  bad.latency_slo_ns = -1;
+  CHECK_THROWS_AS(SizingController(bad), std::invalid_argument);
+  bad = options(1, 8);
+  bad.probe_after = 0;
+  CHECK_THROWS_AS(SizingController(bad), std::invalid_argument);
+  bad = options(1, 8);
+  bad.max_buckets = 0;
+  CHECK_THROWS_AS(SizingController(bad), std::invalid_argument);
+  bad = options(1, 8);
+  bad.history = 1; // the cost models' own bound, checked when a bucket is made
+  CHECK_THROWS_AS(SizingController(bad).next_batch_size(SizingInputs{}), std::invalid_argument);
+  // Edges that are fine: min == max, a tolerance just inside (0, 1).
+  SizingController fixed(options(7, 7));
+  CHECK_EQ(fixed.next_batch_size(knee_device().inputs()), 7u);
+  ControllerOptions edge = options(1, 8);
+  edge.knee_tolerance = 0.999;
+  SizingController ok(edge);
+  CHECK_EQ(ok.next_batch_size(SizingInputs{}), 1u);
+}
+
+// (a)
+TEST_CASE(starts_at_min_and_doubles_while_exploring) {
+  const ControllerOptions o = options(3, 4096);
+  SizingController controller(o);
+  const SizingState fresh = controller.state();
+  CHECK_EQ(fresh.target, 3u);
+  CHECK(fresh.exploring);
+  CHECK_EQ(fresh.ooms, 0u);
+  CHECK_EQ(fresh.oom_ceiling, 4096u);
+
+  Driver driver{controller, knee_device()};
+  const std::size_t knee = knee_of(driver.device, o);
+  REQUIRE(knee == 301u);
+  // 3, 6, .., 192 are below the knee; 384 is the first size past it, which ends exploring.
+  for (std::size_t i = 0; i < 8; ++i) {
+    CHECK(controller.state().exploring);
+    CHECK_EQ(driver.step(), std::size_t{3} << i);
+  }
+  CHECK(!controller.state().exploring);
+  CHECK_EQ(controller.state().knee, knee);
+  driver.steps(20);
+  for (std::size_t i = 8; i < driver.sizes.size(); ++i) {
+    CHECK_EQ(driver.sizes[i], knee);
+  }
+  CHECK_EQ(driver.unstable_asks, 0u);
+  CHECK_EQ(driver.ooms, 0u);
+}
+
+TEST_CASE(asking_twice_returns_the_same_size) {
+  // Exploring, settled, after an OOM, with utilization and an SLO: the second ask and state()
+  // agree with the first every time (the Driver counts disagreements).
+  ControllerOptions o = options(1, 4096);
+  o.utilization_target = 0.8;
+  o.latency_slo_ns = static_cast<Nanoseconds>(157'900 + 10'000 * 600.5);
+  SizingController controller(o);
+  Driver driver{controller, knee_device()};
+  driver.device.utilization = 0.3;
+  driver.device.report_peak = false;
+  driver.device.available = driver.device.memory(400); // an OOM on the way up, at 512
+  driver.steps(60);
+  driver.device.utilization = 0.95;
+  driver.steps(30);
+  CHECK_GE(driver.ooms, 1u);
+  CHECK_EQ(driver.unstable_asks, 0u);
+}
+
+// (b)
+TEST_CASE(memory_bound_converges_to_the_memory_limit_without_oom) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  const std::size_t expected = memory_limit(driver.device, o);
+  REQUIRE(expected == 1044u);
+  REQUIRE(knee_of(driver.device, o) > 4096u); // memory, not the knee, is the limit
+  driver.steps(30);
+  CHECK_LE(driver.settled_from(lower10(expected), expected), 30u);
+  CHECK_EQ(driver.sizes.back(), expected); // exact data: the exact limit
+  CHECK_EQ(controller.state().memory_ceiling, expected);
+  CHECK_LT(std::abs(controller.state().memory_slope_bytes - 10 * mib), 1e-6 * 10 * mib);
+  CHECK_LT(std::abs(controller.state().memory_intercept_bytes - gib), 1e-6 * gib);
+  driver.steps(170); // and it stays there
+  CHECK_LE(driver.settled_from(lower10(expected), expected), 30u);
+  CHECK_EQ(driver.sizes.back(), expected);
+  CHECK_EQ(driver.ooms, 0u);
+  CHECK_EQ(controller.state().ooms, 0u);
+  CHECK_EQ(driver.unstable_asks, 0u);
+}
+
+// (c)
+TEST_CASE(knee_bound_settles_at_the_knee) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, knee_device()};
+  const std::size_t knee = knee_of(driver.device, o);
+  REQUIRE(knee == 301u);
+  // Within the cost models' history (64 additions) of the last other size; see
+  // knee_is_kept_when_one_size_is_held for longer runs.
+  driver.steps(60);
+  const std::size_t from = driver.settled_from(lower10(knee), upper10(knee));
+  CHECK_LE(from, 12u);
+  CHECK_EQ(driver.sizes.back(), knee);
+  CHECK_EQ(controller.state().knee, knee);
+  CHECK(!controller.state().exploring);
+  CHECK_EQ(controller.state().memory_ceiling, 4096u);
+  CHECK_EQ(driver.ooms, 0u);
+  // A utilization reading without a utilization_target changes nothing.
+  SizingController ignoring(o);
+  Driver low_util{ignoring, knee_device()};
+  low_util.device.utilization = 0.05;
+  low_util.steps(60);
+  CHECK_EQ(low_util.sizes.back(), knee);
+  CHECK_LE(low_util.settled_from(knee, knee), 12u);
+}
+
+// (d)
+TEST_CASE(latency_slo_caps_the_size) {
+  for (const double slo_size : {200.5, 500.5}) {
+    ControllerOptions o = options(1, 4096);
+    Device device = knee_device(); // knee 301
+    o.latency_slo_ns = static_cast<Nanoseconds>(device.latency(0) + device.b_ns * slo_size);
+    const std::size_t slo_limit = static_cast<std::size_t>(slo_size); // floor((slo - a) / b)
+    SizingController controller(o);
+    Driver driver{controller, device};
+    std::size_t over_slo = 0;
+    for (std::size_t b = 0; b < 300; ++b) {
+      const std::size_t n = driver.step();
+      // The first two batches (sizes 1 and 2) give the model its two sizes.
+      over_slo += (b >= 2 && n > slo_limit) ? 1 : 0;
+    }
+    CHECK_EQ(over_slo, 0u);
+    CHECK_EQ(driver.ooms, 0u);
+    if (slo_limit < 301) { // the binding constraint: settles at it
+      CHECK_LE(driver.settled_from(slo_limit, slo_limit), 12u);
+      CHECK_EQ(controller.state().slo_ceiling, slo_limit);
+    }
+  }
+}
+
+// (e)
+TEST_CASE(oom_halves_the_ceiling_then_creeps_back_below_the_failed_size) {
+  ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  Device &d = driver.device;
+  d.report_peak = false; // no memory model: only the OOM can teach the limit
+  d.m0 = 520 * mib;
+  d.m1 = 30 * mib;
+  d.total = 8 * gib;
+  d.available = 8 * gib;
+  REQUIRE(d.fits(255) && !d.fits(256)); // 520 + 30 * 255 = 8170 <= 8192 < 8200 MiB
+  // Exploring 1, 2, .., 128 fit; 256 does not.
+  std::size_t failed = 0;
+  for (int b = 0; b < 12 && failed == 0; ++b) {
+    const std::size_t n = driver.step();
+    failed = driver.ooms > 0 ? n : 0;
+  }
+  REQUIRE(failed == 256u);
+  SizingState state = controller.state();
+  CHECK_EQ(state.ooms, 1u);
+  CHECK_EQ(state.oom_ceiling, 128u);
+  CHECK(!state.exploring);
+  // 16 good batches at the ceiling raise it by 10 %: ceil(128 * 1.1) = 141.
+  for (std::size_t b = 1; b < o.probe_after; ++b) {
+    CHECK_EQ(driver.step(), 128u);
+  }
+  CHECK_EQ(controller.state().oom_ceiling, 128u);
+  CHECK_EQ(driver.step(), 128u);
+  CHECK_EQ(controller.state().oom_ceiling, 141u);
+  CHECK_EQ(driver.step(), 141u);
+  // 141, 156, 172, 190, 209, 230, 253, then 255: never the size that failed.
+  const std::size_t after = driver.sizes.size();
+  driver.steps(300);
+  std::size_t largest = 0;
+  for (std::size_t i = after; i < driver.sizes.size(); ++i) {
+    largest = std::max(largest, driver.sizes[i]);
+  }
+  CHECK_EQ(largest, 255u);
+  CHECK_EQ(driver.sizes.back(), 255u);
+  CHECK_EQ(controller.state().oom_ceiling, 255u);
+  CHECK_EQ(driver.ooms, 1u);
+  CHECK_EQ(controller.state().ooms, 1u);
+  CHECK_EQ(driver.unstable_asks, 0u);
+}
+
+TEST_CASE(failed_probes_fall_back_to_the_largest_success_and_back_off) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  Device &d = driver.device;
+  d.report_peak = false;
+  d.m0 = 520 * mib;
+  d.m1 = 30 * mib;
+  d.total = 8 * gib;
+  d.available = 520 * mib + 30 * mib * 245.5;
+  REQUIRE(d.fits(245) && !d.fits(246));
+  // OOM at 256 (exploring), ceiling 128; creeping 141, 156, 172, 190, 210, 232, then 255
+  // fails: the ceiling falls to 232, the largest size that worked below 255.
+  std::vector<std::size_t> oom_at;
+  std::size_t largest_success = 0;
+  for (std::size_t b = 0; b < 1200; ++b) {
+    const std::size_t before = driver.ooms;
+    const std::size_t n = driver.step();
+    if (driver.ooms == before) {
+      largest_success = std::max(largest_success, n);
+      continue;
+    }
+    oom_at.push_back(b);
+    if (oom_at.size() == 2) {
+      CHECK_EQ(n, 255u);
+      CHECK_EQ(largest_success, 232u);
+      CHECK_EQ(controller.state().oom_ceiling, largest_success);
+    }
+  }
+  REQUIRE(oom_at.size() >= 4u);
+  // Each failed probe doubles the wait before the next: 16 -> 32 -> 64 -> ...
+  for (std::size_t k = 2; k + 1 < oom_at.size(); ++k) {
+    CHECK_GE(oom_at[k + 1] - oom_at[k], 2 * (oom_at[k] - oom_at[k - 1]) - 1);
+  }
+  CHECK_LE(oom_at.size(), 7u); // exploring, then probes after 16, 32, 64, 128, 256, 512 good
+  // Probes never repeat a size that failed: each one is below the last failure.
+  std::size_t failed = SIZE_MAX;
+  for (const std::size_t b : oom_at) {
+    CHECK_LT(driver.sizes[b], failed);
+    failed = driver.sizes[b];
+  }
+  CHECK_EQ(driver.unstable_asks, 0u);
+}
+
+// (f)
+TEST_CASE(capacity_drop_is_followed_without_oom) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  Device &d = driver.device;
+  d.m0 = 4 * gib;
+  d.available = 16 * gib;
+  const std::size_t before = memory_limit(d, o); // floor((16384 - 819.2 - 4096) / 10) = 1146
+  REQUIRE(before == 1146u);
+  driver.steps(30);
+  CHECK_EQ(driver.sizes.back(), before);
+  // Another process takes 8 GiB. Held 19 batches: within the models' history (see
+  // memory_drop_after_a_long_hold_does_not_oom for a longer hold).
+  d.available = 8 * gib;
+  const std::size_t after = memory_limit(d, o); // floor((8192 - 819.2 - 4096) / 10) = 327
+  REQUIRE(after == 327u);
+  REQUIRE(!d.fits(before));
+  const std::size_t drop_at = driver.sizes.size();
+  driver.steps(15);
+  CHECK_EQ(driver.ooms, 0u);
+  std::size_t followed_at = driver.sizes.size();
+  for (std::size_t i = drop_at; i < driver.sizes.size(); ++i) {
+    CHECK(d.fits(driver.sizes[i]));
+    if (followed_at == driver.sizes.size() && driver.sizes[i] >= lower10(after) &&
+        driver.sizes[i] <= after) {
+      followed_at = i;
+    }
+  }
+  CHECK_LE(followed_at - drop_at, 3u);
+  CHECK_EQ(driver.sizes.back(), after);
+  // The memory comes back: so does the size.
+  d.available = 16 * gib;
+  driver.steps(10);
+  CHECK_EQ(driver.sizes.back(), before);
+  CHECK_EQ(driver.ooms, 0u);
+}
+
+// (g)
+TEST_CASE(sizes_stay_within_bounds_under_random_feedback) {
+  std::mt19937_64 random(20240611);
+  const std::vector<std::pair<std::size_t, std::size_t>> bounds{
+      {1, 1}, {7, 7}, {1, 2}, {1, 64}, {4, 16}, {16, 1024}, {100, 101}, {1, 4096}};
+  for (const auto &[min, max] : bounds) {
+    for (int variant = 0; variant < 3; ++variant) {
+      ControllerOptions o = options(min, max);
+      if (variant == 1) {
+        o.latency_slo_ns = 5'000'000;
+        o.utilization_target = 0.7;
+        o.history = 2;
+        o.probe_after = 1;
+        o.max_buckets = 2;
+      } else if (variant == 2) {
+        o.knee_tolerance = 0.5;
+        o.memory_margin_fraction = 0.9;
+        o.staged_memory_fraction = 2.0;
+        o.probe_step = 3.0;
+      }
+      SizingController controller(o);
+      std::uniform_int_distribution<std::size_t> any_size(0, 2 * max + 3);
+      std::uniform_int_distribution<Nanoseconds> any_time(-1'000, 50'000'000);
+      std::uniform_int_distribution<std::uint64_t> any_memory(0, std::uint64_t{1} << 40);
+      std::uniform_real_distribution<double> any_fraction(0.0, 1.0);
+      std::size_t out_of_bounds = 0;
+      std::size_t unstable = 0;
+      for (int step = 0; step < 3000; ++step) {
+        SizingInputs in;
+        in.bucket = random() % 4;
+        in.queued = any_size(random);
+        in.bytes_per_sample = random() % 4 == 0 ? 0 : random() % (64 * 1024 * 1024);
+        in.telemetry.memory_total_bytes = random() % 5 == 0 ? 0 : any_memory(random);
+        in.telemetry.memory_available_bytes = random() % 3 == 0 ? 0 : any_memory(random);
+        in.telemetry.utilization = random() % 3 == 0 ? 0.0 : any_fraction(random);
+        const std::size_t n = controller.next_batch_size(in);
+        unstable += controller.next_batch_size(in) != n ? 1 : 0;
+        out_of_bounds += (n < min || n > max) ? 1 : 0;
+        const SizingState s = controller.state();
+        for (const std::size_t value : {s.target, s.memory_ceiling, s.slo_ceiling, s.knee}) {
+          out_of_bounds += (value < min || value > max) ? 1 : 0;
+        }
+        // The OOM ceiling may go below min (memory wins over a preference; the size does not).
+        out_of_bounds += (s.oom_ceiling < 1 || s.oom_ceiling > max) ? 1 : 0;
+        BatchFeedback feedback;
+        feedback.bucket = random() % 8 == 0 ? random() % 6 : in.bucket;
+        // Mostly the size it asked for, sometimes stale or nonsense sizes (0, past max).
+        feedback.batch_size = random() % 4 == 0 ? any_size(random) : n;
+        feedback.compute_ns = any_time(random);
+        feedback.collate_ns = any_time(random);
+        feedback.peak_memory_bytes = random() % 3 == 0 ? 0 : any_memory(random);
+        feedback.reclaimable_bytes = random() % 2 == 0 ? 0 : any_memory(random);
+        feedback.out_of_memory = random() % 10 == 0;
+        controller.on_feedback(feedback);
+      }
+      CHECK_EQ(out_of_bounds, 0u);
+      CHECK_EQ(unstable, 0u);
+    }
+  }
+}
+
+// (h)
+TEST_CASE(buckets_learn_their_own_costs) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Device small = knee_device(); // bucket 1: knee 301, M(n) = 0.5 GiB + 1 MiB n
+  small.bucket = 1;
+  Device large = knee_device(); // bucket 2: knee ceil(19 * 200.05) = 3801, 0.25 GiB + 4 MiB n
+  large.bucket = 2;
+  large.a_ns = 2'000'500;
+  large.m0 = 0.25 * gib;
+  large.m1 = 4 * mib;
+  REQUIRE(knee_of(large, o) == 3801u);
+  Driver first{controller, small};
+  Driver second{controller, large};
+  for (int b = 0; b < 30; ++b) {
+    first.step();
+    second.step();
+  }
+  CHECK_EQ(first.ooms + second.ooms, 0u);
+  CHECK_EQ(first.sizes.back(), 301u);
+  CHECK_EQ(second.sizes.back(), 3801u);
+
+  const auto close = [](double actual, double expected) {
+    return std::abs(actual - expected) <= 1e-6 * std::abs(expected);
+  };
+  // state() reports the bucket of the last next_batch_size() call.
+  controller.next_batch_size(small.inputs());
+  SizingState s = controller.state();
+  CHECK(close(s.latency_intercept_ns, small.a_ns));
+  CHECK(close(s.latency_slope_ns, small.b_ns));
+  CHECK(close(s.memory_intercept_bytes, small.m0));
+  CHECK(close(s.memory_slope_bytes, small.m1));
+  CHECK_EQ(s.knee, 301u);
+  CHECK_EQ(s.observations, 30u);
+  controller.next_batch_size(large.inputs());
+  s = controller.state();
+  CHECK(close(s.latency_intercept_ns, large.a_ns));
+  CHECK(close(s.latency_slope_ns, large.b_ns));
+  CHECK(close(s.memory_intercept_bytes, large.m0));
+  CHECK(close(s.memory_slope_bytes, large.m1));
+  CHECK_EQ(s.knee, 3801u);
+
+  // At most max_buckets models: the least recently used one goes.
+  ControllerOptions two = o;
+  two.max_buckets = 2;
+  SizingController bounded(two);
+  Driver one{bounded, small};
+  Driver other{bounded, large};
+  one.steps(3);
+  other.steps(3);
+  Device third = small;
+  third.bucket = 3;
+  bounded.next_batch_size(third.inputs()); // evicts bucket 1, the least recently used
+  bounded.next_batch_size(large.inputs());
+  CHECK_EQ(bounded.state().observations, 3u);
+  bounded.next_batch_size(small.inputs()); // bucket 1 again: evicts 3, starts afresh
+  CHECK_EQ(bounded.state().observations, 0u);
+}
+
+// (i)
+TEST_CASE(low_utilization_boosts_past_the_knee_up_to_the_memory_limit) {
+  ControllerOptions o = options(1, 4096);
+  o.utilization_target = 0.8;
+  SizingController controller(o);
+  Device d = knee_device();
+  d.m0 = 0;
+  d.m1 = 15 * mib;
+  d.total = 16 * gib;
+  d.available = 16 * gib;
+  d.utilization = 0.3;
+  const std::size_t knee = knee_of(d, o);
+  const std::size_t ceiling = memory_limit(d, o); // floor(0.95 * 16384 / 15) = 1037
+  REQUIRE(knee == 301u);
+  REQUIRE(ceiling == 1037u);
+  Driver driver{controller, d};
+  driver.steps(10); // exploring: 1, 2, .., 512 (the first size past the knee)
+  CHECK(!controller.state().exploring);
+  driver.steps(20);
+  // Boosted by 1.25 a batch: 376, 470, 587, 734, 918, then the memory limit.
+  CHECK_LE(driver.settled_from(ceiling, ceiling) - 10, 8u);
+  CHECK_EQ(driver.sizes.back(), ceiling);
+  CHECK_GT(driver.sizes[11], knee);
+  std::size_t largest = 0;
+  for (const std::size_t n : driver.sizes) {
+    largest = std::max(largest, n);
+  }
+  CHECK_LE(largest, ceiling);
+  // The device is busy now: the boost unwinds back to the knee.
+  driver.device.utilization = 0.95;
+  const std::size_t busy_at = driver.sizes.size();
+  driver.steps(20);
+  CHECK_LE(driver.settled_from(knee, knee) - busy_at, 10u);
+  CHECK_EQ(driver.sizes.back(), knee);
+  for (std::size_t i = busy_at + 1; i < driver.sizes.size(); ++i) {
+    CHECK_LE(driver.sizes[i], driver.sizes[i - 1]); // only down while busy
+  }
+  CHECK_EQ(driver.ooms, 0u);
+}
+
+// Known bugs: intended behaviour, run only when named (registered with WILL_FAIL).
+
+// A held size is the only one the latency model re-measures; after `history` additions the
+// other sizes are forgotten, has_line() turns false, the knee becomes unbounded and one batch
+// jumps to max_batch_size (4096 here, at batches 74, 139, 204, ..) before the line is back.
+TEST_CASE(knee_is_kept_when_one_size_is_held) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, knee_device()};
+  driver.steps(400);
+  const std::size_t knee = knee_of(driver.device, o);
+  std::size_t off_knee = 0;
+  for (std::size_t i = 12; i < driver.sizes.size(); ++i) {
+    off_knee += (driver.sizes[i] < lower10(knee) || driver.sizes[i] > upper10(knee)) ? 1 : 0;
+  }
+  CHECK_EQ(off_knee, 0u);
+}
+
+// The same forgetting leaves the memory model one point, so M(n) is the line through the
+// origin and underestimates M(n) below the held size by m0 (1 - n/held): after a capacity drop
+// the size lands past what fits (543 with 8 GiB free, 327 fits) and the batch runs out of memory.
+TEST_CASE(memory_drop_after_a_long_hold_does_not_oom) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  driver.device.m0 = 4 * gib;
+  driver.device.available = 16 * gib;
+  driver.steps(200);
+  driver.device.available = 8 * gib;
+  driver.steps(20);
+  CHECK_EQ(driver.ooms, 0u);
+  CHECK_EQ(driver.sizes.back(), memory_limit(driver.device, o));
+}
+
+// Exploring doubles explore_size past the memory limit (1024 -> 2048 > 1044); the batches then
+// run at the limit, below explore_size, so `size >= explore_size_` never holds again and the
+// controller reports exploring forever (and never applies the utilization boost).
+TEST_CASE(exploring_ends_at_a_memory_limit) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, memory_device()};
+  driver.steps(40);
+  CHECK_EQ(driver.sizes.back(), memory_limit(driver.device, o));
+  CHECK(!controller.state().exploring);
+}
+
+int main(int argc, char **argv) {
+  return dynbatch::testing::run_all(argc, argv);
+}
