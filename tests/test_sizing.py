@@ -118,3 +118,59 @@ def test_fixed_and_narrow_bounds(bounds: tuple[int, int]) -> None:
     sizes = [len(batch) for batch in processor([torch.zeros(1)] * 101)]
     assert sum(sizes) == 101
     assert all(low <= size <= high for size in sizes[:-1])
+
+
+def _former(max_delay_ms: float, size: int) -> tuple[_core.BatchFormer, list[torch.Tensor]]:
+    samples = [torch.full((4,), float(i)) for i in range(3)]
+    former = _core.BatchFormer(
+        [([4], 2, 32, 1)],
+        64,
+        1,
+        _core.StagingPool(3),
+        _core.SizingController(size, size),
+        _core.Telemetry.scripted(10**9, 10**9),
+        _core.StatsRecorder(),
+        max_delay_ms=max_delay_ms,
+    )
+    assert former.push(0, 3, [s.data_ptr() for s in samples]) == 3
+    return former, samples
+
+
+def test_a_short_queue_is_dispatched_after_max_delay() -> None:
+    former, samples = _former(max_delay_ms=30.0, size=32)
+    started = time.perf_counter()
+    batch = former.next_batch(timeout_s=5.0)
+    waited = time.perf_counter() - started
+    assert batch is not None and batch.size == 3 and batch.ids == [0, 1, 2]
+    assert waited >= 0.025  # held for the delay, hoping for more
+    assert torch.equal(torch.from_dlpack(batch.leaf(0)), torch.stack(samples))
+    former.close()
+
+
+def test_without_max_delay_a_short_queue_waits_for_the_target() -> None:
+    former, _ = _former(max_delay_ms=0.0, size=32)
+    with pytest.raises(ValueError, match="no batch within the timeout"):
+        former.next_batch(timeout_s=0.2)
+    former.close_input()  # the end of input closes the batch
+    batch = former.next_batch(timeout_s=5.0)
+    assert batch is not None and batch.size == 3
+    former.close()
+
+
+def test_a_long_queue_fills_the_target_at_once() -> None:
+    samples = [torch.full((4,), float(i)) for i in range(40)]
+    former = _core.BatchFormer(
+        [([4], 2, 32, 1)],
+        64,
+        1,
+        _core.StagingPool(3),
+        _core.SizingController(16, 16),
+        _core.Telemetry.scripted(10**9, 10**9),
+        _core.StatsRecorder(),
+        max_delay_ms=10_000.0,
+    )
+    assert former.push(0, 40, [s.data_ptr() for s in samples]) == 40
+    started = time.perf_counter()
+    sizes = [former.next_batch(timeout_s=5.0).size for _ in range(2)]  # type: ignore[union-attr]
+    assert sizes == [16, 16] and time.perf_counter() - started < 5.0
+    former.close()

@@ -280,19 +280,23 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
                        std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
                        std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
-                       std::shared_ptr<StatsRecorder> stats) {
+                       std::shared_ptr<StatsRecorder> stats, double max_delay_ms) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
+             }
+             if (!(max_delay_ms >= 0.0)) {
+               throw py::value_error("max_delay_ms must be >= 0");
              }
              FormerOptions options;
              options.capacity = capacity;
              options.prefetch_depth = prefetch_depth;
+             options.max_delay_ns = static_cast<Nanoseconds>(max_delay_ms * 1e6);
              return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
                                                   std::move(policy), telemetry.sampler,
                                                   std::move(stats));
            }),
            py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
-           py::arg("policy"), py::arg("telemetry"), py::arg("stats"))
+           py::arg("policy"), py::arg("telemetry"), py::arg("stats"), py::arg("max_delay_ms") = 0.0)
       .def(
           "push",
           [](BatchFormer &former, std::uint64_t first_id, std::size_t count,

@@ -72,11 +72,24 @@ void BatchFormer::run() {
           return;
         }
       }
-      requests_.wait_for_size(target_size(), no_deadline);
-      std::lock_guard form_lock(form_mutex_);
-      if (form_one(true) == FormResult::finished) {
-        return;
+      Nanoseconds wait_until = no_deadline;
+      std::size_t missing = 0;
+      {
+        std::lock_guard form_lock(form_mutex_);
+        const FormResult result = form_one(true, &wait_until);
+        if (result == FormResult::finished) {
+          return;
+        }
+        if (result != FormResult::needs_input) {
+          continue;
+        }
+        const std::size_t target = target_size();
+        // With a delay, the first request's arrival starts its clock: wait for one at first.
+        missing = options_.max_delay_ns > 0 && pending_.empty()
+                      ? 1
+                      : target - std::min(target, pending_.size());
       }
+      requests_.wait_for_size(std::max<std::size_t>(missing, 1), wait_until);
     }
   } catch (...) {
     std::lock_guard lock(ready_mutex_);
@@ -94,7 +107,7 @@ std::size_t BatchFormer::target_size() {
   return std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
 }
 
-BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound) {
+BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound, Nanoseconds *wait_until) {
   {
     std::lock_guard lock(ready_mutex_);
     if (stopping_ || finished_ || error_) {
@@ -105,20 +118,34 @@ BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound) {
     }
   }
   const std::size_t target = target_size();
-  // Only this holder of form_mutex_ pops, so a size seen here can only grow until the pop.
-  const bool closed = requests_.closed();
-  if (!closed && requests_.was_size() < target) {
-    return FormResult::needs_input;
+  if (pending_.size() < target) { // only this holder of form_mutex_ pops
+    const std::size_t had = pending_.size();
+    pending_.resize(target);
+    pending_.resize(had + requests_.try_pop_bulk(pending_.data() + had, target - had));
   }
-  taken_.resize(target);
-  const std::size_t count = requests_.try_pop_bulk(taken_.data(), target);
-  if (count == 0) { // closed and drained: the end of input
-    std::lock_guard lock(ready_mutex_);
+  const bool closed = requests_.closed();
+  if (pending_.empty()) {
+    if (!closed || requests_.was_size() != 0) {
+      return FormResult::needs_input;
+    }
+    std::lock_guard lock(ready_mutex_); // closed and drained: the end of input
     finished_ = true;
     ready_changed_.notify_all();
     return FormResult::finished;
   }
-  form(std::span(taken_.data(), count), target);
+  const Nanoseconds deadline =
+      options_.max_delay_ns > 0 ? pending_.front().enqueue_ns + options_.max_delay_ns : no_deadline;
+  if (pending_.size() < target && !closed && now_ns() < deadline) {
+    if (wait_until != nullptr) {
+      *wait_until = deadline;
+    }
+    // What the former thread waits for has changed if someone else took requests aside.
+    requests_.wake_consumers();
+    return FormResult::needs_input;
+  }
+  const std::size_t count = std::min(target, pending_.size());
+  form(std::span(pending_.data(), count), target);
+  pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(count));
   return FormResult::formed;
 }
 

@@ -6,10 +6,10 @@
 //   blocks; it returns PushResult::full when `capacity` requests are already in flight. The
 //   sources must stay valid until the batch holding the request has been formed (the Python
 //   layer keeps them alive until then).
-// - A batch closes at the size the SizingPolicy asks for, or at the end of input
-//   (close_input()); it is collated into a staging slot and queued for the consumer. The
-//   former thread keeps up to `prefetch_depth` batches formed ahead, so the next batch is
-//   ready while the caller computes on the current one.
+// - A batch closes at the size the SizingPolicy asks for, when its first request has waited
+//   `max_delay_ns`, or at the end of input (close_input()); it is collated into a staging slot and
+//   queued for the consumer. The former thread keeps up to `prefetch_depth` batches formed ahead,
+//   so the next batch is ready while the caller computes on the current one.
 // - The consumer calls next_batch() (one thread at a time); it waits without spinning and
 //   without the GIL. When nothing is ready but the input for a batch is, it forms the batch
 //   itself instead of waiting for the former thread to be scheduled (a cross-thread wake-up
@@ -60,6 +60,10 @@ struct FormedBatch {
 struct FormerOptions {
   std::size_t capacity = 1024; // requests in flight; rounded up to a power of two
   std::size_t prefetch_depth = 1;
+  // The longest the first request of a batch waits for the batch to fill: a short queue is
+  // dispatched as it is after this, a long one fills the target at once. 0: wait for the
+  // target (or the end of input).
+  Nanoseconds max_delay_ns = 0;
 };
 
 enum class NextStatus { batch, finished, timeout };
@@ -94,8 +98,9 @@ private:
 
   void run();
   std::size_t target_size();
-  // Caller holds form_mutex_. Never blocks: forms one batch if its input is there.
-  FormResult form_one(bool keep_prefetch_bound);
+  // Caller holds form_mutex_. Never blocks: forms one batch if its input is there; otherwise
+  // *wait_until says until when its pending requests may wait for more (no_deadline: none).
+  FormResult form_one(bool keep_prefetch_bound, Nanoseconds *wait_until = nullptr);
   void form(std::span<const RequestDescriptor> requests, std::size_t target);
 
   const std::shared_ptr<const BatchLayout> layout_;
@@ -112,7 +117,7 @@ private:
   BlockingQueue<RequestDescriptor> requests_;
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
-  std::vector<RequestDescriptor> taken_; // guarded by form_mutex_
+  std::vector<RequestDescriptor> pending_; // popped, not yet formed; guarded by form_mutex_
 
   std::mutex ready_mutex_;
   std::condition_variable ready_changed_;

@@ -102,6 +102,10 @@ public:
     return true;
   }
 
+  // Wakes consumers waiting in wait_for_size / pop_bulk_until so they look again: for a
+  // consumer that took items aside and changed what another consumer waits for.
+  void wake_consumers() noexcept { not_empty_.notify(); }
+
   void close() noexcept {
     closed_.store(true, std::memory_order_seq_cst); // pairs with the loads in closed()
     not_empty_.notify();

@@ -136,6 +136,7 @@ class BatchFormer:
         policy: SizingPolicy,
         telemetry: Telemetry,
         stats: StatsRecorder,
+        max_delay_ms: float = 0.0,
     ) -> None: ...
     def push(self, first_id: int, count: int, addresses: list[int]) -> int:
         """Requests first_id .. first_id + count - 1, leaf addresses request-major."""
