@@ -18,6 +18,8 @@
 #include "dynbatch/sizing_controller.hpp"
 #include "test_support.hpp"
 
+using dynbatch::testing::eventually;
+
 using dynbatch::BatchFeedback;
 using dynbatch::BatchFormer;
 using dynbatch::BatchLayout;
@@ -168,17 +170,6 @@ void push_all(BatchFormer &former, const SampleStore &store, std::size_t first, 
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
-}
-
-template <class Predicate> bool eventually(Predicate done) {
-  const Nanoseconds deadline = now_ns() + hang_bound_ns;
-  while (now_ns() < deadline) {
-    if (done()) {
-      return true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return done();
 }
 
 } // namespace

@@ -20,6 +20,8 @@
 #include "dynbatch/telemetry.hpp"
 #include "test_support.hpp"
 
+using dynbatch::testing::eventually;
+
 using dynbatch::choose_telemetry_source;
 using dynbatch::make_telemetry_source;
 using dynbatch::Nanoseconds;
@@ -70,18 +72,6 @@ public:
 private:
   void *handle_;
 };
-
-// Waits (bounded) until `done` holds; returns whether it did.
-template <class Predicate> bool eventually(Predicate done) {
-  const Nanoseconds deadline = now_ns() + 5'000'000'000;
-  while (now_ns() < deadline) {
-    if (done()) {
-      return true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return done();
-}
 
 } // namespace
 

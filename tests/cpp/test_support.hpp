@@ -171,6 +171,19 @@ private:
 
 } // namespace detail
 
+// Waits (bounded, only to detect a hang) until `done` holds; returns whether it did.
+template <class Predicate>
+bool eventually(Predicate done, std::chrono::milliseconds bound = std::chrono::seconds(5)) {
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return done();
+}
+
 inline std::size_t env_size(const char *name, std::size_t fallback) {
   const char *text = std::getenv(name);
   if (text == nullptr || *text == '\0') {

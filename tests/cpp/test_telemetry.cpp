@@ -13,6 +13,8 @@
 #include "dynbatch/telemetry.hpp"
 #include "test_support.hpp"
 
+using dynbatch::testing::eventually;
+
 using dynbatch::HostTelemetrySource;
 using dynbatch::Nanoseconds;
 using dynbatch::now_ns;
@@ -33,18 +35,6 @@ TelemetrySample sample(std::uint64_t available, std::uint64_t rss) {
   result.process_rss_bytes = rss;
   result.utilization = 0.5;
   return result;
-}
-
-// Waits (bounded) until `done` holds; returns whether it did.
-template <class Predicate> bool eventually(Predicate done) {
-  const Nanoseconds deadline = now_ns() + hang_bound_ns;
-  while (now_ns() < deadline) {
-    if (done()) {
-      return true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return done();
 }
 
 } // namespace
