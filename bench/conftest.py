@@ -31,13 +31,27 @@ class BenchSize:
     image_shape: tuple[int, ...]  # the large-sample collate case
     flat_features: int  # the small-sample collate case, and the iterate case
     iterate_samples: int
+    sizing_sim_samples: int  # samples per simulated pass (sizing-sim groups)
+    sizing_cpu_samples: int  # samples per real CPU pass (sizing-cpu groups)
 
 
 FULL = BenchSize(
-    "full", collate_batch=64, image_shape=(3, 224, 224), flat_features=784, iterate_samples=1000
+    "full",
+    collate_batch=64,
+    image_shape=(3, 224, 224),
+    flat_features=784,
+    iterate_samples=1000,
+    sizing_sim_samples=20000,
+    sizing_cpu_samples=20000,
 )
 TINY = BenchSize(
-    "tiny", collate_batch=8, image_shape=(3, 32, 32), flat_features=784, iterate_samples=200
+    "tiny",
+    collate_batch=8,
+    image_shape=(3, 32, 32),
+    flat_features=784,
+    iterate_samples=200,
+    sizing_sim_samples=4000,
+    sizing_cpu_samples=2000,
 )
 
 

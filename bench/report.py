@@ -8,12 +8,18 @@
 Every group holds its peer; ratio = entry mean / peer mean under the same other parameters
 (for collate, the same thread count), so < 1 is faster than the peer. Medians are shown too:
 on a shared machine a few stalled rounds (page faults of fresh 38 MB outputs) can move a mean.
+
+The "sizing-" groups (batch sizing, issue 3) get a table of their own, in throughput: samples/s
+(simulated: samples / simulated seconds, from ``extra_info``; real: samples / median wall
+time), its ratio to the best fixed size of the group and to fixed 32 (> 1 is faster), and the
+OOMs, lost samples and recomputed samples of each approach.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +28,12 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+
+# Groups with this prefix are reported in throughput, against their fixed-size sweep.
+SIZING_PREFIX = "sizing-"
+# Issue 3's targets for the dynamic entries: within 5% of the best fixed size, and at least
+# 1.25x fixed 32 where the best fixed size is larger than 32.
+TARGET_VS_BEST, TARGET_VS_32 = 0.95, 1.25
 
 # Group-name prefix -> the `impl` parameter of the peer every entry is divided by.
 PEERS = {
@@ -82,11 +94,36 @@ def _stat_of_peer(benches: list[dict[str, Any]], peer: str | None, others: dict[
     return None
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+    """Columns padded to fit; the first ``left`` columns flush left, the others right."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return [
+        "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [headers, *rows]
+    ]
+
+
+def _machine(data: dict[str, Any]) -> str:
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    return f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} CPUs"
+
+
 def report(data: dict[str, Any]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
+    sizing: dict[str, list[dict[str, Any]]] = {}
     for bench in data["benchmarks"]:
-        groups.setdefault(bench["group"] or "(no group)", []).append(bench)
+        group = bench["group"] or "(no group)"
+        (sizing if group.startswith(SIZING_PREFIX) else groups).setdefault(group, []).append(bench)
+    parts = [_peer_report(groups, data)] if groups else []
+    if sizing:
+        parts.append(sizing_report(sizing, data))
+    return "\n\n".join(parts)
 
+
+def _peer_report(groups: dict[str, list[dict[str, Any]]], data: dict[str, Any]) -> str:
     headers = ("group", "entry", "mean", "ratio", "median", "ratio")
     rows: list[tuple[str, ...]] = []
     for group in sorted(groups):
@@ -105,21 +142,167 @@ def report(data: dict[str, Any]) -> str:
                 row.append(f"{stats[stat] / peer_stats[stat]:.2f}" if peer_stats else "-")
             rows.append(tuple(row))
 
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i < 2 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [headers, *rows]
-    ]
-    machine = data.get("machine_info", {})
+    lines = _table(headers, rows, 2)
     lines.append(
         f"(ratio = time / the peer's under the same other parameters; peers: "
-        f"{', '.join(PEERS.values())}; {machine.get('cpu', {}).get('brand_raw', '?')}, "
-        f"{machine.get('cpu', {}).get('count', '?')} CPUs)"
+        f"{', '.join(PEERS.values())}; {_machine(data)})"
     )
     return "\n".join(lines)
+
+
+def _entry_order(impl: str) -> tuple[int, int, str]:
+    """dynamic entries first, then the fixed sweep by size, then the other approaches."""
+    if impl.startswith("dynamic"):
+        return (0, 0, impl)
+    if impl.startswith("fixed-") and impl.removeprefix("fixed-").isdigit():
+        return (1, int(impl.removeprefix("fixed-")), impl)
+    return (2, 0, impl)
+
+
+def _throughputs(bench: dict[str, Any]) -> tuple[float, float | None]:
+    """samples/s, and (real runs only) samples/s of the best round."""
+    info = bench["extra_info"]
+    if info.get("kind") == "simulated":
+        return float(info["samples_per_s"]), None
+    samples, stats = info["samples"], bench["stats"]
+    rounds = info.get("round_seconds")  # the interleaved sweep, when there is one
+    if rounds:
+        return samples / statistics.median(rounds), samples / min(rounds)
+    return samples / stats["median"], samples / stats["min"]
+
+
+def _ratio(value: float, base: float, best_value: float | None, best_base: float | None) -> str:
+    if value <= 0 or base <= 0:
+        return "-"
+    cell = f"{value / base:.2f}"
+    if best_value is not None and best_base:
+        cell += f" ({best_value / best_base:.2f})"
+    return cell
+
+
+def _rate_cell(value: float, info: dict[str, Any]) -> str:
+    """samples/s; a failed pass says why; a simulated figure that varied across rounds (the
+    core's thread can form a batch before or after the previous one's feedback) shows its
+    range."""
+    if value <= 0:
+        return f"0 ({info.get('error') or 'failed'})"
+    low, high = info.get("samples_per_s_min"), info.get("samples_per_s_max")
+    if low is not None and high is not None and round(low) != round(high):
+        return f"{value:,.0f} [{low:,.0f}-{high:,.0f}]"
+    return f"{value:,.0f}"
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.0f}"
+
+
+def sizing_report(groups: dict[str, list[dict[str, Any]]], data: dict[str, Any]) -> str:
+    """One row per approach: throughput, ratios to the best fixed size and to fixed 32, OOMs,
+    lost and recomputed samples, batch sizes; under each group, the issue's targets."""
+    headers = (
+        "group",
+        "entry",
+        "samples/s",
+        "/best-fixed",
+        "/fixed-32",
+        "dynamic/x",
+        "OOMs",
+        "lost",
+        "redone",
+        "mean n",
+        "steady n",
+        "t-steady",
+    )
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for group in groups:  # in the order they ran
+        benches = sorted(groups[group], key=lambda b: _entry_order(b["params"]["impl"]))
+        rate = {b["params"]["impl"]: _throughputs(b) for b in benches}
+        fixed = {impl: r for impl, r in rate.items() if _entry_order(impl)[0] == 1}
+        best_fixed = max(fixed, key=lambda impl: fixed[impl][0], default=None)
+        best = rate[best_fixed][0] if best_fixed else 0.0
+        f32, f32_round = rate.get("fixed-32", (0.0, None))
+        best_round_fixed = max((r[1] or 0.0 for r in fixed.values()), default=None)
+        dyn, dyn_round = rate.get("dynamic", rate.get("dynamic-map", (0.0, None)))
+        previous = None
+        for bench in benches:
+            impl, info = bench["params"]["impl"], bench["extra_info"]
+            value, value_round = rate[impl]
+            t_steady = info.get("t_steady_s")
+            rows.append(
+                (
+                    group if group != previous else "",
+                    impl,
+                    _rate_cell(value, info),
+                    _ratio(value, best, value_round, best_round_fixed if value_round else None),
+                    _ratio(value, f32, value_round, f32_round),
+                    _ratio(dyn, value, dyn_round, value_round)
+                    if not impl.startswith("dyn")
+                    else "",
+                    _count(info.get("ooms")),
+                    _count(info.get("lost")),
+                    _count(info.get("redone")),
+                    _count(info.get("mean_batch")),
+                    _count(info.get("steady_size")),
+                    "-" if t_steady is None else f"{t_steady:.2f} s",
+                )
+            )
+            previous = group
+        notes.append(_targets(group, benches, rate, best_fixed))
+    lines = _table(headers, rows, 2)
+    lines += [
+        "(samples/s: simulated groups: samples / simulated seconds of one cold pass, every",
+        " exploration, trial, failed attempt and recomputation included; real groups: samples /",
+        " median wall time of the interleaved rounds, and in parentheses the ratio of the best",
+        " rounds. /best-fixed, /fixed-32: > 1 is faster; a fixed size that hits an OOM fails (0).",
+        " dynamic/x: dynamic (cpu: dynamic-map) over this entry. lost: samples without an output;",
+        " redone: samples computed more than once (discarded passes, search trials). steady n:",
+        " median size of the last quarter of the pass's batches; t-steady: simulated time until",
+        " the pass stays at >= 90% of it, from the start or from the capacity drop.",
+        f" {_machine(data)})",
+        *notes,
+    ]
+    if any(b["extra_info"].get("bench_size") == "tiny" for g in groups.values() for b in g):
+        lines.append(
+            "(tiny run: short passes, where a cold start weighs far more; the verdicts above are"
+            " a smoke test, not figures to report)"
+        )
+    return "\n".join(lines)
+
+
+def _targets(
+    group: str,
+    benches: list[dict[str, Any]],
+    rate: dict[str, tuple[float, float | None]],
+    best_fixed: str | None,
+) -> str:
+    """The issue's targets for each dynamic entry of a group: met or missed, with the figure."""
+    info = benches[0]["extra_info"]
+    context = f"best fixed: {best_fixed}"
+    if "best_size_start" in info:
+        fits = f"largest batch that fits: {info['best_size_start']}"
+        if info.get("best_size_end") != info["best_size_start"]:
+            fits += f", after the drop {info['best_size_end']}"
+        context += f"; {fits}"
+    verdicts = []
+    best = rate[best_fixed][0] if best_fixed else 0.0
+    f32 = rate.get("fixed-32", (0.0, None))[0]
+    for impl, (value, _) in rate.items():
+        if not impl.startswith("dynamic") or best <= 0:
+            continue
+        vs_best = value / best
+        verdict = (
+            f"{impl}: {vs_best:.2f}x best fixed "
+            f"({'met' if vs_best >= TARGET_VS_BEST else 'MISSED'}, >= {TARGET_VS_BEST})"
+        )
+        if best_fixed != "fixed-32" and f32 > 0:
+            vs_32 = value / f32
+            verdict += (
+                f", {vs_32:.2f}x fixed-32 ({'met' if vs_32 >= TARGET_VS_32 else 'MISSED'}, "
+                f">= {TARGET_VS_32})"
+            )
+        verdicts.append(verdict)
+    return f"{group} ({context}): " + ("; ".join(verdicts) or "no dynamic entry")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,3 +103,26 @@ def test_latency_slo_is_respected() -> None:
     assert all(size <= 100 for size in sizes[explored + 2 :])
     assert sizes[-2] >= 90
     assert processor.stats().slo_ceiling == 100
+
+
+def test_memory_taken_while_a_batch_runs_costs_one_oom_at_most() -> None:
+    # Without warning, another process takes so much that the batch in flight fails: its
+    # halves and the batch formed ahead are cut to what fits now, not merely halved.
+    device = SimulatedDevice(a_s=0.05, b_s=1e-4, m0=GIB, m1=20 * MIB, capacity=10 * GIB)
+    processor = processor_on(device)
+    samples = tagged_samples(12000)
+    model_calls = 0
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal model_calls
+        model_calls += 1
+        if model_calls == 30:
+            device.take_memory(5 * GIB)
+        return device.model(batch)
+
+    results = processor.map(model, samples)
+    assert_every_sample_once(device, results, len(samples))
+    assert len(device.ooms) == 1, device.ooms
+    after = device.best_size()  # 204
+    tail = [len(run) for run in device.runs[-20:-1]]
+    assert all(0.85 * after <= size <= after for size in tail), tail

@@ -174,3 +174,18 @@ def test_a_long_queue_fills_the_target_at_once() -> None:
     sizes = [former.next_batch(timeout_s=5.0).size for _ in range(2)]  # type: ignore[union-attr]
     assert sizes == [16, 16] and time.perf_counter() - started < 5.0
     former.close()
+
+
+def test_a_noisy_fit_does_not_undo_measured_gains() -> None:
+    # Per-sample cost falls only at large sizes (as a CPU GEMM's does): the knee of the
+    # least-squares line through these points lies below the size that measured fastest.
+    per_sample_us = {1: 50, 2: 50, 4: 50, 8: 50, 16: 50, 32: 50, 64: 50, 128: 50, 256: 35}
+    policy = _core.SizingController(1, 256)
+    for size, cost_us in per_sample_us.items():
+        for _ in range(2):
+            policy.on_feedback(_core.BatchFeedback(size, compute_ns=cost_us * size * 1000))
+    state = policy.state()
+    a, b = state["latency_intercept_ns"], state["latency_slope_ns"]
+    assert 0.95 * max(a, 0.0) / (0.05 * b) < 200  # what the line alone would choose
+    assert state["knee"] == 256  # the measurements say more is worth it
+    assert policy.next_batch_size(0, 0, 0) == 256

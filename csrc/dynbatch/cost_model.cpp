@@ -37,6 +37,23 @@ void LinearFit::add(double x, double y) {
   refit();
 }
 
+double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
+  const auto ratio = [&](const auto &entry) {
+    const double y = representative(entry.second);
+    return y > 0.0 ? entry.first / y : 0.0;
+  };
+  double best = 0.0;
+  for (const auto &entry : points_) {
+    best = std::max(best, ratio(entry));
+  }
+  for (const auto &entry : points_) { // ordered by x: the first that qualifies is the smallest
+    if (ratio(entry) >= (1.0 - tolerance) * best) {
+      return entry.first;
+    }
+  }
+  return 0.0;
+}
+
 void LinearFit::refit() {
   if (points_.size() == 1) {
     const auto &[x, point] = *points_.begin();

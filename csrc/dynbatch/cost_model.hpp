@@ -32,6 +32,9 @@ public:
   double intercept() const noexcept { return intercept_; }
   double slope() const noexcept { return slope_; }
   double predict(double x) const noexcept { return intercept_ + slope_ * x; }
+  // The smallest x whose x / y is within `tolerance` of the largest x / y among the points (for
+  // times: the smallest size whose measured throughput is near the best); 0 without points.
+  double smallest_x_near_best_ratio(double tolerance) const noexcept;
 
 private:
   static constexpr std::size_t recent_per_point = 3;

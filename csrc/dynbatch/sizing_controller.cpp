@@ -81,6 +81,9 @@ SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
   if (latency.has_line() && b > 0.0) {
     const double tol = options_.knee_tolerance;
     knee = std::ceil((1.0 - tol) * a / (tol * b));
+    // Never below what was measured: on a noisy host the fitted intercept can come out near 0,
+    // which would put the knee at 1 although bigger batches measured clearly faster.
+    knee = std::max(knee, latency.smallest_x_near_best_ratio(tol));
   }
   return Ceilings{clamp(memory_limit), clamp(slo_limit), clamp(knee)};
 }

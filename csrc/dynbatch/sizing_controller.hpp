@@ -11,8 +11,10 @@
 //     `probe_step` after `probe_after` good batches at it, never to a size that failed; every
 //     failed probe doubles the wait before the next, so OOMs thin out instead of looping;
 //   - is not past the throughput knee: n / L(n) within `knee_tolerance` of its limit 1/b,
-//     i.e. n >= (1 - tol) * a / (tol * b); with `utilization_target` set, a device that stays
-//     below it lets the size grow past the knee while memory allows.
+//     i.e. n >= (1 - tol) * a / (tol * b), and never below the smallest measured size whose
+//     throughput is within tol of the best measured (a noisy fit must not undo what was
+//     measured); with `utilization_target` set, a
+//     device that stays below it lets the size grow past the knee while memory allows.
 // It explores first: from min it doubles after each batch of the current size, until the
 // latency line puts the knee at or below that size or a memory/SLO/OOM limit stops it.
 

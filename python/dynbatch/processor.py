@@ -338,7 +338,10 @@ class BatchIterator(Iterator[Any]):
             self.close()
             raise error
         processor._split_batches += 1
-        self._parts.extendleft(reversed(part.split(-(-part.size // 2))))
+        # Halves, or smaller when the lowered ceilings (the OOM one, or memory that another
+        # process took meanwhile) say a half would not fit either.
+        chunk = min(-(-part.size // 2), self._fitting_size())
+        self._parts.extendleft(reversed(part.split(chunk)))
 
     def active_ns(self) -> int:
         """Wall time of this pass so far, while it is running."""
@@ -387,6 +390,24 @@ class BatchIterator(Iterator[Any]):
         else:
             self._processor._policy.on_feedback(feedback)
 
+    def _fitting_size(self) -> int:
+        """The largest batch the sizing allows now (the OOM and memory ceilings; below
+        min_batch_size if need be), checked only once an out-of-memory error happened."""
+        policy = self._processor._policy
+        assert self._former is not None
+        reading = self._processor._telemetry.latest()
+        # Asking for a size with the current reading refreshes the ceilings (changes nothing).
+        policy.next_batch_size(
+            0,
+            self._former.bucket,
+            reading["memory_available_bytes"],
+            reading["memory_total_bytes"],
+            reading["utilization"],
+            self._former.bucket,
+        )
+        state = policy.state()
+        return max(1, min(int(state["oom_ceiling"]), int(state["memory_ceiling"])))
+
     def _next_part(self) -> _Part | None:
         """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
         if self._parts:
@@ -399,9 +420,7 @@ class BatchIterator(Iterator[Any]):
         if batch is None:
             return None
         part = self._assemble(batch)
-        ceiling = (
-            self._processor._policy.state()["oom_ceiling"] if self._processor._split_batches else 0
-        )
+        ceiling = self._fitting_size() if self._processor._split_batches else 0
         if ceiling and part.size > ceiling:
             # Formed before the ceiling dropped: deliver it in parts that fit.
             self._processor._split_batches += 1

@@ -1,0 +1,167 @@
+"""Group "sizing-cpu-mlp-<n>": batch sizing on a real CPU model, real wall time.
+
+An MLP 784-1024-1024-10 (ReLU, float32, ``torch.inference_mode``) over ``n`` separately
+allocated samples (20000; tiny: 2000). Entries:
+- ``fixed-<k>`` for k in {8, ..., 256}: the oracle sweep, a plain loop of ``torch.stack`` of
+  ``k`` samples and the model, keeping each batch's output;
+- ``dynamic-map``: ``ds.DynamicBatchProcessor(max_batch_size=512).map(model, data)``, which
+  also splits every output into per-sample rows (its API);
+- ``dynamic-iterate``: ``for batch in processor(data)``, keeping each batch's output.
+Each dynamic round makes a fresh processor (construction included in the time): a cold start,
+exploration included, as a one-off inference job sees it.
+
+The machine is shared and small (other jobs come and go), so the figures report.py divides
+come from an interleaved sweep: round after round, every entry once per round in a rotating
+order (7 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
+(and shows the best rounds' ratio). Each test then also times its own entry with
+pytest-benchmark (3 rounds; tiny: 1), for the usual table. Outputs are checked against a
+reference, untimed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from sizing import FIXED_SIZES
+
+import dynbatch as ds
+
+MAX_BATCH = 512
+IMPLS = [*(f"fixed-{size}" for size in FIXED_SIZES), "dynamic-map", "dynamic-iterate"]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    ).eval()
+
+
+_data_cache: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+
+def _data(count: int, model: torch.nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The samples, and the reference outputs (computed in chunks of 1000)."""
+    if count not in _data_cache:
+        generator = torch.Generator().manual_seed(0)
+        samples = [torch.randn(784, generator=generator) for _ in range(count)]
+        with torch.inference_mode():
+            reference = torch.cat(
+                [model(torch.stack(samples[i : i + 1000])) for i in range(0, count, 1000)]
+            )
+        _data_cache.clear()
+        _data_cache[count] = (samples, reference)
+    return _data_cache[count]
+
+
+def _runner(
+    impl: str, model: torch.nn.Module, data: list[torch.Tensor], seen: dict[str, Any]
+) -> Callable[[], Any]:
+    """One pass; returns every output row in input order (a tensor, or map's list of rows).
+    ``seen`` gets the batch sizes."""
+    if impl.startswith("fixed-"):
+        size = int(impl.removeprefix("fixed-"))
+
+        def run() -> torch.Tensor:
+            outputs = []
+            with torch.inference_mode():
+                for start in range(0, len(data), size):
+                    outputs.append(model(torch.stack(data[start : start + size])))
+            seen["sizes"] = [len(out) for out in outputs]
+            return torch.cat(outputs)
+
+    elif impl == "dynamic-map":
+
+        def run() -> Any:  # the rows map returns, stacked for the check outside the timing
+            with ds.DynamicBatchProcessor(max_batch_size=MAX_BATCH) as processor:
+                with torch.inference_mode():
+                    rows = processor.map(model, data)
+                stats = processor.stats()
+            seen["sizes"], seen["mean"] = stats.recent_batch_sizes, stats.mean_batch_size
+            return rows
+
+    else:
+
+        def run() -> torch.Tensor:
+            outputs = []
+            with (
+                ds.DynamicBatchProcessor(max_batch_size=MAX_BATCH) as processor,
+                torch.inference_mode(),
+            ):
+                for batch in processor(data):
+                    outputs.append(model(batch))
+            seen["sizes"] = [len(out) for out in outputs]
+            return torch.cat(outputs)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, list[float]]:
+    """Wall seconds of every entry, rounds interleaved (after one untimed warm-up pass each;
+    tiny: one round, no warm-up, as its figures are not for reporting)."""
+    tiny = bench_size.name == "tiny"
+    data, _ = _data(bench_size.sizing_cpu_samples, model)
+    runners = {impl: _runner(impl, model, data, {}) for impl in IMPLS}
+    if not tiny:
+        for run in runners.values():
+            run()
+    seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    rounds = 1 if tiny else 7
+    for index in range(rounds):
+        shift = index % len(IMPLS)
+        for impl in IMPLS[shift:] + IMPLS[:shift]:
+            started = time.perf_counter()
+            runners[impl]()
+            seconds[impl].append(time.perf_counter() - started)
+    return seconds
+
+
+# The interleaved sweep runs in the first test's setup: minutes on a busy 2-core machine.
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sizing_cpu(
+    impl: str,
+    model: torch.nn.Module,
+    sweep: dict[str, list[float]],
+    bench_size: Any,
+    benchmark: Any,
+) -> None:
+    count = bench_size.sizing_cpu_samples
+    benchmark.group = f"sizing-cpu-mlp-{count}"
+    data, reference = _data(count, model)
+    seen: dict[str, Any] = {}
+    run = _runner(impl, model, data, seen)
+
+    result = benchmark.pedantic(run, rounds=1 if bench_size.name == "tiny" else 3, iterations=1)
+    out = torch.stack(result) if isinstance(result, list) else result
+    # Every sample's output, in order, exactly once.
+    assert out.shape == reference.shape, "samples lost or repeated"
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    sizes = seen["sizes"]
+    body = sizes[:-1] or sizes  # the last batch may be partial
+    benchmark.extra_info.update(
+        {
+            "kind": "real",
+            "bench_size": bench_size.name,
+            "samples": count,
+            "round_seconds": sweep[impl],
+            "ooms": 0,
+            "lost": count - len(out),
+            "redone": 0,
+            "mean_batch": seen.get("mean", count / len(sizes)),
+            "steady_size": int(statistics.median(body[-max(1, len(body) // 4) :])),
+            "sizes_head": sizes[:16],
+            "sizes_tail": sizes[-6:],
+        }
+    )
