@@ -148,3 +148,83 @@ def test_abandoned_iterations_leak_no_thread_or_buffer() -> None:
     assert pool["slots_in_use"] == 0 and pool["one_off_in_use"] == 0
     assert pool["pooled_slots"] == processor.prefetch + 2
     assert torch.equal(torch.cat(list(processor(data))), torch.stack(data))
+
+
+def test_lazy_conjugate_and_negative_views_are_resolved() -> None:
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    samples = [z.conj() for _ in range(5)]
+    assert torch.equal(
+        torch.cat(list(ds.DynamicBatchProcessor(4, 4)(samples))), torch.stack(samples)
+    )
+    assert torch.equal(ds.collate(samples), torch.stack(samples))
+    negative = [torch.tensor([1 + 2j]).conj().imag for _ in range(3)]  # a real view, negative bit
+    assert negative[0].is_neg()
+    assert torch.equal(ds.collate(negative), torch.stack([t.clone() for t in negative]))
+    batches = list(ds.DynamicBatchProcessor(3, 3)(negative))
+    assert torch.equal(batches[0], torch.full((3, 1), -2.0))
+
+
+def test_int_outside_int64_is_named_after_earlier_batches() -> None:
+    samples = [1, 2, 3, 4, 5, 2**70]
+    processor = ds.DynamicBatchProcessor(4, 4)
+    delivered, error = _deliver_until_error(processor, samples)
+    assert isinstance(error, ds.InvalidSampleError) and error.index == 5
+    assert "does not fit in int64" in str(error) and delivered == 5
+
+
+def test_big_endian_numpy_arrays_are_read_correctly() -> None:
+    arrays = [np.arange(3, dtype=">f4") + i for i in range(4)]
+    batch = ds.collate(arrays)
+    assert batch.dtype == torch.float32
+    assert torch.equal(batch, torch.tensor(np.stack(arrays).astype("<f4")))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latency_slo_ms": float("inf")}, "latency_slo_ms must be between"),
+        ({"latency_slo_ms": 1e-9}, "latency_slo_ms must be between"),
+        ({"max_batch_size": 2**40}, "read-ahead"),
+        ({"prefetch": 2**30, "max_batch_size": 8}, "read-ahead"),
+    ],
+)
+def test_out_of_range_options(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ds.DynamicBatchProcessor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_shared_telemetry_outlives_one_processor() -> None:
+    telemetry = ds._core.Telemetry.host()
+    first = ds.DynamicBatchProcessor(8, telemetry=telemetry)
+    second = ds.DynamicBatchProcessor(8, telemetry=telemetry)
+    first.close()
+    assert sum(len(batch) for batch in second([torch.zeros(2)] * 10)) == 10
+    assert second.stats().samples == 10
+    telemetry.close()
+
+
+def test_timeouts_of_any_size_are_accepted() -> None:
+    former = ds._core.BatchFormer(
+        [([2], 2, 32, 1)],
+        8,
+        1,
+        ds._core.StagingPool(3),
+        ds._core.SizingController(4, 4),
+        ds._core.Telemetry.scripted(10**9, 10**9),
+        ds._core.StatsRecorder(),
+    )
+    former.close_input()
+    assert former.next_batch(timeout_s=float("inf")) is None
+    assert former.next_batch(timeout_s=1e12) is None
+    with pytest.raises(ValueError, match="max_delay_ms"):
+        ds._core.BatchFormer(
+            [([2], 2, 32, 1)],
+            8,
+            1,
+            ds._core.StagingPool(3),
+            ds._core.SizingController(4, 4),
+            ds._core.Telemetry.scripted(10**9, 10**9),
+            ds._core.StatsRecorder(),
+            max_delay_ms=float("inf"),
+        )
+    former.close()

@@ -173,7 +173,7 @@ def test_collate_function_matches_default_collate() -> None:
     _assert_same_structure_and_values(
         ds.collate(samples), _tuples_kept(default_collate(samples), samples[0])
     )
-    with pytest.raises(ds.InvalidSampleError, match="at least one sample"):
+    with pytest.raises(ValueError, match="at least one sample"):
         ds.collate([])
     with pytest.raises(TypeError, match="sequence of samples"):
         ds.collate(torch.randn(3))  # type: ignore[arg-type]

@@ -111,3 +111,19 @@ def test_other_exceptions_propagate_and_leave_no_thread(no_thread_left: None) ->
         processor.map(broken, tagged_samples(50))
     processor.close()
     del processor
+
+
+def test_ceilings_still_apply_after_reset_stats_and_to_queued_parts() -> None:
+    model = LimitedModel(limit=10)
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=32, min_batch_size=32, oom_errors=(SimulatedOOM,)
+    )
+    for index, batch in enumerate(processor(tagged_samples(640))):
+        if index == 3:
+            processor.reset_stats()
+        try:
+            model(batch)
+        except SimulatedOOM:
+            processor.report_oom()
+    assert sorted(t for run in model.runs for t in run) == list(range(640))
+    assert len(model.failed) <= 3, model.failed

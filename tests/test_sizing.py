@@ -149,7 +149,7 @@ def test_a_short_queue_is_dispatched_after_max_delay() -> None:
 
 def test_without_max_delay_a_short_queue_waits_for_the_target() -> None:
     former, _ = _former(max_delay_ms=0.0, size=32)
-    with pytest.raises(ValueError, match="no batch within the timeout"):
+    with pytest.raises(TimeoutError, match="no batch within the timeout"):
         former.next_batch(timeout_s=0.2)
     former.close_input()  # the end of input closes the batch
     batch = former.next_batch(timeout_s=5.0)

@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -30,10 +31,15 @@ namespace {
 constexpr Nanoseconds signal_check_period_ns = 100'000'000;
 
 Nanoseconds deadline_after(std::optional<double> timeout_s) {
-  if (!timeout_s) {
+  if (!timeout_s || std::isinf(*timeout_s)) {
     return no_deadline;
   }
-  return now_ns() + static_cast<Nanoseconds>(std::max(0.0, *timeout_s) * 1e9);
+  if (std::isnan(*timeout_s)) {
+    throw py::value_error("timeout_s must be a number of seconds, got nan");
+  }
+  // Beyond a century is "never": keeps the conversion to nanoseconds in range.
+  const double seconds = std::clamp(*timeout_s, 0.0, 3.15e9);
+  return now_ns() + static_cast<Nanoseconds>(seconds * 1e9);
 }
 
 using LeafSpec = std::tuple<std::vector<std::int64_t>, int, int, int>; // shape, code, bits, lanes
@@ -106,6 +112,7 @@ py::dict state_to_dict(const SizingState &state) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dynbatch's compiled core (private: use the dynbatch package)";
+  m.attr("__version__") = DYNBATCH_VERSION; // without the device probe build_info() runs
 
   m.def("build_info", [] {
     const BuildInfo info = build_info();
@@ -284,8 +291,8 @@ PYBIND11_MODULE(_core, m) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
              }
-             if (!(max_delay_ms >= 0.0)) {
-               throw py::value_error("max_delay_ms must be >= 0");
+             if (!(max_delay_ms >= 0.0 && max_delay_ms <= 3.6e6)) {
+               throw py::value_error("max_delay_ms must be between 0 and 3600000 (an hour)");
              }
              FormerOptions options;
              options.capacity = capacity;
@@ -332,7 +339,8 @@ PYBIND11_MODULE(_core, m) {
                 throw py::error_already_set();
               }
               if (now_ns() >= deadline) {
-                throw py::value_error("no batch within the timeout");
+                PyErr_SetString(PyExc_TimeoutError, "no batch within the timeout");
+                throw py::error_already_set();
               }
             }
           },
@@ -340,6 +348,7 @@ PYBIND11_MODULE(_core, m) {
       .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),
            py::arg("feedback"))
       .def_property_readonly("bucket", &BatchFormer::bucket)
+      .def_property_readonly("sample_bytes", &BatchFormer::sample_bytes)
       .def("close",
            [](BatchFormer &former) {
              py::gil_scoped_release release;

@@ -209,8 +209,12 @@ void bind_telemetry(py::module_ &m) {
               throw py::type_error("set_scripted() needs telemetry made by Telemetry.scripted()");
             }
             self.scripted->set(make_sample(total, available, rss, utilization));
+            const std::shared_ptr<TelemetrySampler> sampler = self.sampler; // kept across release
+            if (!sampler) {
+              throw std::runtime_error("this Telemetry is closed");
+            }
             py::gil_scoped_release release;
-            open_sampler(self).refresh();
+            sampler->refresh();
           },
           py::arg("memory_total_bytes"), py::arg("memory_available_bytes"),
           py::arg("process_rss_bytes") = 0, py::arg("utilization") = 0.0)
@@ -229,9 +233,11 @@ void bind_telemetry(py::module_ &m) {
       .def("reset_peak", [](PyTelemetry &self) { open_sampler(self).reset_peak(); })
       .def("close", [](PyTelemetry &self) {
         // Drops this handle's reference; the thread stops when no former uses it any more.
-        py::gil_scoped_release release;
-        self.sampler.reset();
+        // The handle changes under the GIL; only the (joining) destruction runs without it.
+        std::shared_ptr<TelemetrySampler> sampler = std::move(self.sampler);
         self.scripted.reset();
+        py::gil_scoped_release release;
+        sampler.reset();
       });
 }
 

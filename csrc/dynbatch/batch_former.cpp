@@ -66,9 +66,9 @@ void BatchFormer::run() {
       {
         std::unique_lock lock(ready_mutex_);
         ready_changed_.wait(lock, [&] {
-          return stopping_ || finished_ || ready_.size() < options_.prefetch_depth;
+          return stopping_ || finished_ || error_ || ready_.size() < options_.prefetch_depth;
         });
-        if (stopping_ || finished_) {
+        if (stopping_ || finished_ || error_) { // an error on the consumer's side ends it too
           return;
         }
       }
@@ -256,6 +256,9 @@ void BatchFormer::close() {
   }
   requests_.close();
   thread_.join();
+  // A consumer may be forming a batch on its own thread: its sources must stay alive until
+  // it is done, so close() returns only after that formation.
+  std::lock_guard form_lock(form_mutex_);
   stats_->add_active_time(now_ns() - started_ns_);
   std::deque<FormedBatch> undelivered;
   {

@@ -86,7 +86,8 @@ public:
   // Fills in the bucket; `sequence` names the batch in the stats.
   void report_feedback(std::uint64_t sequence, BatchFeedback feedback);
   // Costs are learned per input shape; a former's layout is one shape.
-  std::uint64_t bucket() const noexcept { return layout_->sample_bytes(); }
+  std::uint64_t bucket() const noexcept { return layout_->shape_key(); }
+  std::size_t sample_bytes() const noexcept { return layout_->sample_bytes(); }
   void close();
 
   const std::shared_ptr<const BatchLayout> &layout() const noexcept { return layout_; }

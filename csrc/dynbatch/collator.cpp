@@ -41,6 +41,19 @@ BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(lea
     }
     sample_bytes_ += leaf.bytes_per_sample;
   }
+  // FNV-1a over every leaf's dtype and shape.
+  shape_key_ = 14695981039346656037ull;
+  const auto mix = [&](std::uint64_t value) {
+    shape_key_ = (shape_key_ ^ value) * 1099511628211ull;
+  };
+  for (const LeafLayout &leaf : leaves_) {
+    mix((std::uint64_t{leaf.dtype.code} << 24) | (std::uint64_t{leaf.dtype.bits} << 16) |
+        leaf.dtype.lanes);
+    mix(leaf.sample_shape.size());
+    for (const std::int64_t extent : leaf.sample_shape) {
+      mix(static_cast<std::uint64_t>(extent));
+    }
+  }
 }
 
 std::size_t BatchLayout::leaf_offset(std::size_t index, std::size_t batch_size) const {

@@ -30,6 +30,8 @@ public:
   std::size_t leaf_count() const noexcept { return leaves_.size(); }
   const LeafLayout &leaf(std::size_t index) const { return leaves_.at(index); }
   std::size_t sample_bytes() const noexcept { return sample_bytes_; }
+  // Equal for equal leaf shapes and dtypes: what costs are learned per.
+  std::uint64_t shape_key() const noexcept { return shape_key_; }
   // Where leaf `index` of an n-sample batch starts inside the staging buffer.
   std::size_t leaf_offset(std::size_t index, std::size_t batch_size) const;
   std::size_t batch_bytes(std::size_t batch_size) const;
@@ -37,6 +39,7 @@ public:
 private:
   std::vector<LeafLayout> leaves_;
   std::size_t sample_bytes_ = 0;
+  std::uint64_t shape_key_ = 0;
 };
 
 // sources holds batch_size rows of leaf_count() pointers, sample-major.

@@ -155,7 +155,9 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
       ++good_batches_at_ceiling_ >= probe_wait_) {
     // Creep back up, but never to a size that has failed.
     const double grown = std::ceil(static_cast<double>(oom_ceiling_) * (1.0 + options_.probe_step));
-    std::size_t next = clamp(std::max(grown, static_cast<double>(oom_ceiling_ + 1)));
+    // Not clamp(): the OOM ceiling may sit below min_batch_size and must creep up from there.
+    std::size_t next = std::min(options_.max_batch_size,
+                                static_cast<std::size_t>(std::max(grown, oom_ceiling_ + 1.0)));
     if (failed_size_ != 0) {
       next = std::min(next, failed_size_ - 1);
     }

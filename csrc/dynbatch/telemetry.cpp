@@ -132,7 +132,11 @@ void TelemetrySampler::run() {
 
 void TelemetrySampler::refresh() {
   std::lock_guard read_lock(read_mutex_);
-  record(source_->read());
+  try {
+    record(source_->read());
+  } catch (...) {
+    // A failed reading keeps the last one: sizing must not die with a sensor.
+  }
 }
 
 void TelemetrySampler::record(const TelemetrySample &sample) {

@@ -9,6 +9,7 @@ print(processor.stats())
 
 from __future__ import annotations
 
+from . import _core
 from .collate import collate
 from .errors import DynbatchError, InvalidSampleError, UnsupportedLeafError
 from .info import build_info, telemetry
@@ -28,4 +29,5 @@ __all__ = [
     "telemetry",
 ]
 
-__version__: str = build_info()["version"]
+# Not build_info(): its device probe would create a CUDA context in every importing process.
+__version__: str = _core.__version__

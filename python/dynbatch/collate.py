@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _core
-from .errors import InvalidSampleError
 from .torch_bridge import Schema
 
 __all__ = ["collate"]
@@ -24,7 +23,7 @@ def collate(samples: Sequence[Any]) -> Any:
     if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
         raise TypeError(f"collate expects a sequence of samples, got {type(samples).__name__}")
     if len(samples) == 0:
-        raise InvalidSampleError(0, "", "collate needs at least one sample")
+        raise ValueError("collate needs at least one sample")
     schema = Schema(samples[0], 0)
     addresses: list[int] = []
     kept = [schema.admit(sample, index, addresses) for index, sample in enumerate(samples)]

@@ -25,6 +25,8 @@ _PUSH_CHUNK = 16
 
 
 _GPU_UTILIZATION_TARGET = 0.8
+# Samples read ahead are tracked in fixed tables: this bounds their size (and rows fit 32 bits).
+_MAX_READ_AHEAD = 2**22
 
 
 def _default_telemetry() -> _core.Telemetry:
@@ -75,8 +77,9 @@ class DynamicBatchProcessor:
         memory_fraction: before a memory model exists, the share of available memory the
             staged bytes of one batch may take.
         knee_tolerance: how close to its ceiling throughput must be to stop growing (0.05).
-        telemetry: a ``dynbatch._core.Telemetry`` to read memory from (default: the host's,
-            sampled every 50 ms by a core thread).
+        telemetry: a ``dynbatch._core.Telemetry`` to read memory from (default: NVML for the
+            current CUDA device when usable, host memory otherwise, sampled every 50 ms by a
+            core thread). One passed in is not closed by ``close()``.
         clock: nanoseconds now (default ``time.perf_counter_ns``); simulations inject one.
         memory_monitor: per-batch memory feedback (default: torch's CUDA allocator when CUDA
             is available, none otherwise); simulations inject one.
@@ -104,6 +107,11 @@ class DynamicBatchProcessor:
                 f"min_batch_size ({min_batch_size})"
             )
         self.prefetch = _check_size("prefetch", prefetch)
+        if (self.prefetch + 1) * self.max_batch_size > _MAX_READ_AHEAD:
+            raise ValueError(
+                f"(prefetch + 1) * max_batch_size must be at most {_MAX_READ_AHEAD} samples "
+                f"(the read-ahead), got ({prefetch} + 1) * {max_batch_size}"
+            )
         _check_fraction("memory_fraction", memory_fraction, inclusive=True)
         _check_fraction("knee_tolerance", knee_tolerance, inclusive=False)
         if latency_slo_ms is not None:
@@ -111,8 +119,10 @@ class DynamicBatchProcessor:
                 raise TypeError(
                     f"latency_slo_ms must be a number, got {type(latency_slo_ms).__name__}"
                 )
-            if not latency_slo_ms > 0:
-                raise ValueError(f"latency_slo_ms must be positive, got {latency_slo_ms}")
+            if not 1e-3 <= latency_slo_ms <= 3.6e6:  # 1 us .. an hour, and finite
+                raise ValueError(
+                    f"latency_slo_ms must be between 0.001 and 3600000, got {latency_slo_ms}"
+                )
         if not isinstance(oom_errors, tuple) or not all(
             isinstance(kind, type) and issubclass(kind, BaseException) for kind in oom_errors
         ):
@@ -122,6 +132,7 @@ class DynamicBatchProcessor:
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning nanoseconds")
 
+        self._owns_telemetry = telemetry is None  # a caller's telemetry may be shared
         self._telemetry = telemetry if telemetry is not None else _default_telemetry()
         on_gpu = self._telemetry.source.startswith("nvml")
         self._policy = _core.SizingController(
@@ -149,6 +160,7 @@ class DynamicBatchProcessor:
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
         self._last_iterator: weakref.ref[BatchIterator] | None = None
         self._split_batches = 0
+        self._oom_seen = False  # from then on, batches are checked against the ceilings
         self._closed = False
 
     def __call__(self, data: Iterable[Any], /) -> BatchIterator:
@@ -240,7 +252,8 @@ class DynamicBatchProcessor:
         for iterator in list(self._iterators):
             iterator.close()
         self._final_telemetry = self._telemetry_reading()  # stats() still works after close
-        self._telemetry.close()
+        if self._owns_telemetry:
+            self._telemetry.close()
 
     def __enter__(self) -> DynamicBatchProcessor:
         return self
@@ -338,6 +351,7 @@ class BatchIterator(Iterator[Any]):
             self.close()
             raise error
         processor._split_batches += 1
+        processor._oom_seen = True
         # Halves, or smaller when the lowered ceilings (the OOM one, or memory that another
         # process took meanwhile) say a half would not fit either.
         chunk = min(-(-part.size // 2), self._fitting_size())
@@ -399,7 +413,7 @@ class BatchIterator(Iterator[Any]):
         # Asking for a size with the current reading refreshes the ceilings (changes nothing).
         policy.next_batch_size(
             0,
-            self._former.bucket,
+            self._former.sample_bytes,
             reading["memory_available_bytes"],
             reading["memory_total_bytes"],
             reading["utilization"],
@@ -410,8 +424,20 @@ class BatchIterator(Iterator[Any]):
 
     def _next_part(self) -> _Part | None:
         """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
-        if self._parts:
-            return self._parts.popleft()
+        part = self._parts.popleft() if self._parts else self._next_core_part()
+        if part is None or not self._processor._oom_seen:
+            return part
+        ceiling = self._fitting_size()
+        if part.size <= ceiling:
+            return part
+        # Formed (or split) before the ceiling dropped: deliver it in parts that fit.
+        self._processor._split_batches += 1
+        pieces = part.split(ceiling)
+        self._parts.extendleft(reversed(pieces[1:]))
+        return pieces[0]
+
+    def _next_core_part(self) -> _Part | None:
+        """The core's next batch; None at the end of input."""
         if self._former is None and not self._start():
             return None
         assert self._former is not None and self._schema is not None
@@ -419,15 +445,7 @@ class BatchIterator(Iterator[Any]):
         batch = self._former.next_batch()
         if batch is None:
             return None
-        part = self._assemble(batch)
-        ceiling = self._fitting_size() if self._processor._split_batches else 0
-        if ceiling and part.size > ceiling:
-            # Formed before the ceiling dropped: deliver it in parts that fit.
-            self._processor._split_batches += 1
-            pieces = part.split(ceiling)
-            self._parts.extendleft(reversed(pieces[1:]))
-            return pieces[0]
-        return part
+        return self._assemble(batch)
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -465,7 +483,7 @@ class BatchIterator(Iterator[Any]):
         keep = self._kept.append
         admit = schema.admit
         # The lone-tensor check inlined: this loop runs once per sample.
-        lone_tensor = schema.single_tensor
+        lone_tensor = schema.fast_path
         dtype, shape = schema.leaves[0].dtype, schema.leaves[0].shape
         strided, tensor_type = torch.strided, torch.Tensor
         index = first_id = self._read
@@ -482,6 +500,7 @@ class BatchIterator(Iterator[Any]):
                     and sample.is_cpu
                     and sample.layout is strided
                     and sample.is_contiguous()
+                    and not sample.is_neg()
                 ):
                     addresses.append(sample.data_ptr())
                     keep(sample)

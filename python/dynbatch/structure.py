@@ -28,12 +28,6 @@ class TreeDef:
     node_type: type | None = None  # the namedtuple class
     children: tuple[TreeDef, ...] = ()
 
-    @property
-    def leaf_count(self) -> int:
-        if self.kind == LEAF:
-            return 1
-        return sum(child.leaf_count for child in self.children)
-
     def leaf_paths(self, prefix: str = "") -> list[str]:
         """Paths like ``['image'][0]``, in flatten order."""
         if self.kind == LEAF:

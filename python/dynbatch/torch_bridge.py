@@ -62,7 +62,7 @@ def _torch_dtype_of_numpy(array: Any) -> torch.dtype | None:
         np = _numpy()
         try:
             cached = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-        except TypeError:
+        except (TypeError, ValueError):  # object dtypes; non-native byte order
             return None
         _numpy_dtype_cache[dtype] = cached
     return cached
@@ -103,16 +103,17 @@ class Schema:
                 core_index += 1
             specs.append(spec)
         self.leaves: tuple[LeafSpec, ...] = tuple(specs)
-        self.core_leaf_count = core_index
-        # A lone tensor is by far the most common sample: it skips the generic walk.
         self.single_tensor = self.treedef.kind == "leaf" and specs[0].kind == TENSOR
+        # A lone real tensor is by far the most common sample: it skips the generic walk
+        # (complex ones may carry a lazy conjugate, which the generic walk resolves).
+        self.fast_path = self.single_tensor and not specs[0].dtype.is_complex
 
     def core_descriptors(self) -> list[tuple[list[int], int, int, int]]:
         return [spec.core_descriptor() for spec in self.leaves if spec.kind == TENSOR]
 
     def admit(self, sample: Any, index: int, addresses: list[int]) -> Any:
         """Checks ``sample``, appends its core addresses, returns what must stay alive."""
-        if self.single_tensor and type(sample) is torch.Tensor:
+        if self.fast_path and type(sample) is torch.Tensor:
             spec = self.leaves[0]
             if (
                 sample.dtype is spec.dtype
@@ -120,6 +121,7 @@ class Schema:
                 and sample.is_cpu
                 and sample.is_contiguous()
                 and sample.layout is torch.strided
+                and not sample.is_neg()
             ):
                 addresses.append(sample.data_ptr())
                 return sample
@@ -166,9 +168,9 @@ def split_outputs(output: Any, size: int) -> list[Any]:
     columns: list[Any] = []
     for path, leaf in zip(treedef.leaf_paths(), leaves, strict=True):
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            got = "a 0-d tensor" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
             raise ValueError(
-                f"model output{path or ''} must be a tensor with a batch dimension, "
-                f"got {type(leaf).__name__}"
+                f"model output{path or ''} must be a tensor with a batch dimension, got {got}"
             )
         if leaf.shape[0] != size:
             raise ValueError(
@@ -180,8 +182,17 @@ def split_outputs(output: Any, size: int) -> list[Any]:
     return [unflatten(treedef, [column[i] for column in columns]) for i in range(size)]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int_range(leaf: Any, index: int, path: str) -> None:
+    if type(leaf) is int and not _INT64_MIN <= leaf <= _INT64_MAX:
+        raise InvalidSampleError(index, path, f"the int {leaf} does not fit in int64")
+
+
 def _spec_of(index: int, path: str, leaf: Any, core_index: int) -> LeafSpec:
     if type(leaf) in _NUMBER_DTYPES:
+        _check_int_range(leaf, index, path)
         return LeafSpec(path, NUMBER, _NUMBER_DTYPES[type(leaf)], (), -1)
     host = _host_leaf(index, path, leaf)
     dtype = _dtype_of(host)
@@ -202,10 +213,14 @@ def _host_leaf(index: int, path: str, leaf: Any) -> Any:
             )
         if leaf.is_sparse or leaf.layout != torch.strided:
             raise UnsupportedLeafError(index, path, f"a {leaf.layout} tensor cannot be stacked")
+        if leaf.is_conj() or leaf.is_neg():  # lazy views: data_ptr() holds the unresolved values
+            leaf = leaf.resolve_conj().resolve_neg()
         return leaf if leaf.is_contiguous() else leaf.contiguous()
     if _is_numpy_leaf(leaf):
         np = _numpy()
         array = np.asarray(leaf)  # ascontiguousarray would turn a scalar into shape (1,)
+        if not array.dtype.isnative:  # big-endian data from a file: swap once, here
+            array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         if _torch_dtype_of_numpy(array) is None:
@@ -261,6 +276,7 @@ def _check_number(spec: LeafSpec, leaf: Any, index: int, first_index: int) -> An
     kind = type(leaf)
     if kind in _NUMBER_DTYPES:
         if _NUMBER_DTYPES[kind] == spec.dtype or (spec.dtype == torch.float64 and kind is int):
+            _check_int_range(leaf, index, spec.path)
             return leaf
     else:
         _host_leaf(index, spec.path, leaf)  # a leaf that can never batch says so

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -528,6 +529,11 @@ TEST_CASE(error_in_former_thread_is_rethrown_by_next_batch) {
   CHECK_EQ(delivered % 2, 0u);
   FormedBatch batch;
   CHECK_THROWS_AS(rig.former->next_batch(batch, now_ns() + hang_bound_ns), std::runtime_error);
+  // After the error the former thread must rest, not spin: the process stays nearly idle.
+  const std::clock_t cpu_before = std::clock();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const double cpu_seconds = static_cast<double>(std::clock() - cpu_before) / CLOCKS_PER_SEC;
+  CHECK_LT(cpu_seconds, 0.15);
   rig.former->close();
 }
 
