@@ -279,3 +279,10 @@ def test_nvml_readings_match_pynvml(no_thread_left: None) -> None:
     assert abs(latest["memory_available_bytes"] - expected.free) <= tolerance
     assert 0.0 <= latest["utilization"] <= 1.0
     telemetry.close()
+
+
+def test_pci_bus_id_maps_to_nvml_numbering(fake_nvml: FakeLibrary) -> None:
+    library = str(fake_nvml("fake_nvml"))
+    assert _core.nvml_index_of_pci_bus_id("00000000:5E:00.0", library=library) == 1
+    assert _core.nvml_index_of_pci_bus_id("00000000:99:00.0", library=library) == -1
+    assert _core.nvml_index_of_pci_bus_id("00000000:3B:00.0", library="/nonexistent.so") == -1

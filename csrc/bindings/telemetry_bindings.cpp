@@ -112,6 +112,20 @@ void bind_telemetry(py::module_ &m) {
       py::arg("library") = py::none());
 
   m.def(
+      "nvml_index_of_pci_bus_id",
+      [](const std::string &pci_bus_id, const py::object &library) {
+        std::shared_ptr<const NvmlLibrary> nvml = open_nvml(library);
+        int index = -1;
+        {
+          py::gil_scoped_release release;
+          index = nvml->index_of_pci_bus_id(pci_bus_id);
+        }
+        release_nvml(nvml);
+        return index;
+      },
+      py::arg("pci_bus_id"), py::arg("library") = py::none());
+
+  m.def(
       "nvml_devices",
       [](const py::object &library) {
         std::shared_ptr<const NvmlLibrary> nvml = open_nvml(library);

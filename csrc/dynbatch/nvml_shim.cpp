@@ -72,6 +72,9 @@ bool NvmlLibrary::open_and_resolve() {
     return false;
   }
   resolve(handle_, "nvmlDeviceGetMemoryInfo_v2", api_.optional.nvmlDeviceGetMemoryInfo_v2);
+  resolve(handle_, "nvmlDeviceGetHandleByPciBusId_v2",
+          api_.optional.nvmlDeviceGetHandleByPciBusId_v2);
+  resolve(handle_, "nvmlDeviceGetIndex", api_.optional.nvmlDeviceGetIndex);
   return true;
 }
 
@@ -182,6 +185,21 @@ NvmlDeviceReading NvmlLibrary::read_device(unsigned index, bool with_name) const
     append_error(reading.error, "nvmlDeviceGetUtilizationRates failed: " + error_string(rc));
   }
   return reading;
+}
+
+int NvmlLibrary::index_of_pci_bus_id(const std::string &pci_bus_id) const {
+  const auto &by_bus_id = api_.optional.nvmlDeviceGetHandleByPciBusId_v2;
+  const auto &index_of = api_.optional.nvmlDeviceGetIndex;
+  if (!available() || by_bus_id == nullptr || index_of == nullptr) {
+    return -1;
+  }
+  nvml::nvmlDevice_t device = nullptr;
+  unsigned int index = 0;
+  if (by_bus_id(pci_bus_id.c_str(), &device) != NVML_SUCCESS ||
+      index_of(device, &index) != NVML_SUCCESS) {
+    return -1;
+  }
+  return static_cast<int>(index);
 }
 
 } // namespace dynbatch

@@ -10,7 +10,8 @@
 //   is thread-safe). NVML calls may block briefly in the driver; none touches Python.
 // - The destructor balances its own nvmlInit_v2 with nvmlShutdown (NVML counts them per
 //   process) and dlcloses. process_default() is never destroyed (see nvml_shim.cpp).
-// - Device indices are NVML's, which ignore CUDA_VISIBLE_DEVICES.
+// - Device indices are NVML's, which ignore CUDA_VISIBLE_DEVICES; index_of_pci_bus_id()
+//   translates a CUDA device's PCI bus id.
 // - The NVML types below are declared from NVML's public API documentation, so building needs
 //   no nvml.h; only what dynbatch calls is declared.
 
@@ -79,6 +80,10 @@ struct NvmlApi {
     // R510 and later: adds the memory reserved by the driver and firmware.
     nvml::nvmlReturn_t (*nvmlDeviceGetMemoryInfo_v2)(nvml::nvmlDevice_t,
                                                      nvml::nvmlMemory_v2_t *) = nullptr;
+    // Map a CUDA device (known by its PCI bus id) to NVML's numbering.
+    nvml::nvmlReturn_t (*nvmlDeviceGetHandleByPciBusId_v2)(const char *,
+                                                           nvml::nvmlDevice_t *) = nullptr;
+    nvml::nvmlReturn_t (*nvmlDeviceGetIndex)(nvml::nvmlDevice_t, unsigned int *) = nullptr;
   };
   Required required;
   Optional optional;
@@ -130,6 +135,11 @@ public:
   // Memory and utilization of one device (its name too when with_name). Never throws for an
   // NVML error: what failed is in .error, and the *_ok flags say which parts are valid.
   NvmlDeviceReading read_device(unsigned index, bool with_name) const;
+
+  // NVML's index of the device at `pci_bus_id` ("domain:bus:device.function", e.g.
+  // "00000000:3B:00.0"), which is how a CUDA device index (subject to CUDA_VISIBLE_DEVICES
+  // and CUDA's ordering) finds its NVML counterpart. -1 when unknown or unsupported.
+  int index_of_pci_bus_id(const std::string &pci_bus_id) const;
 
 private:
   bool open_and_resolve();

@@ -14,6 +14,9 @@ def host_telemetry() -> dict[str, Any]: ...
 def nvml_status(library: str | PathLike[str] | None = None) -> dict[str, Any]:
     """available, reason, device_count, library; None: the process-wide default library."""
 
+def nvml_index_of_pci_bus_id(pci_bus_id: str, library: str | PathLike[str] | None = None) -> int:
+    """NVML's index of the device at this PCI bus id; -1 when unknown."""
+
 def nvml_devices(library: str | PathLike[str] | None = None) -> list[dict[str, Any]]:
     """One reading per device NVML sees (empty when NVML is unavailable)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import weakref
 from collections import deque
@@ -31,8 +32,27 @@ _MAX_READ_AHEAD = 2**22
 
 def _default_telemetry() -> _core.Telemetry:
     """The current CUDA device's NVML readings when usable, host memory otherwise."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else -1
-    return _core.Telemetry.auto(device, 0.05)
+    return _core.Telemetry.auto(_nvml_index_of_current_device(), 0.05)
+
+
+def _nvml_index_of_current_device() -> int:
+    """NVML numbers devices its own way (CUDA_VISIBLE_DEVICES and CUDA's fastest-first order
+    do not apply), so the CUDA device is found by its PCI bus id; -1 without CUDA."""
+    if not torch.cuda.is_available():
+        return -1
+    device = torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(device)
+    bus = getattr(properties, "pci_bus_id", None)
+    if bus is not None:
+        bus_id = (
+            f"{getattr(properties, 'pci_domain_id', 0):08X}:{bus:02X}:"
+            f"{getattr(properties, 'pci_device_id', 0):02X}.0"
+        )
+        index = _core.nvml_index_of_pci_bus_id(bus_id)
+        if index >= 0:
+            return index
+    # No bus id (an older torch or driver): the numbering agrees only when nothing remaps it.
+    return device if "CUDA_VISIBLE_DEVICES" not in os.environ else -1
 
 
 def _check_fraction(name: str, value: object, *, inclusive: bool) -> None:

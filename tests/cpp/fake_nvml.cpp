@@ -42,6 +42,7 @@ namespace {
 constexpr nvmlReturn_t NVML_SUCCESS = 0;
 constexpr nvmlReturn_t NVML_ERROR_UNINITIALIZED = 1;
 constexpr nvmlReturn_t NVML_ERROR_INVALID_ARGUMENT = 2;
+constexpr nvmlReturn_t NVML_ERROR_NOT_FOUND = 6;
 constexpr nvmlReturn_t NVML_ERROR_INSUFFICIENT_SIZE = 7;
 constexpr nvmlReturn_t NVML_ERROR_DRIVER_NOT_LOADED = 9;
 constexpr nvmlReturn_t NVML_ERROR_GPU_IS_LOST = 15;
@@ -153,6 +154,34 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
   }
   *device = reinterpret_cast<nvmlDevice_t>(&devices[index]);
   return NVML_SUCCESS;
+}
+
+// The fake's devices sit at PCI buses 0x3B (device 0) and 0x5E (device 1).
+nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pci_bus_id, nvmlDevice_t *device) {
+  if (init_count.load() == 0) {
+    return NVML_ERROR_UNINITIALIZED;
+  }
+  if (pci_bus_id == nullptr || device == nullptr) {
+    return NVML_ERROR_INVALID_ARGUMENT;
+  }
+  const char *const bus_ids[device_count] = {"00000000:3B:00.0", "00000000:5E:00.0"};
+  for (unsigned index = 0; index < device_count; ++index) {
+    if (std::strcmp(pci_bus_id, bus_ids[index]) == 0) {
+      *device = reinterpret_cast<nvmlDevice_t>(&devices[index]);
+      return NVML_SUCCESS;
+    }
+  }
+  return NVML_ERROR_NOT_FOUND;
+}
+
+nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index) {
+  for (unsigned i = 0; i < device_count; ++i) {
+    if (reinterpret_cast<nvmlDevice_t>(&devices[i]) == device && index != nullptr) {
+      *index = i;
+      return NVML_SUCCESS;
+    }
+  }
+  return NVML_ERROR_INVALID_ARGUMENT;
 }
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {

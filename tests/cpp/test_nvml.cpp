@@ -87,6 +87,15 @@ TEST_CASE(loads_fake_library_and_resolves_the_table) {
   CHECK_EQ(nvml.error_string(9), std::string("Driver Not Loaded (NVML error 9)"));
 }
 
+TEST_CASE(pci_bus_id_maps_a_cuda_device_to_nvml_numbering) {
+  NvmlLibrary nvml(DYNBATCH_FAKE_NVML);
+  CHECK_EQ(nvml.index_of_pci_bus_id("00000000:3B:00.0"), 0);
+  CHECK_EQ(nvml.index_of_pci_bus_id("00000000:5E:00.0"), 1);
+  CHECK_EQ(nvml.index_of_pci_bus_id("00000000:99:00.0"), -1);
+  NvmlLibrary missing("/nonexistent/libnvidia-ml.so.1");
+  CHECK_EQ(missing.index_of_pci_bus_id("00000000:3B:00.0"), -1);
+}
+
 TEST_CASE(reads_exact_fake_values_through_memory_v2) {
   NvmlLibrary nvml(DYNBATCH_FAKE_NVML);
   const NvmlDeviceReading zero = nvml.read_device(0, true);
