@@ -31,7 +31,12 @@ class NoMemoryMonitor:
 
 
 class CudaMemoryMonitor:
-    """torch's caching allocator on one device: peak allocated, reset per batch."""
+    """torch's caching allocator on one device: peak allocated, reset per batch.
+
+    torch keeps one peak per device, so this resets ``torch.cuda.max_memory_allocated``
+    for that device at every batch; code that tracks its own peak across batches should pass
+    ``memory_monitor=NoMemoryMonitor()`` (sizing then relies on NVML headroom alone).
+    """
 
     def __init__(self, device: int) -> None:
         self._device = device
