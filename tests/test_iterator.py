@@ -202,3 +202,30 @@ def test_interpreter_exit_with_a_live_iteration_neither_hangs_nor_crashes() -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "exiting"
+
+
+def test_closing_from_another_thread_ends_the_loop_cleanly(no_thread_left: None) -> None:
+    import threading
+
+    data = [torch.randn(256, 256) for _ in range(2000)]  # 16 MiB batches: copies take a while
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def loop(processor: ds.DynamicBatchProcessor) -> None:
+        try:
+            for batch in processor(data):
+                seen.append(len(batch))
+        except BaseException as error:  # any exception here is the failure
+            errors.append(error)
+
+    for _ in range(10):
+        seen.clear()
+        processor = ds.DynamicBatchProcessor(max_batch_size=64, min_batch_size=64)
+        worker = threading.Thread(target=loop, args=(processor,))
+        worker.start()
+        time.sleep(0.02)
+        processor.close()  # mid-way through, most likely while a batch is being copied
+        worker.join(timeout=30)
+        assert not worker.is_alive() and not errors, errors
+        assert all(size == 64 for size in seen[:-1])
+        del processor

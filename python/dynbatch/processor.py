@@ -315,6 +315,7 @@ class BatchIterator(Iterator[Any]):
         self._yielded_ns = 0
         self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
+        self._busy = False  # inside __next__: close() from another thread defers the release
         self._closed = False
 
     def __iter__(self) -> BatchIterator:
@@ -324,11 +325,12 @@ class BatchIterator(Iterator[Any]):
         resumed_ns = self._processor._clock()
         if self._closed:
             raise StopIteration
+        self._busy = True
         try:
             self._finish_current(resumed_ns)
-            part = self._next_part()
-            if part is None:
-                deferred = self._deferred
+            part = None if self._closed else self._next_part()
+            if part is None or self._closed:  # the end, or closed from another thread
+                deferred = None if self._closed else self._deferred
                 self.close()
                 if deferred is not None:
                     raise deferred
@@ -336,6 +338,10 @@ class BatchIterator(Iterator[Any]):
         except BaseException:
             self.close()
             raise
+        finally:
+            self._busy = False
+            if self._closed:
+                self._release()
         assert self._schema is not None
         self._current = part
         self._processor._last_iterator = weakref.ref(self)
@@ -389,8 +395,12 @@ class BatchIterator(Iterator[Any]):
             return
         self._closed = True
         if self._former is not None:
-            self._former.close()
-            self._former = None
+            self._former.close()  # returns once a formation on the iterating thread is done
+        if not self._busy:  # else the iterating thread releases when its step ends
+            self._release()
+
+    def _release(self) -> None:
+        self._former = None
         self._kept.clear()
         self._parts.clear()
         self._current = None
@@ -463,7 +473,7 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None and self._schema is not None
         self._fill()
         batch = self._former.next_batch()
-        if batch is None:
+        if batch is None or self._closed:
             return None
         return self._assemble(batch)
 
@@ -547,8 +557,9 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None
         count = self._read - first_id
         accepted = self._former.push(first_id, count, addresses)
-        # The read-ahead never exceeds the core's capacity, so a refusal is a bug, not load.
-        if accepted != count:
+        # The read-ahead never exceeds the core's capacity, so a refusal is a bug, not load
+        # (or the iterator was closed from another thread, and the step ends anyway).
+        if accepted != count and not self._closed:
             raise RuntimeError(
                 f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
             )
