@@ -31,7 +31,6 @@ public:
   bool has_line() const noexcept { return points_.size() >= 2; }
   double intercept() const noexcept { return intercept_; }
   double slope() const noexcept { return slope_; }
-  double predict(double x) const noexcept { return intercept_ + slope_ * x; }
   // The smallest x whose x / y is within `tolerance` of the largest x / y among the points (for
   // times: the smallest size whose measured throughput is near the best); 0 without points.
   double smallest_x_near_best_ratio(double tolerance) const noexcept;
