@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "batch_bindings.hpp"
 #include "dynbatch/batch_former.hpp"
 #include "dynbatch/blocking_queue.hpp"
 #include "dynbatch/build_info.hpp"
@@ -22,74 +23,17 @@
 
 namespace py = pybind11;
 using namespace dynbatch;
+using dynbatch::bindings::as_pointers;
+using dynbatch::bindings::bind_former;
 using dynbatch::bindings::bind_telemetry;
+using dynbatch::bindings::deadline_after;
+using dynbatch::bindings::LeafSpec;
+using dynbatch::bindings::make_layout;
+using dynbatch::bindings::PyBatch;
 using dynbatch::bindings::PyTelemetry;
+using dynbatch::bindings::reason_name;
 
 namespace {
-
-// A consumer waiting in the core wakes this often to let Python deliver Ctrl-C.
-constexpr Nanoseconds signal_check_period_ns = 100'000'000;
-
-Nanoseconds deadline_after(std::optional<double> timeout_s) {
-  if (!timeout_s || std::isinf(*timeout_s)) {
-    return no_deadline;
-  }
-  if (std::isnan(*timeout_s)) {
-    throw py::value_error("timeout_s must be a number of seconds, got nan");
-  }
-  // Beyond a century is "never": keeps the conversion to nanoseconds in range.
-  const double seconds = std::clamp(*timeout_s, 0.0, 3.15e9);
-  return now_ns() + static_cast<Nanoseconds>(seconds * 1e9);
-}
-
-using LeafSpec = std::tuple<std::vector<std::int64_t>, int, int, int>; // shape, code, bits, lanes
-
-BatchLayout make_layout(const std::vector<LeafSpec> &leaves) {
-  std::vector<LeafLayout> layouts;
-  layouts.reserve(leaves.size());
-  for (const auto &[shape, code, bits, lanes] : leaves) {
-    LeafLayout leaf;
-    leaf.sample_shape = shape;
-    leaf.dtype = {static_cast<std::uint8_t>(code), static_cast<std::uint8_t>(bits),
-                  static_cast<std::uint16_t>(lanes)};
-    std::size_t elements = 1;
-    for (const std::int64_t extent : shape) {
-      elements *= static_cast<std::size_t>(std::max<std::int64_t>(extent, 0));
-    }
-    leaf.bytes_per_sample = elements * static_cast<std::size_t>(bits * lanes) / 8;
-    layouts.push_back(std::move(leaf));
-  }
-  return BatchLayout(std::move(layouts));
-}
-
-std::vector<const void *> as_pointers(const std::vector<std::uintptr_t> &addresses) {
-  std::vector<const void *> pointers(addresses.size());
-  for (std::size_t i = 0; i < addresses.size(); ++i) {
-    pointers[i] = reinterpret_cast<const void *>(addresses[i]);
-  }
-  return pointers;
-}
-
-// A formed batch on its way to Python: owns the slot until every exported leaf is gone.
-struct PyBatch {
-  FormedBatch batch;
-  std::shared_ptr<const BatchLayout> layout;
-
-  py::capsule leaf(std::size_t index) const {
-    if (index >= layout->leaf_count()) {
-      throw py::index_error("leaf " + std::to_string(index) + " out of range");
-    }
-    dlpack::DLManagedTensor *tensor = export_leaf(batch.lease, *layout, index, batch.ids.size());
-    // Unconsumed capsules free their tensor; torch renames consumed ones to "used_dltensor".
-    return py::capsule(tensor, "dltensor", [](PyObject *capsule) {
-      if (PyCapsule_IsValid(capsule, "dltensor")) {
-        auto *owned =
-            static_cast<dlpack::DLManagedTensor *>(PyCapsule_GetPointer(capsule, "dltensor"));
-        owned->deleter(owned);
-      }
-    });
-  }
-};
 
 py::dict state_to_dict(const SizingState &state) {
   py::dict out;
@@ -254,108 +198,62 @@ PYBIND11_MODULE(_core, m) {
   py::class_<StatsRecorder, std::shared_ptr<StatsRecorder>>(m, "StatsRecorder")
       .def(py::init<std::size_t>(), py::arg("ring_capacity") = 4096)
       .def("reset", &StatsRecorder::reset)
-      .def("snapshot", [](const StatsRecorder &recorder) {
-        const StatsSnapshot snapshot = recorder.snapshot();
-        py::dict out;
-        out["batches"] = snapshot.batches;
-        out["samples"] = snapshot.samples;
-        out["collate_ns"] = snapshot.collate_ns;
-        out["compute_ns"] = snapshot.compute_ns;
-        out["active_ns"] = snapshot.active_ns;
-        out["histogram"] = snapshot.histogram;
-        py::list recent;
-        for (const BatchRecord &record : snapshot.recent) {
-          recent.append(py::make_tuple(record.sequence, record.batch_size, record.target,
-                                       record.first_enqueue_ns, record.formed_ns,
-                                       record.delivered_ns, record.collate_ns, record.compute_ns,
-                                       record.memory_available_bytes));
-        }
-        out["recent"] = recent;
-        return out;
-      });
-
-  py::class_<PyBatch>(m, "Batch")
-      .def_property_readonly("sequence", [](const PyBatch &self) { return self.batch.sequence; })
-      .def_property_readonly("size", [](const PyBatch &self) { return self.batch.ids.size(); })
-      .def_property_readonly("ids", [](const PyBatch &self) { return self.batch.ids; })
-      .def_property_readonly("target", [](const PyBatch &self) { return self.batch.target; })
-      .def_property_readonly("collate_ns",
-                             [](const PyBatch &self) { return self.batch.collate_ns; })
-      .def("leaf", &PyBatch::leaf, py::arg("index"));
-
-  py::class_<BatchFormer>(m, "BatchFormer")
-      .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
-                       std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
-                       std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
-                       std::shared_ptr<StatsRecorder> stats, double max_delay_ms) {
-             if (!telemetry.sampler) {
-               throw py::value_error("telemetry was closed");
+      .def("snapshot",
+           [](const StatsRecorder &recorder) {
+             const StatsSnapshot snapshot = recorder.snapshot();
+             py::dict out;
+             out["batches"] = snapshot.batches;
+             out["samples"] = snapshot.samples;
+             out["collate_ns"] = snapshot.collate_ns;
+             out["compute_ns"] = snapshot.compute_ns;
+             out["active_ns"] = snapshot.active_ns;
+             out["histogram"] = snapshot.histogram;
+             py::list recent;
+             for (const BatchRecord &record : snapshot.recent) {
+               recent.append(py::make_tuple(record.sequence, record.batch_size, record.target,
+                                            record.first_enqueue_ns, record.formed_ns,
+                                            record.delivered_ns, record.collate_ns,
+                                            record.compute_ns, record.memory_available_bytes));
              }
-             if (!(max_delay_ms >= 0.0 && max_delay_ms <= 3.6e6)) {
-               throw py::value_error("max_delay_ms must be between 0 and 3600000 (an hour)");
+             out["recent"] = recent;
+             py::dict released_by;
+             for (std::size_t reason = 0; reason < release_reason_count; ++reason) {
+               released_by[reason_name(static_cast<ReleaseReason>(reason))] =
+                   snapshot.released_by[reason];
              }
-             FormerOptions options;
-             options.capacity = capacity;
-             options.prefetch_depth = prefetch_depth;
-             options.max_delay_ns = static_cast<Nanoseconds>(max_delay_ms * 1e6);
-             return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
-                                                  std::move(policy), telemetry.sampler,
-                                                  std::move(stats));
-           }),
-           py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
-           py::arg("policy"), py::arg("telemetry"), py::arg("stats"), py::arg("max_delay_ms") = 0.0)
-      .def(
-          "push",
-          [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
-             const std::vector<std::uintptr_t> &addresses) {
-            std::vector<std::uint64_t> ids(count);
-            for (std::size_t i = 0; i < ids.size(); ++i) {
-              ids[i] = first_id + i;
-            }
-            const std::vector<const void *> sources = as_pointers(addresses);
-            return former.push(ids, sources); // never blocks: no GIL release on the hot path
-          },
-          py::arg("first_id"), py::arg("count"), py::arg("addresses"))
-      .def("close_input", &BatchFormer::close_input)
-      .def(
-          "next_batch",
-          [](BatchFormer &former, std::optional<double> timeout_s) -> std::optional<PyBatch> {
-            const Nanoseconds deadline = deadline_after(timeout_s);
-            for (;;) {
-              PyBatch out{FormedBatch{}, former.layout()};
-              NextStatus status = NextStatus::timeout;
-              {
-                py::gil_scoped_release release;
-                status = former.next_batch(out.batch,
-                                           std::min(deadline, now_ns() + signal_check_period_ns));
-              }
-              if (status == NextStatus::batch) {
-                return out;
-              }
-              if (status == NextStatus::finished) {
-                return std::nullopt;
-              }
-              if (PyErr_CheckSignals() != 0) {
-                throw py::error_already_set();
-              }
-              if (now_ns() >= deadline) {
-                PyErr_SetString(PyExc_TimeoutError, "no batch within the timeout");
-                throw py::error_already_set();
-              }
-            }
-          },
-          py::arg("timeout_s") = py::none())
-      .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),
-           py::arg("feedback"))
-      .def_property_readonly("bucket", &BatchFormer::bucket)
-      .def_property_readonly("sample_bytes", &BatchFormer::sample_bytes)
-      .def("close",
-           [](BatchFormer &former) {
-             py::gil_scoped_release release;
-             former.close();
+             out["released_by"] = released_by;
+             py::dict priorities;
+             for (const auto &[priority, stats] : snapshot.priorities) {
+               py::dict entry;
+               entry["dispatched"] = stats.dispatched;
+               entry["timed_out"] = stats.timed_out;
+               entry["cancelled"] = stats.cancelled;
+               entry["failed"] = stats.failed;
+               entry["queue_wait_p50_ns"] = stats.queue_wait.percentile(0.5);
+               entry["queue_wait_p99_ns"] = stats.queue_wait.percentile(0.99);
+               priorities[py::int_(priority)] = entry;
+             }
+             out["priorities"] = priorities;
+             return out;
            })
-      .def_property_readonly("capacity", &BatchFormer::capacity)
-      .def_property_readonly("queued", &BatchFormer::queued);
+      .def(
+          "record_outcome",
+          [](StatsRecorder &recorder, std::int32_t priority, const std::string &outcome,
+             std::uint64_t count) {
+            if (outcome == "timed_out") {
+              recorder.record_outcome(priority, RequestOutcome::timed_out, count);
+            } else if (outcome == "cancelled") {
+              recorder.record_outcome(priority, RequestOutcome::cancelled, count);
+            } else if (outcome == "failed") {
+              recorder.record_outcome(priority, RequestOutcome::failed, count);
+            } else {
+              throw py::value_error("outcome must be timed_out, cancelled or failed, got " +
+                                    outcome);
+            }
+          },
+          py::arg("priority"), py::arg("outcome"), py::arg("count") = 1);
+
+  bind_former(m);
 
   m.def(
       "collate",

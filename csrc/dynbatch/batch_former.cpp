@@ -1,10 +1,27 @@
 #include "dynbatch/batch_former.hpp"
 
+#include <algorithm>
 #include <bit>
 #include <chrono>
 #include <stdexcept>
 
 namespace dynbatch {
+
+namespace {
+
+// A batch is released this long before a waiting request's deadline, so that it is dispatched
+// in time rather than found late.
+constexpr Nanoseconds deadline_slack_ns = 1'000'000;
+
+Nanoseconds saturating_add(Nanoseconds a, Nanoseconds b) noexcept {
+  return b >= no_deadline - a ? no_deadline : a + b;
+}
+
+std::size_t table_size(std::size_t capacity) {
+  return std::bit_ceil(std::max<std::size_t>(capacity, 1));
+}
+
+} // namespace
 
 BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
                          std::shared_ptr<StagingPool> pool, std::shared_ptr<SizingPolicy> policy,
@@ -13,12 +30,14 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
     : layout_(std::make_shared<const BatchLayout>(std::move(layout))), options_(options),
       pool_(std::move(pool)), policy_(std::move(policy)), telemetry_(std::move(telemetry)),
       stats_(std::move(stats)), started_ns_(now_ns()),
-      rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1)) *
-            std::max<std::size_t>(layout_->leaf_count(), 1)),
-      free_rows_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1))),
-      requests_(std::bit_ceil(std::max<std::size_t>(options.capacity, 1))) {
+      rows_(table_size(options.capacity) * std::max<std::size_t>(layout_->leaf_count(), 1)),
+      free_rows_(table_size(options.capacity)), requests_(table_size(options.capacity)),
+      pending_(table_size(options.capacity), options.aging_ns) {
   if (options.prefetch_depth < 1) {
     throw std::invalid_argument("BatchFormer: prefetch_depth must be at least 1");
+  }
+  if (options.capacity < 1 || options.max_delay_ns < 0) {
+    throw std::invalid_argument("BatchFormer: capacity must be positive, max_delay_ns >= 0");
   }
   for (std::uint32_t row = 0; row < free_rows_.capacity(); ++row) {
     free_rows_.try_push(row);
@@ -31,33 +50,96 @@ BatchFormer::~BatchFormer() {
 }
 
 std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
-                              std::span<const void *const> sources) {
+                              std::span<const void *const> sources,
+                              std::span<const RequestOptions> options) {
   const std::size_t leaves = layout_->leaf_count();
   if (sources.size() != ids.size() * leaves) {
     throw std::invalid_argument("BatchFormer::push: expected " +
                                 std::to_string(ids.size() * leaves) + " source pointers, got " +
                                 std::to_string(sources.size()));
   }
+  if (!options.empty() && options.size() != ids.size()) {
+    throw std::invalid_argument("BatchFormer::push: expected one RequestOptions per request");
+  }
   const Nanoseconds now = now_ns();
   for (std::size_t i = 0; i < ids.size(); ++i) {
+    // Admission first: `capacity` is exact even though the table is a power of two.
+    if (waiting_.fetch_add(1, std::memory_order_relaxed) >= options_.capacity) { // counter only
+      waiting_.fetch_sub(1, std::memory_order_relaxed);
+      return i;
+    }
     std::uint32_t row = 0;
     if (requests_.closed() || !free_rows_.try_pop(row)) {
+      waiting_.fetch_sub(1, std::memory_order_relaxed);
       return i;
     }
     for (std::size_t j = 0; j < leaves; ++j) {
       rows_[row * leaves + j] = sources[i * leaves + j];
     }
+    const RequestOptions request = options.empty() ? RequestOptions{} : options[i];
+    const Nanoseconds deadline =
+        request.timeout_ns == no_deadline
+            ? no_deadline
+            : saturating_add(now, std::max<Nanoseconds>(request.timeout_ns, 0));
     // Every request holds a row and the queue has as many slots as rows: this cannot be full.
-    if (requests_.try_push(RequestDescriptor{ids[i], row, now}) != PushResult::ok) {
+    if (requests_.try_push(RequestDescriptor{ids[i], row, request.priority, now, deadline}) !=
+        PushResult::ok) {
       free_rows_.try_push(row);
+      waiting_.fetch_sub(1, std::memory_order_relaxed);
       return i;
     }
   }
   return ids.size();
 }
 
+bool BatchFormer::wait_for_room(Nanoseconds deadline_ns) {
+  for (;;) {
+    const EventCount::Key key = room_.prepare_wait();
+    if (requests_.closed()) {
+      room_.cancel_wait();
+      return false;
+    }
+    if (waiting_.load(std::memory_order_relaxed) < options_.capacity) {
+      room_.cancel_wait();
+      return true;
+    }
+    if (!room_.wait_until(key, deadline_ns)) {
+      return waiting_.load(std::memory_order_relaxed) < options_.capacity;
+    }
+  }
+}
+
 void BatchFormer::close_input() {
   requests_.close();
+  room_.notify();
+}
+
+void BatchFormer::release_rows(std::span<const RequestDescriptor> requests) {
+  for (const RequestDescriptor &request : requests) {
+    free_rows_.try_push(request.row); // cannot fail: rows never outnumber the ring
+  }
+  waiting_.fetch_sub(requests.size(), std::memory_order_relaxed);
+  room_.notify();
+}
+
+void BatchFormer::gather_pending(Nanoseconds now) {
+  popped_.resize(requests_.capacity());
+  const std::size_t count = requests_.try_pop_bulk(popped_.data(), popped_.size());
+  for (std::size_t i = 0; i < count; ++i) {
+    pending_.add(popped_[i]);
+  }
+  popped_.clear();
+  pending_.expire(now, popped_);
+  if (popped_.empty()) {
+    return;
+  }
+  release_rows(popped_);
+  stats_->record_outcomes(popped_, RequestOutcome::timed_out);
+  std::lock_guard lock(ready_mutex_);
+  for (const RequestDescriptor &request : popped_) {
+    expired_.push_back(request.id);
+  }
+  ready_changed_.notify_all();
 }
 
 void BatchFormer::run() {
@@ -84,10 +166,7 @@ void BatchFormer::run() {
           continue;
         }
         const std::size_t target = target_size();
-        // With a delay, the first request's arrival starts its clock: wait for one at first.
-        missing = options_.max_delay_ns > 0 && pending_.empty()
-                      ? 1
-                      : target - std::min(target, pending_.size());
+        missing = target - std::min(target, pending_.size());
       }
       requests_.wait_for_size(std::max<std::size_t>(missing, 1), wait_until);
     }
@@ -117,12 +196,9 @@ BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound, Nanoseco
       return FormResult::skipped;
     }
   }
+  const Nanoseconds now = now_ns();
+  gather_pending(now);
   const std::size_t target = target_size();
-  if (pending_.size() < target) { // only this holder of form_mutex_ pops
-    const std::size_t had = pending_.size();
-    pending_.resize(target);
-    pending_.resize(had + requests_.try_pop_bulk(pending_.data() + had, target - had));
-  }
   const bool closed = requests_.closed();
   if (pending_.empty()) {
     if (!closed || requests_.was_size() != 0) {
@@ -133,28 +209,45 @@ BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound, Nanoseco
     ready_changed_.notify_all();
     return FormResult::finished;
   }
-  const Nanoseconds deadline =
-      options_.max_delay_ns > 0 ? pending_.front().enqueue_ns + options_.max_delay_ns : no_deadline;
-  if (pending_.size() < target && !closed && now_ns() < deadline) {
-    if (wait_until != nullptr) {
-      *wait_until = deadline;
+  ReleaseReason reason = ReleaseReason::full;
+  if (pending_.size() < target) {
+    const Nanoseconds delay_at =
+        saturating_add(pending_.oldest_enqueue_ns(), options_.max_delay_ns);
+    const Nanoseconds deadline = pending_.earliest_deadline_ns();
+    const Nanoseconds deadline_at =
+        deadline == no_deadline ? no_deadline : deadline - deadline_slack_ns;
+    if (closed) {
+      reason = ReleaseReason::drain;
+    } else if (now >= delay_at) {
+      reason = ReleaseReason::max_delay;
+    } else if (now >= deadline_at) {
+      reason = ReleaseReason::deadline;
+    } else {
+      if (wait_until != nullptr) {
+        *wait_until = std::min(delay_at, deadline_at);
+      }
+      // What the former thread waits for has changed if someone else took requests aside.
+      requests_.wake_consumers();
+      return FormResult::needs_input;
     }
-    // What the former thread waits for has changed if someone else took requests aside.
-    requests_.wake_consumers();
-    return FormResult::needs_input;
   }
-  const std::size_t count = std::min(target, pending_.size());
-  form(std::span(pending_.data(), count), target);
-  pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(count));
+  taken_.clear();
+  pending_.take(std::min(target, pending_.size()), now, taken_);
+  form(taken_, target, reason);
   return FormResult::formed;
 }
 
-void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target) {
+void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target,
+                       ReleaseReason reason) {
   const std::size_t count = requests.size();
   const std::size_t leaves = layout_->leaf_count();
   FormedBatch batch;
   batch.target = target;
-  batch.first_enqueue_ns = requests.front().enqueue_ns;
+  batch.reason = reason;
+  batch.first_enqueue_ns =
+      std::min_element(requests.begin(), requests.end(), [](const auto &a, const auto &b) {
+        return a.enqueue_ns < b.enqueue_ns;
+      })->enqueue_ns;
   batch.ids.reserve(count);
   std::vector<const void *> sources(count * leaves);
   for (std::size_t i = 0; i < count; ++i) {
@@ -164,15 +257,14 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
     }
   }
   const Nanoseconds start = now_ns();
+  stats_->record_dispatch(requests, start);
   batch.lease = pool_->acquire(layout_->batch_bytes(count));
   collate(*layout_, sources, count, batch.lease->data());
   batch.formed_ns = now_ns();
   batch.collate_ns = batch.formed_ns - start;
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
   batch.sequence = stats_->next_sequence();
-  for (const RequestDescriptor &request : requests) {
-    free_rows_.try_push(request.row); // cannot fail: rows never outnumber the ring
-  }
+  release_rows(requests);
   std::lock_guard lock(ready_mutex_);
   ready_.push_back(std::move(batch));
   ready_changed_.notify_all();
@@ -180,7 +272,7 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
 
 NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   const auto can_return = [&] {
-    return !ready_.empty() || finished_ || stopping_ || error_ != nullptr;
+    return !ready_.empty() || !expired_.empty() || finished_ || stopping_ || error_ != nullptr;
   };
   for (bool helped = false;; helped = true) {
     {
@@ -188,8 +280,14 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
       if (!ready_.empty()) {
         out = std::move(ready_.front());
         ready_.pop_front();
+        out.expired_ids.swap(expired_);
         ready_changed_.notify_all();
         break;
+      }
+      if (!expired_.empty()) {
+        out = FormedBatch{};
+        out.expired_ids.swap(expired_);
+        return NextStatus::expired;
       }
       if (error_) {
         std::rethrow_exception(error_);
@@ -234,6 +332,7 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   record.delivered_ns = now_ns();
   record.collate_ns = out.collate_ns;
   record.memory_available_bytes = out.memory_available_bytes;
+  record.reason = out.reason;
   stats_->record_batch(record);
   return NextStatus::batch;
 }
@@ -255,6 +354,7 @@ void BatchFormer::close() {
     ready_changed_.notify_all();
   }
   requests_.close();
+  room_.notify();
   thread_.join();
   // A consumer may be forming a batch on its own thread: its sources must stay alive until
   // it is done, so close() returns only after that formation.

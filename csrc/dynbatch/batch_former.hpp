@@ -2,24 +2,28 @@
 // BatchFormer: turns a stream of requests into collated batches on its own thread.
 //
 // Contract
-// - Producers (any thread) push requests: an id plus one source pointer per leaf. push() never
-//   blocks; it returns PushResult::full when `capacity` requests are already in flight. The
-//   sources must stay valid until the batch holding the request has been formed (the Python
-//   layer keeps them alive until then).
-// - A batch closes at the size the SizingPolicy asks for, when its first request has waited
-//   `max_delay_ns`, or at the end of input (close_input()); it is collated into a staging slot and
-//   queued for the consumer. The former thread keeps up to `prefetch_depth` batches formed ahead,
-//   so the next batch is ready while the caller computes on the current one.
+// - Producers (any thread) push requests: an id, a priority, an optional timeout and one source
+//   pointer per leaf. push() never blocks; it accepts a prefix and stops when `max_queued`
+//   requests wait to be formed (wait_for_room() sleeps until one leaves). The sources must stay
+//   valid until the request was formed into a batch or reported expired.
+// - Requests leave by priority with aging (PendingRequests). A batch is released when it
+//   reaches the size the SizingPolicy asks for (full), when its oldest request has waited
+//   `max_delay_ns` (max_delay), shortly before a waiting request's deadline (deadline), or at
+//   the end of input (drain); it is collated into a staging slot and queued for the consumer.
+//   The former thread keeps up to `prefetch_depth` batches formed ahead.
+// - A request whose timeout passes before it is formed is never formed: its id comes back
+//   through next_batch()'s `expired_ids` (exactly once), and its row is free again.
 // - The consumer calls next_batch() (one thread at a time); it waits without spinning and
-//   without the GIL. When nothing is ready but the input for a batch is, it forms the batch
+//   without the GIL. When nothing is ready but a batch may be released, it forms the batch
 //   itself instead of waiting for the former thread to be scheduled (a cross-thread wake-up
-//   costs more than collating a small batch). Formation is serialised by one mutex, so batches
-//   stay in input order whoever forms them.
+//   costs more than collating a small batch). Formation is serialised by one mutex.
 // - report_feedback() feeds the caller's time on a batch back to the policy.
 // - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
-//   slots return to the pool). The destructor calls it. An error inside the thread (e.g. no
-//   memory for a slot) is rethrown by next_batch(), never lost.
+//   slots return to the pool); requests still waiting are simply never formed (their owner
+//   fails them). The destructor calls it. An error inside the thread (e.g. no memory for a
+//   slot) is rethrown by next_batch(), never lost.
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -33,18 +37,14 @@
 
 #include "dynbatch/blocking_queue.hpp"
 #include "dynbatch/collator.hpp"
+#include "dynbatch/event_count.hpp"
+#include "dynbatch/pending_requests.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
 #include "dynbatch/stats.hpp"
 #include "dynbatch/telemetry.hpp"
 
 namespace dynbatch {
-
-struct RequestDescriptor {
-  std::uint64_t id;
-  std::uint32_t row; // where its source pointers wait in the request table
-  Nanoseconds enqueue_ns;
-};
 
 struct FormedBatch {
   std::uint64_t sequence = 0;
@@ -55,18 +55,29 @@ struct FormedBatch {
   Nanoseconds formed_ns = 0;
   Nanoseconds collate_ns = 0;
   std::uint64_t memory_available_bytes = 0;
+  ReleaseReason reason = ReleaseReason::full;
+  std::vector<std::uint64_t> expired_ids; // requests whose timeout passed before forming
 };
 
 struct FormerOptions {
-  std::size_t capacity = 1024; // requests in flight; rounded up to a power of two
+  std::size_t capacity = 1024; // requests waiting to be formed; the table rounds it up to 2^k
   std::size_t prefetch_depth = 1;
-  // The longest the first request of a batch waits for the batch to fill: a short queue is
-  // dispatched as it is after this, a long one fills the target at once. 0: wait for the
-  // target (or the end of input).
-  Nanoseconds max_delay_ns = 0;
+  // The longest the oldest waiting request waits for its batch to fill: a short queue is
+  // dispatched as it is after this, a long one fills the target at once. 0: dispatch what is
+  // there at once; no_deadline: wait for the target (or the end of input).
+  Nanoseconds max_delay_ns = no_deadline;
+  // A waiting request gains one priority level per aging_ns waited.
+  Nanoseconds aging_ns = 100'000'000;
 };
 
-enum class NextStatus { batch, finished, timeout };
+// Per request in push(); the defaults make a plain FIFO request.
+struct RequestOptions {
+  std::int32_t priority = 0;
+  Nanoseconds timeout_ns = no_deadline; // from the push; no_deadline: none
+};
+
+// batch: `out` holds a batch (and maybe expired ids); expired: only expired ids.
+enum class NextStatus { batch, expired, finished, timeout };
 
 class BatchFormer {
 public:
@@ -77,9 +88,14 @@ public:
   BatchFormer(const BatchFormer &) = delete;
   BatchFormer &operator=(const BatchFormer &) = delete;
 
-  // `sources` holds leaf_count() pointers per request, request-major.
-  // Returns how many of `ids` were accepted (a prefix); fewer when the table is full or closed.
-  std::size_t push(std::span<const std::uint64_t> ids, std::span<const void *const> sources);
+  // `sources` holds leaf_count() pointers per request, request-major; `options` is empty (all
+  // defaults) or one per request. Returns how many of `ids` were accepted (a prefix); fewer
+  // when `capacity` requests wait already or the input is closed.
+  std::size_t push(std::span<const std::uint64_t> ids, std::span<const void *const> sources,
+                   std::span<const RequestOptions> options = {});
+  // Sleeps until a push could be accepted, the input is closed, or the deadline passes;
+  // returns whether there is room.
+  bool wait_for_room(Nanoseconds deadline_ns);
   void close_input();
 
   NextStatus next_batch(FormedBatch &out, Nanoseconds deadline_ns);
@@ -91,8 +107,9 @@ public:
   void close();
 
   const std::shared_ptr<const BatchLayout> &layout() const noexcept { return layout_; }
-  std::size_t capacity() const noexcept { return requests_.capacity(); }
-  std::size_t queued() const noexcept { return requests_.was_size(); }
+  std::size_t capacity() const noexcept { return options_.capacity; }
+  // Requests pushed and not yet formed or expired (a snapshot).
+  std::size_t queued() const noexcept { return waiting_.load(std::memory_order_relaxed); }
 
 private:
   enum class FormResult { formed, needs_input, finished, skipped };
@@ -102,7 +119,10 @@ private:
   // Caller holds form_mutex_. Never blocks: forms one batch if its input is there; otherwise
   // *wait_until says until when its pending requests may wait for more (no_deadline: none).
   FormResult form_one(bool keep_prefetch_bound, Nanoseconds *wait_until = nullptr);
-  void form(std::span<const RequestDescriptor> requests, std::size_t target);
+  void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason);
+  // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
+  void gather_pending(Nanoseconds now);
+  void release_rows(std::span<const RequestDescriptor> requests);
 
   const std::shared_ptr<const BatchLayout> layout_;
   const FormerOptions options_;
@@ -116,14 +136,20 @@ private:
   std::vector<const void *> rows_;
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
+  std::atomic<std::size_t> waiting_{0}; // pushed, not yet formed or expired
+  EventCount room_;                     // signalled when requests leave the table
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
-  std::vector<RequestDescriptor> pending_; // popped, not yet formed; guarded by form_mutex_
+  // Guarded by form_mutex_: popped and not yet formed, and scratch space for one batch.
+  PendingRequests pending_;
+  std::vector<RequestDescriptor> popped_;
+  std::vector<RequestDescriptor> taken_;
 
   std::mutex ready_mutex_;
   std::condition_variable ready_changed_;
   std::deque<FormedBatch> ready_;
-  bool finished_ = false; // input exhausted and every request formed
+  std::vector<std::uint64_t> expired_; // ids not yet handed to the consumer
+  bool finished_ = false;              // input exhausted and every request formed
   bool stopping_ = false;
   std::exception_ptr error_;
 

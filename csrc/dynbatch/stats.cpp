@@ -22,6 +22,7 @@ void StatsRecorder::record_batch(const BatchRecord &record) {
   totals_.samples += record.batch_size;
   totals_.collate_ns += record.collate_ns;
   ++totals_.histogram[record.batch_size];
+  ++totals_.released_by[static_cast<std::size_t>(record.reason)];
   if (ring_.size() < ring_capacity_) {
     ring_.push_back(record);
   } else {
@@ -46,6 +47,53 @@ void StatsRecorder::record_compute(std::uint64_t sequence, Nanoseconds compute_n
 void StatsRecorder::add_active_time(Nanoseconds active_ns) {
   std::lock_guard lock(mutex_);
   totals_.active_ns += active_ns;
+}
+
+void StatsRecorder::record_dispatch(std::span<const RequestDescriptor> requests,
+                                    Nanoseconds taken_ns) {
+  std::lock_guard lock(mutex_);
+  PriorityStats *current = nullptr;
+  std::int32_t current_priority = 0;
+  for (const RequestDescriptor &request : requests) {
+    if (current == nullptr || request.priority != current_priority) { // runs of one priority
+      current = &totals_.priorities[request.priority];
+      current_priority = request.priority;
+    }
+    ++current->dispatched;
+    current->queue_wait.add(taken_ns - request.enqueue_ns);
+  }
+}
+
+namespace {
+
+void add_outcome(PriorityStats &stats, RequestOutcome outcome, std::uint64_t count) {
+  switch (outcome) {
+  case RequestOutcome::timed_out:
+    stats.timed_out += count;
+    break;
+  case RequestOutcome::cancelled:
+    stats.cancelled += count;
+    break;
+  case RequestOutcome::failed:
+    stats.failed += count;
+    break;
+  }
+}
+
+} // namespace
+
+void StatsRecorder::record_outcome(std::int32_t priority, RequestOutcome outcome,
+                                   std::uint64_t count) {
+  std::lock_guard lock(mutex_);
+  add_outcome(totals_.priorities[priority], outcome, count);
+}
+
+void StatsRecorder::record_outcomes(std::span<const RequestDescriptor> requests,
+                                    RequestOutcome outcome) {
+  std::lock_guard lock(mutex_);
+  for (const RequestDescriptor &request : requests) {
+    add_outcome(totals_.priorities[request.priority], outcome, 1);
+  }
 }
 
 StatsSnapshot StatsRecorder::snapshot() const {

@@ -3,17 +3,38 @@
 //
 // Contract: every call is thread-safe (a short mutex, once per batch, never per request).
 // Memory is bounded: the ring keeps the last `ring_capacity` batches, the histogram one entry
-// per distinct batch size (at most max_batch_size entries).
+// per distinct batch size (at most max_batch_size entries), one fixed-size entry per distinct
+// request priority.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <span>
 #include <vector>
 
+#include "dynbatch/latency_histogram.hpp"
+#include "dynbatch/pending_requests.hpp"
 #include "dynbatch/platform.hpp"
 
 namespace dynbatch {
+
+// Why a batch left the former: it reached its target size, its oldest request had waited
+// max_delay, a request's deadline was near, or the input was closed (the rest drains).
+enum class ReleaseReason : std::uint8_t { full, max_delay, deadline, drain };
+inline constexpr std::size_t release_reason_count = 4;
+
+// How requests ended, other than with a result: counted per priority.
+enum class RequestOutcome : std::uint8_t { timed_out, cancelled, failed };
+
+struct PriorityStats {
+  std::uint64_t dispatched = 0; // taken into a batch
+  std::uint64_t timed_out = 0;
+  std::uint64_t cancelled = 0;
+  std::uint64_t failed = 0;    // ended with their own error (isolated model errors)
+  LatencyHistogram queue_wait; // enqueue to being taken into a batch
+};
 
 struct BatchRecord {
   std::uint64_t sequence = 0;
@@ -25,6 +46,7 @@ struct BatchRecord {
   Nanoseconds collate_ns = 0;
   Nanoseconds compute_ns = -1; // the caller's time on it; -1 until reported
   std::uint64_t memory_available_bytes = 0;
+  ReleaseReason reason = ReleaseReason::full;
 };
 
 struct StatsSnapshot {
@@ -34,7 +56,9 @@ struct StatsSnapshot {
   Nanoseconds compute_ns = 0;
   Nanoseconds active_ns = 0; // wall time during which some iteration was running
   std::map<std::size_t, std::uint64_t> histogram;
-  std::vector<BatchRecord> recent; // oldest first
+  std::array<std::uint64_t, release_reason_count> released_by{}; // indexed by ReleaseReason
+  std::map<std::int32_t, PriorityStats> priorities;              // one entry per priority seen
+  std::vector<BatchRecord> recent;                               // oldest first
 };
 
 class StatsRecorder {
@@ -44,6 +68,10 @@ public:
   void record_batch(const BatchRecord &record);
   void record_compute(std::uint64_t sequence, Nanoseconds compute_ns);
   void add_active_time(Nanoseconds active_ns);
+  // The requests of one batch, taken at `taken_ns`: their queue waits, per priority.
+  void record_dispatch(std::span<const RequestDescriptor> requests, Nanoseconds taken_ns);
+  void record_outcome(std::int32_t priority, RequestOutcome outcome, std::uint64_t count = 1);
+  void record_outcomes(std::span<const RequestDescriptor> requests, RequestOutcome outcome);
   std::uint64_t next_sequence();
   StatsSnapshot snapshot() const;
   void reset();

@@ -329,18 +329,20 @@ TEST_CASE(exported_leaf_shares_the_batch_slot) {
   CHECK_EQ(rig.pool->stats().slots_in_use, 0u);
 }
 
-TEST_CASE(push_accepts_up_to_capacity_rounded_to_power_of_two) {
+TEST_CASE(push_accepts_exactly_capacity) {
   const SampleStore store(20);
-  // Target 16 but only 8 requests can be in flight: the former holds all 8 while it waits for
-  // more, so exactly 8 are accepted whatever the timing.
+  // Target 16 but only 5 requests may wait (the table is 8 rows): the former holds all 5 while
+  // it waits for more, so exactly 5 are accepted whatever the timing.
   Rig rig(fixed_size(16), FormerOptions{5, 1});
   BatchFormer &former = *rig.former;
-  CHECK_EQ(former.capacity(), 8u);
+  CHECK_EQ(former.capacity(), 5u);
   std::vector<std::uint64_t> ids;
   std::vector<const void *> sources;
   store.describe(0, 20, ids, sources);
-  CHECK_EQ(former.push(ids, sources), 8u);
-  store.describe(8, 12, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 5u);
+  CHECK_EQ(former.queued(), 5u);
+  CHECK(!former.wait_for_room(now_ns() + 20 * ms)); // nothing leaves: still full
+  store.describe(5, 12, ids, sources);
   CHECK_EQ(former.push(ids, sources), 0u);
   CHECK_EQ(former.push({}, {}), 0u); // an empty push is fine
 
@@ -349,8 +351,9 @@ TEST_CASE(push_accepts_up_to_capacity_rounded_to_power_of_two) {
   CHECK_EQ(former.push(ids, sources), 0u); // input closed
   FormedBatch batch;
   REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
-  REQUIRE(batch.ids.size() == 8u); // end of input closes the partial batch
-  for (std::size_t k = 0; k < 8; ++k) {
+  REQUIRE(batch.ids.size() == 5u); // end of input closes the partial batch
+  CHECK(batch.reason == dynbatch::ReleaseReason::drain);
+  for (std::size_t k = 0; k < 5; ++k) {
     CHECK_EQ(batch.ids[k], SampleStore::id_of(k));
   }
   CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
@@ -618,6 +621,147 @@ TEST_CASE(stats_recorder_ring_keeps_the_latest_records) {
   CHECK_EQ(snapshot.batches, 0u);
   CHECK(snapshot.recent.empty());
   CHECK(snapshot.histogram.empty());
+}
+
+// Serving: release reasons, deadlines, priorities (requests pushed one call per request).
+
+namespace {
+
+std::size_t push_with(BatchFormer &former, const SampleStore &store, std::size_t first,
+                      std::size_t count, dynbatch::RequestOptions options) {
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(first, count, ids, sources);
+  const std::vector<dynbatch::RequestOptions> per_request(count, options);
+  return former.push(ids, sources, per_request);
+}
+
+FormerOptions serving(std::size_t capacity, Nanoseconds max_delay_ns) {
+  FormerOptions options{capacity, 1};
+  options.max_delay_ns = max_delay_ns;
+  return options;
+}
+
+} // namespace
+
+TEST_CASE(batch_released_full_or_after_max_delay) {
+  const SampleStore store(20);
+  Rig rig(fixed_size(8), serving(64, 30 * ms));
+  BatchFormer &former = *rig.former;
+  const Nanoseconds pushed = now_ns();
+  CHECK_EQ(push_with(former, store, 0, 3, {}), 3u);
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 3u);
+  CHECK(batch.reason == dynbatch::ReleaseReason::max_delay);
+  CHECK_GE(now_ns() - pushed, 30 * ms);
+  CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
+  CHECK_EQ(push_with(former, store, 3, 8, {}), 8u);
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 8u);
+  CHECK(batch.reason == dynbatch::ReleaseReason::full);
+  const auto snapshot = rig.stats->snapshot();
+  CHECK_EQ(snapshot.released_by[0], 1u); // full
+  CHECK_EQ(snapshot.released_by[1], 1u); // max_delay
+  CHECK_EQ(snapshot.priorities.at(0).dispatched, 11u);
+  CHECK_GE(snapshot.priorities.at(0).queue_wait.percentile(0.99), 30 * ms);
+}
+
+TEST_CASE(zero_max_delay_dispatches_what_is_there) {
+  const SampleStore store(2);
+  Rig rig(fixed_size(8), serving(64, 0));
+  CHECK_EQ(push_with(*rig.former, store, 0, 1, {}), 1u);
+  FormedBatch batch;
+  REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 1u);
+  CHECK(batch.reason == dynbatch::ReleaseReason::max_delay);
+}
+
+TEST_CASE(batch_released_before_a_waiting_deadline) {
+  const SampleStore store(4);
+  Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
+  const Nanoseconds pushed = now_ns();
+  CHECK_EQ(push_with(*rig.former, store, 0, 2, {0, 40 * ms}), 2u);
+  FormedBatch batch;
+  REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 2u);
+  CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
+  CHECK(batch.expired_ids.empty());
+  CHECK_GE(now_ns() - pushed, 30 * ms); // not before it had to
+}
+
+TEST_CASE(requests_past_their_deadline_expire_once_and_are_never_formed) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(2), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(push_with(former, store, 0, 2, {}), 2u); // batch A fills the prefetch slot
+  REQUIRE(eventually([&] { return former.queued() == 0; }));
+  CHECK_EQ(push_with(former, store, 2, 2, {0, 5 * ms}), 2u); // no room to form them in time
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK(batch.ids == (std::vector<std::uint64_t>{SampleStore::id_of(0), SampleStore::id_of(1)}));
+  std::vector<std::uint64_t> expired = batch.expired_ids;
+  while (expired.size() < 2) {
+    batch = FormedBatch{};
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    REQUIRE(status == NextStatus::expired);
+    CHECK(batch.ids.empty());
+    expired.insert(expired.end(), batch.expired_ids.begin(), batch.expired_ids.end());
+  }
+  std::sort(expired.begin(), expired.end());
+  CHECK(expired == (std::vector<std::uint64_t>{SampleStore::id_of(2), SampleStore::id_of(3)}));
+  CHECK_EQ(former.queued(), 0u); // their rows are free again
+  CHECK(former.next_batch(batch, now_ns() + 50 * ms) == NextStatus::timeout);
+  const auto snapshot = rig.stats->snapshot();
+  CHECK_EQ(snapshot.priorities.at(0).timed_out, 2u);
+  CHECK_EQ(snapshot.priorities.at(0).dispatched, 2u);
+}
+
+TEST_CASE(waiting_requests_form_by_priority) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(2), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(push_with(former, store, 0, 2, {}), 2u); // batch A fills the prefetch slot
+  REQUIRE(eventually([&] { return former.queued() == 0; }));
+  const std::int32_t priorities[5] = {0, 0, 5, 5, 1};
+  for (std::size_t k = 0; k < 5; ++k) {
+    CHECK_EQ(push_with(former, store, 2 + k, 1, {priorities[k], no_deadline}), 1u);
+  }
+  former.close_input();
+  std::vector<std::uint64_t> order;
+  FormedBatch batch;
+  while (former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch) {
+    for (const std::uint64_t id : batch.ids) {
+      order.push_back(SampleStore::index_of(id));
+    }
+  }
+  CHECK(order == (std::vector<std::uint64_t>{0, 1, 4, 5, 6, 2, 3}));
+  const auto snapshot = rig.stats->snapshot();
+  CHECK_EQ(snapshot.priorities.at(5).dispatched, 2u);
+  CHECK_EQ(snapshot.priorities.at(1).dispatched, 1u);
+  CHECK_EQ(snapshot.priorities.at(0).dispatched, 4u);
+}
+
+TEST_CASE(wait_for_room_wakes_when_a_batch_forms) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(2), serving(2, no_deadline));
+  BatchFormer &former = *rig.former;
+  // Two fill the table, form a batch at once and leave it: two more fit, then it is full.
+  CHECK_EQ(push_with(former, store, 0, 2, {}), 2u);
+  REQUIRE(eventually([&] { return former.queued() == 0; }));
+  CHECK_EQ(push_with(former, store, 2, 2, {}), 2u);
+  CHECK_EQ(push_with(former, store, 4, 1, {}), 0u);
+  std::thread consumer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    FormedBatch batch;
+    CHECK(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  });
+  CHECK(former.wait_for_room(now_ns() + hang_bound_ns));
+  CHECK_EQ(push_with(former, store, 4, 1, {}), 1u);
+  consumer.join();
+  former.close_input();
+  CHECK(!former.wait_for_room(now_ns() + hang_bound_ns)); // closed: no room ever
 }
 
 int main(int argc, char **argv) {

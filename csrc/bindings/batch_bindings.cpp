@@ -1,0 +1,226 @@
+#include "batch_bindings.hpp"
+
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/staging_pool.hpp"
+#include "telemetry_bindings.hpp"
+
+namespace py = pybind11;
+
+namespace dynbatch::bindings {
+
+namespace {
+
+// A consumer waiting in the core wakes this often to let Python deliver Ctrl-C.
+constexpr Nanoseconds signal_check_period_ns = 100'000'000;
+
+Nanoseconds nanoseconds_of_ms(std::optional<double> ms, const char *name) {
+  if (!ms) {
+    return no_deadline;
+  }
+  if (!(*ms >= 0.0 && *ms <= 3.6e6)) {
+    throw py::value_error(std::string(name) + " must be between 0 and 3600000 (an hour)");
+  }
+  return static_cast<Nanoseconds>(*ms * 1e6);
+}
+
+} // namespace
+
+const char *reason_name(ReleaseReason reason) {
+  switch (reason) {
+  case ReleaseReason::full:
+    return "full";
+  case ReleaseReason::max_delay:
+    return "max_delay";
+  case ReleaseReason::deadline:
+    return "deadline";
+  case ReleaseReason::drain:
+    return "drain";
+  }
+  return "unknown";
+}
+
+Nanoseconds deadline_after(std::optional<double> timeout_s) {
+  if (!timeout_s || std::isinf(*timeout_s)) {
+    return no_deadline;
+  }
+  if (std::isnan(*timeout_s)) {
+    throw py::value_error("timeout_s must be a number of seconds, got nan");
+  }
+  // Beyond a century is "never": keeps the conversion to nanoseconds in range.
+  const double seconds = std::clamp(*timeout_s, 0.0, 3.15e9);
+  return now_ns() + static_cast<Nanoseconds>(seconds * 1e9);
+}
+
+BatchLayout make_layout(const std::vector<LeafSpec> &leaves) {
+  std::vector<LeafLayout> layouts;
+  layouts.reserve(leaves.size());
+  for (const auto &[shape, code, bits, lanes] : leaves) {
+    LeafLayout leaf;
+    leaf.sample_shape = shape;
+    leaf.dtype = {static_cast<std::uint8_t>(code), static_cast<std::uint8_t>(bits),
+                  static_cast<std::uint16_t>(lanes)};
+    std::size_t elements = 1;
+    for (const std::int64_t extent : shape) {
+      elements *= static_cast<std::size_t>(std::max<std::int64_t>(extent, 0));
+    }
+    leaf.bytes_per_sample = elements * static_cast<std::size_t>(bits * lanes) / 8;
+    layouts.push_back(std::move(leaf));
+  }
+  return BatchLayout(std::move(layouts));
+}
+
+std::vector<const void *> as_pointers(const std::vector<std::uintptr_t> &addresses) {
+  std::vector<const void *> pointers(addresses.size());
+  for (std::size_t i = 0; i < addresses.size(); ++i) {
+    pointers[i] = reinterpret_cast<const void *>(addresses[i]);
+  }
+  return pointers;
+}
+
+py::capsule PyBatch::leaf(std::size_t index) const {
+  if (index >= layout->leaf_count()) {
+    throw py::index_error("leaf " + std::to_string(index) + " out of range");
+  }
+  dlpack::DLManagedTensor *tensor = export_leaf(batch.lease, *layout, index, batch.ids.size());
+  // Unconsumed capsules free their tensor; torch renames consumed ones to "used_dltensor".
+  return py::capsule(tensor, "dltensor", [](PyObject *capsule) {
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+      auto *owned =
+          static_cast<dlpack::DLManagedTensor *>(PyCapsule_GetPointer(capsule, "dltensor"));
+      owned->deleter(owned);
+    }
+  });
+}
+
+void bind_former(py::module_ &m) {
+  py::class_<PyBatch>(m, "Batch")
+      .def_property_readonly("sequence", [](const PyBatch &self) { return self.batch.sequence; })
+      .def_property_readonly("size", [](const PyBatch &self) { return self.batch.ids.size(); })
+      .def_property_readonly("ids", [](const PyBatch &self) { return self.batch.ids; })
+      .def_property_readonly("target", [](const PyBatch &self) { return self.batch.target; })
+      .def_property_readonly("collate_ns",
+                             [](const PyBatch &self) { return self.batch.collate_ns; })
+      .def_property_readonly("reason",
+                             [](const PyBatch &self) { return reason_name(self.batch.reason); })
+      .def_property_readonly("expired", [](const PyBatch &self) { return self.batch.expired_ids; })
+      .def("leaf", &PyBatch::leaf, py::arg("index"));
+
+  py::class_<BatchFormer>(m, "BatchFormer")
+      .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
+                       std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
+                       std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
+                       std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
+                       double aging_ms) {
+             if (!telemetry.sampler) {
+               throw py::value_error("telemetry was closed");
+             }
+             if (!(aging_ms > 0.0)) {
+               throw py::value_error("aging_ms must be positive");
+             }
+             FormerOptions options;
+             options.capacity = capacity;
+             options.prefetch_depth = prefetch_depth;
+             options.max_delay_ns = nanoseconds_of_ms(max_delay_ms, "max_delay_ms");
+             options.aging_ns = std::max<Nanoseconds>(nanoseconds_of_ms(aging_ms, "aging_ms"), 1);
+             return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
+                                                  std::move(policy), telemetry.sampler,
+                                                  std::move(stats));
+           }),
+           py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
+           py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
+           py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0)
+      .def(
+          "push",
+          [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
+             const std::vector<std::uintptr_t> &addresses) {
+            std::vector<std::uint64_t> ids(count);
+            for (std::size_t i = 0; i < ids.size(); ++i) {
+              ids[i] = first_id + i;
+            }
+            const std::vector<const void *> sources = as_pointers(addresses);
+            return former.push(ids, sources); // never blocks: no GIL release on the hot path
+          },
+          py::arg("first_id"), py::arg("count"), py::arg("addresses"))
+      .def(
+          "submit",
+          // The per-request call of the serving path: one id, never blocks, keeps the GIL.
+          [](BatchFormer &former, std::uint64_t id, const std::vector<std::uintptr_t> &addresses,
+             std::int32_t priority, Nanoseconds timeout_ns) {
+            const std::vector<const void *> sources = as_pointers(addresses);
+            const RequestOptions options{priority, timeout_ns < 0 ? no_deadline : timeout_ns};
+            return former.push(std::span(&id, 1), sources, std::span(&options, 1)) == 1;
+          },
+          py::arg("id"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
+      .def(
+          "submit_many",
+          [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
+             const std::vector<std::uintptr_t> &addresses, std::int32_t priority,
+             Nanoseconds timeout_ns) {
+            std::vector<std::uint64_t> ids(count);
+            for (std::size_t i = 0; i < ids.size(); ++i) {
+              ids[i] = first_id + i;
+            }
+            const std::vector<const void *> sources = as_pointers(addresses);
+            const std::vector<RequestOptions> options(
+                count, RequestOptions{priority, timeout_ns < 0 ? no_deadline : timeout_ns});
+            return former.push(ids, sources, options);
+          },
+          py::arg("first_id"), py::arg("count"), py::arg("addresses"), py::arg("priority") = 0,
+          py::arg("timeout_ns") = -1)
+      .def(
+          "wait_for_room",
+          [](BatchFormer &former, std::optional<double> timeout_s) {
+            const Nanoseconds deadline = deadline_after(timeout_s);
+            py::gil_scoped_release release; // only when the queue is full: not the hot path
+            return former.wait_for_room(deadline);
+          },
+          py::arg("timeout_s") = py::none())
+      .def("close_input", &BatchFormer::close_input)
+      .def(
+          "next_batch",
+          [](BatchFormer &former, std::optional<double> timeout_s) -> std::optional<PyBatch> {
+            const Nanoseconds deadline = deadline_after(timeout_s);
+            for (;;) {
+              PyBatch out{FormedBatch{}, former.layout()};
+              NextStatus status = NextStatus::timeout;
+              {
+                py::gil_scoped_release release;
+                status = former.next_batch(out.batch,
+                                           std::min(deadline, now_ns() + signal_check_period_ns));
+              }
+              if (status == NextStatus::batch || status == NextStatus::expired) {
+                return out; // an expired-only result has size 0
+              }
+              if (status == NextStatus::finished) {
+                return std::nullopt;
+              }
+              if (PyErr_CheckSignals() != 0) {
+                throw py::error_already_set();
+              }
+              if (now_ns() >= deadline) {
+                PyErr_SetString(PyExc_TimeoutError, "no batch within the timeout");
+                throw py::error_already_set();
+              }
+            }
+          },
+          py::arg("timeout_s") = py::none())
+      .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),
+           py::arg("feedback"))
+      .def_property_readonly("bucket", &BatchFormer::bucket)
+      .def_property_readonly("sample_bytes", &BatchFormer::sample_bytes)
+      .def("close",
+           [](BatchFormer &former) {
+             py::gil_scoped_release release;
+             former.close();
+           })
+      .def_property_readonly("capacity", &BatchFormer::capacity)
+      .def_property_readonly("queued", &BatchFormer::queued);
+}
+
+} // namespace dynbatch::bindings
