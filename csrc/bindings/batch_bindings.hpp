@@ -32,5 +32,6 @@ struct PyBatch {
 };
 
 void bind_former(pybind11::module_ &m);
+void bind_scheduler(pybind11::module_ &m);
 
 } // namespace dynbatch::bindings

@@ -25,6 +25,7 @@ namespace py = pybind11;
 using namespace dynbatch;
 using dynbatch::bindings::as_pointers;
 using dynbatch::bindings::bind_former;
+using dynbatch::bindings::bind_scheduler;
 using dynbatch::bindings::bind_telemetry;
 using dynbatch::bindings::deadline_after;
 using dynbatch::bindings::LeafSpec;
@@ -254,6 +255,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("priority"), py::arg("outcome"), py::arg("count") = 1);
 
   bind_former(m);
+  bind_scheduler(m);
 
   m.def(
       "collate",
