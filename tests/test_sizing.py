@@ -120,7 +120,7 @@ def test_fixed_and_narrow_bounds(bounds: tuple[int, int]) -> None:
     assert all(low <= size <= high for size in sizes[:-1])
 
 
-def _former(max_delay_ms: float, size: int) -> tuple[_core.BatchFormer, list[torch.Tensor]]:
+def _former(max_delay_ms: float | None, size: int) -> tuple[_core.BatchFormer, list[torch.Tensor]]:
     samples = [torch.full((4,), float(i)) for i in range(3)]
     former = _core.BatchFormer(
         [([4], 2, 32, 1)],
@@ -148,12 +148,19 @@ def test_a_short_queue_is_dispatched_after_max_delay() -> None:
 
 
 def test_without_max_delay_a_short_queue_waits_for_the_target() -> None:
-    former, _ = _former(max_delay_ms=0.0, size=32)
+    former, _ = _former(max_delay_ms=None, size=32)
     with pytest.raises(TimeoutError, match="no batch within the timeout"):
         former.next_batch(timeout_s=0.2)
     former.close_input()  # the end of input closes the batch
     batch = former.next_batch(timeout_s=5.0)
     assert batch is not None and batch.size == 3
+    former.close()
+
+
+def test_a_zero_max_delay_dispatches_a_short_queue_at_once() -> None:
+    former, _ = _former(max_delay_ms=0.0, size=32)
+    batch = former.next_batch(timeout_s=5.0)
+    assert batch is not None and batch.size == 3 and batch.reason == "max_delay"
     former.close()
 
 

@@ -159,20 +159,15 @@ void bind_former(py::module_ &m) {
           py::arg("id"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
       .def(
           "submit_many",
-          [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
+          [](BatchFormer &former, const std::vector<std::uint64_t> &ids,
              const std::vector<std::uintptr_t> &addresses, std::int32_t priority,
              Nanoseconds timeout_ns) {
-            std::vector<std::uint64_t> ids(count);
-            for (std::size_t i = 0; i < ids.size(); ++i) {
-              ids[i] = first_id + i;
-            }
             const std::vector<const void *> sources = as_pointers(addresses);
             const std::vector<RequestOptions> options(
-                count, RequestOptions{priority, timeout_ns < 0 ? no_deadline : timeout_ns});
+                ids.size(), RequestOptions{priority, timeout_ns < 0 ? no_deadline : timeout_ns});
             return former.push(ids, sources, options);
           },
-          py::arg("first_id"), py::arg("count"), py::arg("addresses"), py::arg("priority") = 0,
-          py::arg("timeout_ns") = -1)
+          py::arg("ids"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
       .def(
           "wait_for_room",
           [](BatchFormer &former, std::optional<double> timeout_s) {

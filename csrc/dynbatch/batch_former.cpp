@@ -186,13 +186,13 @@ std::size_t BatchFormer::target_size() {
   return std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
 }
 
-BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound, Nanoseconds *wait_until) {
+BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_until) {
   {
     std::lock_guard lock(ready_mutex_);
     if (stopping_ || finished_ || error_) {
       return FormResult::skipped;
     }
-    if (keep_prefetch_bound ? ready_.size() >= options_.prefetch_depth : !ready_.empty()) {
+    if (ahead ? ready_.size() >= options_.prefetch_depth : !ready_.empty()) {
       return FormResult::skipped;
     }
   }
@@ -218,17 +218,25 @@ BatchFormer::FormResult BatchFormer::form_one(bool keep_prefetch_bound, Nanoseco
         deadline == no_deadline ? no_deadline : deadline - deadline_slack_ns;
     if (closed) {
       reason = ReleaseReason::drain;
-    } else if (now >= delay_at) {
-      reason = ReleaseReason::max_delay;
-    } else if (now >= deadline_at) {
-      reason = ReleaseReason::deadline;
-    } else {
+    } else if (now < std::min(delay_at, deadline_at)) {
       if (wait_until != nullptr) {
         *wait_until = std::min(delay_at, deadline_at);
       }
       // What the former thread waits for has changed if someone else took requests aside.
       requests_.wake_consumers();
       return FormResult::needs_input;
+    } else if (ahead) {
+      // A partial batch is formed when the consumer asks for it, so that it keeps growing
+      // while the consumer is busy: wake a waiting consumer, and wake again only for input
+      // or for the next deadline to expire.
+      if (wait_until != nullptr) {
+        *wait_until = deadline;
+      }
+      std::lock_guard lock(ready_mutex_);
+      ready_changed_.notify_all();
+      return FormResult::needs_input;
+    } else {
+      reason = now >= delay_at ? ReleaseReason::max_delay : ReleaseReason::deadline;
     }
   }
   taken_.clear();
@@ -274,7 +282,7 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   const auto can_return = [&] {
     return !ready_.empty() || !expired_.empty() || finished_ || stopping_ || error_ != nullptr;
   };
-  for (bool helped = false;; helped = true) {
+  for (;;) {
     {
       std::unique_lock lock(ready_mutex_);
       if (!ready_.empty()) {
@@ -296,11 +304,12 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
         return NextStatus::finished;
       }
     }
-    if (!helped && form_mutex_.try_lock()) {
+    Nanoseconds release_at = no_deadline; // when a partial batch is due
+    if (form_mutex_.try_lock()) {
       std::lock_guard form_lock(form_mutex_, std::adopt_lock);
       FormResult result = FormResult::skipped;
       try {
-        result = form_one(false);
+        result = form_one(false, &release_at);
       } catch (...) { // sticky, as when the thread fails: the stream cannot go on in order
         std::lock_guard lock(ready_mutex_);
         error_ = std::current_exception();
@@ -312,15 +321,20 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
       }
     }
     std::unique_lock lock(ready_mutex_);
-    if (deadline_ns == no_deadline) {
-      ready_changed_.wait(lock, can_return);
-    } else {
-      const auto deadline = std::chrono::steady_clock::time_point(
-          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-              std::chrono::nanoseconds(deadline_ns)));
-      if (!ready_changed_.wait_until(lock, deadline, can_return)) {
-        return NextStatus::timeout;
-      }
+    if (can_return()) {
+      continue;
+    }
+    const Nanoseconds wake_at = std::min(deadline_ns, release_at);
+    if (wake_at == no_deadline) {
+      ready_changed_.wait(lock); // then look again: a partial batch may be due
+      continue;
+    }
+    ready_changed_.wait_until(lock,
+                              std::chrono::steady_clock::time_point(
+                                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                      std::chrono::nanoseconds(wake_at))));
+    if (now_ns() >= deadline_ns && !can_return()) {
+      return NextStatus::timeout;
     }
   }
   BatchRecord record;

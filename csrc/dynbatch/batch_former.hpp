@@ -17,6 +17,9 @@
 //   without the GIL. When nothing is ready but a batch may be released, it forms the batch
 //   itself instead of waiting for the former thread to be scheduled (a cross-thread wake-up
 //   costs more than collating a small batch). Formation is serialised by one mutex.
+// - The former thread forms full batches (and the last ones of a closed input) ahead of the
+//   consumer; a partial batch (max_delay, deadline) is formed only when the consumer asks, so
+//   requests arriving while the consumer is busy still join it.
 // - report_feedback() feeds the caller's time on a batch back to the policy.
 // - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
 //   slots return to the pool); requests still waiting are simply never formed (their owner
@@ -116,9 +119,10 @@ private:
 
   void run();
   std::size_t target_size();
-  // Caller holds form_mutex_. Never blocks: forms one batch if its input is there; otherwise
-  // *wait_until says until when its pending requests may wait for more (no_deadline: none).
-  FormResult form_one(bool keep_prefetch_bound, Nanoseconds *wait_until = nullptr);
+  // Caller holds form_mutex_. Never blocks: forms one batch if one is due; otherwise
+  // *wait_until says when to look again (no_deadline: on new input). `ahead` (the former
+  // thread) keeps the prefetch bound and leaves partial batches to the consumer.
+  FormResult form_one(bool ahead, Nanoseconds *wait_until = nullptr);
   void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason);
   // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
   void gather_pending(Nanoseconds now);

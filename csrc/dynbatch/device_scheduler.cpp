@@ -26,8 +26,8 @@ bool DeviceScheduler::fits(const GrantRequest &request) {
   if (running_ == 0) {
     // Idle: the reading holds no batch of ours, so it is the room batches may share.
     const TelemetrySample reading = telemetry_->latest();
-    const auto margin = static_cast<std::uint64_t>(
-        options_.margin_fraction * static_cast<double>(reading.memory_total_bytes));
+    const auto margin = static_cast<std::uint64_t>(options_.margin_fraction *
+                                                   static_cast<double>(reading.memory_total_bytes));
     budget_ = reading.memory_available_bytes > margin ? reading.memory_available_bytes - margin : 0;
     return true; // alone, any batch runs: its size is the sizing's business
   }

@@ -1,7 +1,7 @@
 """Type stubs of dynbatch._core, the compiled core (private: use the dynbatch package)."""
 
 from os import PathLike
-from typing import Any
+from typing import Any, ClassVar
 
 from typing_extensions import CapsuleType
 
@@ -117,6 +117,8 @@ class StatsRecorder:
     def __init__(self, ring_capacity: int = 4096) -> None: ...
     def reset(self) -> None: ...
     def snapshot(self) -> dict[str, Any]: ...
+    def record_outcome(self, priority: int, outcome: str, count: int = 1) -> None:
+        """outcome: "timed_out", "cancelled" or "failed"."""
 
 class Batch:
     @property
@@ -129,6 +131,12 @@ class Batch:
     def target(self) -> int: ...
     @property
     def collate_ns(self) -> int: ...
+    @property
+    def reason(self) -> str:
+        """Why it was released: "full", "max_delay", "deadline" or "drain"."""
+    @property
+    def expired(self) -> list[int]:
+        """Ids of requests whose timeout passed before they were formed (size may be 0)."""
     def leaf(self, index: int) -> CapsuleType: ...
 
 class BatchFormer:
@@ -141,10 +149,21 @@ class BatchFormer:
         policy: SizingPolicy,
         telemetry: Telemetry,
         stats: StatsRecorder,
-        max_delay_ms: float = 0.0,
-    ) -> None: ...
+        max_delay_ms: float | None = None,
+        aging_ms: float = 100.0,
+    ) -> None:
+        """max_delay_ms None: a short queue waits for the target; 0: dispatched at once."""
     def push(self, first_id: int, count: int, addresses: list[int]) -> int:
         """Requests first_id .. first_id + count - 1, leaf addresses request-major."""
+    def submit(
+        self, id: int, addresses: list[int], priority: int = 0, timeout_ns: int = -1
+    ) -> bool:
+        """One request; False when max_queued requests wait or the input is closed."""
+    def submit_many(
+        self, ids: list[int], addresses: list[int], priority: int = 0, timeout_ns: int = -1
+    ) -> int:
+        """Returns how many were accepted (a prefix)."""
+    def wait_for_room(self, timeout_s: float | None = None) -> bool: ...
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
     def report_feedback(self, sequence: int, feedback: BatchFeedback) -> None: ...
@@ -157,6 +176,19 @@ class BatchFormer:
     def capacity(self) -> int: ...
     @property
     def queued(self) -> int: ...
+
+class DeviceScheduler:
+    exclusive: ClassVar[int]
+    def __init__(
+        self, concurrency: int, aging_ms: float, margin_fraction: float, telemetry: Telemetry
+    ) -> None: ...
+    def try_acquire(self, task: int, priority: int, reservation_bytes: int) -> bool: ...
+    def acquire(
+        self, task: int, priority: int, reservation_bytes: int, timeout_s: float | None = None
+    ) -> bool: ...
+    def release(self, task: int, priority: int, reservation_bytes: int) -> None: ...
+    def close(self) -> None: ...
+    def state(self) -> dict[str, Any]: ...
 
 def collate(
     leaves: list[LeafDescriptor], addresses: list[int], batch_size: int, pool: StagingPool

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["DynbatchError", "InvalidSampleError", "UnsupportedLeafError"]
+__all__ = [
+    "DynbatchError",
+    "InvalidSampleError",
+    "ProcessorClosed",
+    "QueueFull",
+    "RequestTimeout",
+    "UnsupportedLeafError",
+]
 
 
 class DynbatchError(Exception):
@@ -16,8 +23,8 @@ class InvalidSampleError(DynbatchError, ValueError):
     the sample itself), so the offending input can be found without a debugger.
     """
 
-    def __init__(self, index: int, path: str, problem: str) -> None:
-        where = f"sample {index}" + (f", leaf {path}" if path else "")
+    def __init__(self, index: int, path: str, problem: str, *, noun: str = "sample") -> None:
+        where = f"{noun} {index}" + (f", leaf {path}" if path else "")
         super().__init__(f"{where}: {problem}")
         self.index = index
         self.path = path
@@ -26,3 +33,17 @@ class InvalidSampleError(DynbatchError, ValueError):
 
 class UnsupportedLeafError(InvalidSampleError, TypeError):
     """A leaf of a type dynbatch cannot stack (a string, None, an arbitrary object...)."""
+
+
+class QueueFull(DynbatchError):
+    """``submit`` found ``max_queue_size`` requests already waiting (after ``block_timeout``
+    seconds of waiting for room, when one was given)."""
+
+
+class RequestTimeout(DynbatchError, TimeoutError):
+    """A request's ``timeout`` passed before it was dispatched; it never reached the model."""
+
+
+class ProcessorClosed(DynbatchError):
+    """The processor was closed: no new requests, and ``close(drain=False)`` ends every
+    request still waiting with this error."""

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from . import _core
-from .errors import DynbatchError
+from .devices import default_telemetry
+from .errors import DynbatchError, ProcessorClosed
 from .memory import MemoryMonitor, default_memory_monitor
+from .scheduler import Scheduler
+from .serving import Server
 from .stats import Stats
 from .torch_bridge import Schema, split_outputs
 
@@ -30,37 +33,50 @@ _GPU_UTILIZATION_TARGET = 0.8
 _MAX_READ_AHEAD = 2**22
 
 
-def _default_telemetry() -> _core.Telemetry:
-    """The current CUDA device's NVML readings when usable, host memory otherwise."""
-    return _core.Telemetry.auto(_nvml_index_of_current_device(), 0.05)
-
-
-def _nvml_index_of_current_device() -> int:
-    """NVML numbers devices its own way (CUDA_VISIBLE_DEVICES and CUDA's fastest-first order
-    do not apply), so the CUDA device is found by its PCI bus id; -1 without CUDA."""
-    if not torch.cuda.is_available():
-        return -1
-    device = torch.cuda.current_device()
-    properties = torch.cuda.get_device_properties(device)
-    bus = getattr(properties, "pci_bus_id", None)
-    if bus is not None:
-        bus_id = (
-            f"{getattr(properties, 'pci_domain_id', 0):08X}:{bus:02X}:"
-            f"{getattr(properties, 'pci_device_id', 0):02X}.0"
-        )
-        index = _core.nvml_index_of_pci_bus_id(bus_id)
-        if index >= 0:
-            return index
-    # No bus id (an older torch or driver): the numbering agrees only when nothing remaps it.
-    return device if "CUDA_VISIBLE_DEVICES" not in os.environ else -1
-
-
 def _check_fraction(name: str, value: object, *, inclusive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (0.0 < value <= 1.0 if inclusive else 0.0 < value < 1.0):
         bounds = "(0, 1]" if inclusive else "(0, 1)"
         raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def _check_serving_arguments(
+    model: object,
+    max_delay_ms: object,
+    max_queue_size: object,
+    block_timeout: object,
+    isolate_errors: object,
+    priority_aging_ms: object,
+    scheduler: object,
+    task_priority: object,
+) -> None:
+    if model is not None and not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    for name, value, low, high in (
+        ("max_delay_ms", max_delay_ms, 0.0, 3.6e6),
+        ("priority_aging_ms", priority_aging_ms, 1e-3, 3.6e6),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number of milliseconds, got {type(value).__name__}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}")
+    _check_size("max_queue_size", max_queue_size)
+    if block_timeout is not None:
+        if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
+            raise TypeError(
+                f"block_timeout must be seconds or None, got {type(block_timeout).__name__}"
+            )
+        if not block_timeout >= 0:
+            raise ValueError(f"block_timeout must be >= 0 seconds, got {block_timeout}")
+    if not isinstance(isolate_errors, bool):
+        raise TypeError(f"isolate_errors must be a bool, got {type(isolate_errors).__name__}")
+    if scheduler is not None and not isinstance(scheduler, Scheduler):
+        raise TypeError(f"scheduler must be a dynbatch.Scheduler, got {type(scheduler).__name__}")
+    if isinstance(task_priority, bool) or not isinstance(task_priority, int):
+        raise TypeError(f"task_priority must be an int, got {type(task_priority).__name__}")
+    if not -(2**31) <= task_priority < 2**31:
+        raise ValueError(f"task_priority must fit in 32 bits, got {task_priority}")
 
 
 def _check_size(name: str, value: object) -> int:
@@ -103,6 +119,21 @@ class DynamicBatchProcessor:
         clock: nanoseconds now (default ``time.perf_counter_ns``); simulations inject one.
         memory_monitor: per-batch memory feedback (default: torch's CUDA allocator when CUDA
             is available, none otherwise); simulations inject one.
+
+    Serving (``submit``, ``submit_many``, ``infer``; needs ``model``):
+        model: the callable run on each batch; its output (a tensor, or dicts/tuples/lists of
+            tensors) is split along the first dimension into per-request results.
+        max_delay_ms: the longest a request waits for its batch to fill (default 5): a short
+            queue is dispatched after this, a long one fills the target size at once, and a
+            partial batch keeps growing while the model is busy. 0 dispatches at once.
+        max_queue_size: requests waiting at most (default 65536); beyond it ``submit`` raises
+            ``QueueFull`` at once, or after waiting ``block_timeout`` seconds for room.
+        isolate_errors: when the model raises on a batch, bisect it so that only the
+            request(s) causing the error get it, as their own exception (default True).
+        priority_aging_ms: a waiting request gains one priority level per this (default 100),
+            so low priorities are delayed by a saturating high-priority stream, not starved.
+        scheduler: the ``Scheduler`` that orders this task's batches against other tasks on
+            the device (default: the device's shared one); ``task_priority`` ranks this task.
     """
 
     def __init__(
@@ -118,6 +149,14 @@ class DynamicBatchProcessor:
         telemetry: _core.Telemetry | None = None,
         clock: Callable[[], int] | None = None,
         memory_monitor: MemoryMonitor | None = None,
+        model: Callable[[Any], Any] | None = None,
+        max_delay_ms: float = 5.0,
+        max_queue_size: int = 65536,
+        block_timeout: float | None = None,
+        isolate_errors: bool = True,
+        priority_aging_ms: float = 100.0,
+        scheduler: Scheduler | None = None,
+        task_priority: int = 0,
     ) -> None:
         self.max_batch_size = _check_size("max_batch_size", max_batch_size)
         self.min_batch_size = _check_size("min_batch_size", min_batch_size)
@@ -151,9 +190,19 @@ class DynamicBatchProcessor:
             raise TypeError("telemetry must be a dynbatch._core.Telemetry")
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning nanoseconds")
+        _check_serving_arguments(
+            model,
+            max_delay_ms,
+            max_queue_size,
+            block_timeout,
+            isolate_errors,
+            priority_aging_ms,
+            scheduler,
+            task_priority,
+        )
 
         self._owns_telemetry = telemetry is None  # a caller's telemetry may be shared
-        self._telemetry = telemetry if telemetry is not None else _default_telemetry()
+        self._telemetry = telemetry if telemetry is not None else default_telemetry()
         on_gpu = self._telemetry.source.startswith("nvml")
         self._policy = _core.SizingController(
             self.min_batch_size,
@@ -182,6 +231,20 @@ class DynamicBatchProcessor:
         self._split_batches = 0
         self._oom_seen = False  # from then on, batches are checked against the ceilings
         self._closed = False
+        self.model = model
+        self._server: Server | None = None
+        if model is not None:
+            self._server = Server(
+                self,
+                model,
+                max_delay_ms=float(max_delay_ms),
+                max_queue_size=max_queue_size,
+                block_timeout=block_timeout,
+                isolate_errors=isolate_errors,
+                aging_ms=float(priority_aging_ms),
+                scheduler=scheduler,
+                task_priority=task_priority,
+            )
 
     def __call__(self, data: Iterable[Any], /) -> BatchIterator:
         """Batches of ``data`` (any iterable of samples), as an iterator."""
@@ -223,6 +286,43 @@ class DynamicBatchProcessor:
                 results.extend(split_outputs(output, size))
         return results
 
+    def submit(
+        self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
+    ) -> Future[Any]:
+        """Queues one sample for ``model``; returns its future (thread-safe, never blocks
+        unless ``block_timeout`` allows waiting for room in a full queue).
+
+        Larger ``priority`` runs first. A request still waiting ``timeout`` seconds after
+        ``submit`` ends with ``RequestTimeout`` and never reaches the model. The future's
+        ``cancel()`` works until the request is dispatched. The result is the request's row of
+        the model's output; a model error reaches only the request(s) that cause it.
+        """
+        return self._serving().submit(sample, priority, timeout)
+
+    def submit_many(
+        self, samples: Iterable[Any], /, *, priority: int = 0, timeout: float | None = None
+    ) -> list[Future[Any]]:
+        """``submit`` for many samples at once (one call into the core). Every sample is
+        checked before any is queued; when the queue fills, the requests that did not fit end
+        with ``QueueFull`` (their futures say so) and the others run."""
+        return list(self._serving().submit_many(samples, priority, timeout))
+
+    def infer(
+        self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
+    ) -> Awaitable[Any]:
+        """``await processor.infer(sample)``: ``submit`` for asyncio. Results reach the event
+        loop once per batch; cancelling the awaiting task cancels the request."""
+        return self._serving().infer(sample, priority, timeout)
+
+    def _serving(self) -> Server:
+        if self._server is None:
+            raise RuntimeError(
+                "submit/infer need a model: DynamicBatchProcessor(..., model=your_model)"
+            )
+        if self._closed:
+            raise ProcessorClosed("this DynamicBatchProcessor is closed")
+        return self._server
+
     def is_out_of_memory(self, error: BaseException) -> bool:
         """Whether ``error`` means the batch did not fit (the types ``report_oom`` expects)."""
         return isinstance(error, self._oom_types)
@@ -239,6 +339,9 @@ class DynamicBatchProcessor:
     def stats(self) -> Stats:
         """Counters, batch-size histogram, throughput, latency, memory and the learned costs."""
         live_ns = sum(it.active_ns() for it in list(self._iterators))
+        server = self._server
+        if server is not None:
+            live_ns += server.active_ns()
         telemetry = self._final_telemetry or self._telemetry_reading()
         return Stats.from_core(
             self._recorder.snapshot(),
@@ -247,6 +350,8 @@ class DynamicBatchProcessor:
             telemetry,
             self._pool.stats(),
             self._split_batches,
+            isolated_errors=0 if server is None else server.isolated_errors,
+            queued=0 if server is None else server.queued(),
         )
 
     def _telemetry_reading(self) -> dict[str, Any]:
@@ -264,11 +369,19 @@ class DynamicBatchProcessor:
             self._telemetry.reset_peak()
         self._split_batches = 0
 
-    def close(self) -> None:
-        """Stops every live iteration and the telemetry thread. Idempotent."""
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops every live iteration, the serving worker and the telemetry thread.
+
+        Serving: no request is accepted after ``close``. With ``drain`` (the default) every
+        queued request is still run (``timeout`` bounds the wait, in seconds); without it, or
+        past the timeout, every request not yet dispatched ends with ``ProcessorClosed``.
+        Idempotent.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._server is not None:
+            self._server.close(drain, timeout)
         for iterator in list(self._iterators):
             iterator.close()
         self._final_telemetry = self._telemetry_reading()  # stats() still works after close
@@ -282,10 +395,27 @@ class DynamicBatchProcessor:
         self.close()
 
     def __repr__(self) -> str:
+        model = "" if self.model is None else f", model={self.model!r}"
         return (
             f"DynamicBatchProcessor(max_batch_size={self.max_batch_size}, "
-            f"min_batch_size={self.min_batch_size}, prefetch={self.prefetch})"
+            f"min_batch_size={self.min_batch_size}, prefetch={self.prefetch}{model})"
         )
+
+    def _fitting_size(self, bucket: int, sample_bytes: int) -> int:
+        """The largest batch the sizing allows now (the OOM and memory ceilings; below
+        min_batch_size if need be)."""
+        reading = self._telemetry.latest()
+        # Asking for a size with the current reading refreshes the ceilings (changes nothing).
+        self._policy.next_batch_size(
+            0,
+            sample_bytes,
+            reading["memory_available_bytes"],
+            reading["memory_total_bytes"],
+            reading["utilization"],
+            bucket,
+        )
+        state = self._policy.state()
+        return max(1, min(int(state["oom_ceiling"]), int(state["memory_ceiling"])))
 
 
 class BatchIterator(Iterator[Any]):
@@ -435,22 +565,9 @@ class BatchIterator(Iterator[Any]):
             self._processor._policy.on_feedback(feedback)
 
     def _fitting_size(self) -> int:
-        """The largest batch the sizing allows now (the OOM and memory ceilings; below
-        min_batch_size if need be), checked only once an out-of-memory error happened."""
-        policy = self._processor._policy
+        """The processor's fitting size for this stream's shape (after an OOM only)."""
         assert self._former is not None
-        reading = self._processor._telemetry.latest()
-        # Asking for a size with the current reading refreshes the ceilings (changes nothing).
-        policy.next_batch_size(
-            0,
-            self._former.sample_bytes,
-            reading["memory_available_bytes"],
-            reading["memory_total_bytes"],
-            reading["utilization"],
-            self._former.bucket,
-        )
-        state = policy.state()
-        return max(1, min(int(state["oom_ceiling"]), int(state["memory_ceiling"])))
+        return self._processor._fitting_size(self._former.bucket, self._former.sample_bytes)
 
     def _next_part(self) -> _Part | None:
         """The next batch to yield: a waiting part, or the core's next batch; None at the end."""

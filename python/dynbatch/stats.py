@@ -62,6 +62,13 @@ class Stats:
     telemetry_source: str
     window: int
     recent_batch_sizes: list[int] = field(default_factory=list)
+    # Serving: why batches left the queue, and what became of requests, per priority.
+    released_by: dict[str, int] = field(default_factory=dict)  # full/max_delay/deadline/drain
+    priorities: dict[int, dict[str, float]] = field(default_factory=dict)
+    timeouts: int = 0
+    cancellations: int = 0
+    isolated_errors: int = 0
+    queued: int = 0  # requests waiting right now
 
     @classmethod
     def from_core(
@@ -72,6 +79,9 @@ class Stats:
         telemetry: dict[str, Any],
         pool: dict[str, Any],
         split_batches: int,
+        *,
+        isolated_errors: int = 0,
+        queued: int = 0,
     ) -> Stats:
         records = snapshot["recent"]
         # record: (sequence, size, target, first_enqueue, formed, delivered, collate, compute, mem)
@@ -79,6 +89,17 @@ class Stats:
         computes = [r[7] / 1e6 for r in records if r[7] >= 0]
         batches = int(snapshot["batches"])
         samples = int(snapshot["samples"])
+        priorities = {
+            int(priority): {
+                "dispatched": int(entry["dispatched"]),
+                "timeouts": int(entry["timed_out"]),
+                "cancellations": int(entry["cancelled"]),
+                "isolated_errors": int(entry["failed"]),
+                "queue_wait_p50_ms": int(entry["queue_wait_p50_ns"]) / 1e6,
+                "queue_wait_p99_ms": int(entry["queue_wait_p99_ns"]) / 1e6,
+            }
+            for priority, entry in sorted(snapshot["priorities"].items())
+        }
         active_ns = int(snapshot["active_ns"]) + live_active_ns
         return cls(
             batches=batches,
@@ -112,6 +133,12 @@ class Stats:
             telemetry_source=str(telemetry["source"]),
             window=len(records),
             recent_batch_sizes=[int(r[1]) for r in records[-32:]],
+            released_by={str(k): int(v) for k, v in snapshot["released_by"].items()},
+            priorities=priorities,
+            timeouts=sum(int(p["timeouts"]) for p in priorities.values()),
+            cancellations=sum(int(p["cancellations"]) for p in priorities.values()),
+            isolated_errors=isolated_errors,
+            queued=queued,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +183,23 @@ class Stats:
             ("staging buffers", _mib(self.staging_bytes)),
             ("telemetry", self.telemetry_source),
         ]
+        if any(self.released_by.values()) or self.priorities:
+            reasons = ", ".join(f"{k}:{v}" for k, v in self.released_by.items() if v)
+            rows.append(("batches released by", reasons or "-"))
+            rows.append(
+                (
+                    "timeouts / cancellations / isolated errors",
+                    f"{self.timeouts} / {self.cancellations} / {self.isolated_errors}",
+                )
+            )
+            for priority, entry in self.priorities.items():
+                rows.append(
+                    (
+                        f"priority {priority}: requests, wait p50 / p99",
+                        f"{int(entry['dispatched']):,}, {entry['queue_wait_p50_ms']:.3f} / "
+                        f"{entry['queue_wait_p99_ms']:.3f} ms",
+                    )
+                )
         width = max(len(name) for name, _ in rows)
         lines = ["dynbatch stats", "-" * (width + 30)]
         lines += [f"{name:<{width}}  {value}" for name, value in rows]

@@ -142,15 +142,20 @@ class Schema:
         addresses.extend(own_addresses)
         return kept[0] if self.single_tensor else kept
 
-    def batch_leaves(self, batch: _core.Batch, kept: list[Any]) -> list[Any]:
+    def batch_leaves(
+        self, batch: _core.Batch, kept: list[Any], rows: list[int] | None = None
+    ) -> list[Any]:
         """The batch's leaves in flatten order: core leaves as tensors over the staging
-        buffer, number leaves stacked from ``kept`` (what ``admit`` returned, in order)."""
+        buffer, number leaves stacked from ``kept`` (what ``admit`` returned, in order).
+        With ``rows``, only those rows of the batch (``kept`` holds just their samples)."""
+        index = None if rows is None else torch.tensor(rows, dtype=torch.int64)
         leaves: list[Any] = []
         for position, spec in enumerate(self.leaves):
             if spec.kind == NUMBER:
                 leaves.append(torch.tensor([k[position] for k in kept], dtype=spec.dtype))
-            else:
-                leaves.append(from_dlpack(batch.leaf(spec.core_index)))
+                continue
+            leaf = from_dlpack(batch.leaf(spec.core_index))
+            leaves.append(leaf if index is None else leaf.index_select(0, index))
         return leaves
 
     def structure(self, leaves: list[Any]) -> Any:

@@ -1,0 +1,122 @@
+"""Scheduler: several tasks (processors with their own models) sharing one device."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import torch
+
+from . import _core
+from .devices import nvml_index_of_device
+
+__all__ = ["Scheduler"]
+
+_registry_lock = threading.Lock()
+_shared: dict[str, Scheduler] = {}
+_task_ids = itertools.count(1)
+
+
+def _device_name(device: str | torch.device | None) -> str:
+    if device is None:
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        index = parsed.index if parsed.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    if parsed.type != "cpu":
+        raise ValueError(f"Scheduler supports cpu and cuda devices, got {device!r}")
+    return "cpu"
+
+
+class Scheduler:
+    """Runs the batches of several processors on one device, in order of task priority.
+
+    Every processor built with ``model=`` runs each batch under a grant from its scheduler:
+    the one passed as ``scheduler=``, or the device's shared one (``Scheduler.shared()``).
+    When batches of several tasks wait, the one with the largest ``task_priority`` runs first;
+    a waiting batch gains one priority level per ``aging_ms`` waited, so a low-priority task
+    is slowed by a busy high-priority one, never starved.
+
+    ``concurrency`` batches may run at once (default 1: one at a time). Then each batch
+    reserves the peak memory its processor's learned memory model predicts for its size, and
+    batches run together only while their reservations fit the device's free memory (minus
+    ``memory_margin``, a fraction of the total) read when the device was idle; a task whose
+    memory cost is not known yet runs alone.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (default: the current CUDA device, else
+            the CPU). Memory readings come from NVML for a GPU, host memory otherwise.
+        concurrency: batches allowed to run at once.
+        aging_ms: waiting time that raises a batch's priority by one level.
+        memory_margin: fraction of the device's total memory never reserved.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        *,
+        concurrency: int = 1,
+        aging_ms: float = 100.0,
+        memory_margin: float = 0.05,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if isinstance(aging_ms, bool) or not isinstance(aging_ms, (int, float)):
+            raise TypeError(f"aging_ms must be a number, got {type(aging_ms).__name__}")
+        if not 0.0 < aging_ms <= 3.6e6:
+            raise ValueError(f"aging_ms must be in (0, 3600000], got {aging_ms}")
+        if isinstance(memory_margin, bool) or not isinstance(memory_margin, (int, float)):
+            raise TypeError(f"memory_margin must be a number, got {type(memory_margin).__name__}")
+        if not 0.0 <= memory_margin < 1.0:
+            raise ValueError(f"memory_margin must be in [0, 1), got {memory_margin}")
+        self.device = _device_name(device)
+        self.concurrency = concurrency
+        nvml_index = -1
+        if self.device.startswith("cuda"):
+            nvml_index = nvml_index_of_device(int(self.device.split(":")[1]))
+        self._telemetry = _core.Telemetry.auto(nvml_index, 0.05)
+        self._core = _core.DeviceScheduler(
+            concurrency, float(aging_ms), float(memory_margin), self._telemetry
+        )
+        self._closed = False
+
+    @classmethod
+    def shared(cls, device: str | torch.device | None = None) -> Scheduler:
+        """The device's shared scheduler (created on first use, one per device)."""
+        name = _device_name(device)
+        with _registry_lock:
+            scheduler = _shared.get(name)
+            if scheduler is None or scheduler._closed:
+                scheduler = cls(name)
+                _shared[name] = scheduler
+            return scheduler
+
+    @staticmethod
+    def new_task_id() -> int:
+        return next(_task_ids)
+
+    def acquire(self, task: int, task_priority: int, reservation_bytes: int) -> bool:
+        """Waits for the batch's turn (the GIL is released only when it must wait)."""
+        if self._core.try_acquire(task, task_priority, reservation_bytes):
+            return True
+        return bool(self._core.acquire(task, task_priority, reservation_bytes, None))
+
+    def release(self, task: int, task_priority: int, reservation_bytes: int) -> None:
+        self._core.release(task, task_priority, reservation_bytes)
+
+    def state(self) -> dict[str, Any]:
+        """Running and waiting batches, reserved bytes and budget, grants per task id."""
+        return dict(self._core.state())
+
+    def close(self) -> None:
+        """Fails every waiting grant; processors using it fail their batches after that."""
+        if self._closed:
+            return
+        self._closed = True
+        self._core.close()
+        self._telemetry.close()
+
+    def __repr__(self) -> str:
+        return f"Scheduler(device={self.device!r}, concurrency={self.concurrency})"

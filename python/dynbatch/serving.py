@@ -1,0 +1,475 @@
+"""The serving side of a processor: requests from any thread, batches through the model.
+
+Request path (the caller's thread, the GIL held throughout, O(1) Python work per request):
+check the sample against the first one, make its future, note it in the request table, hand
+its id and leaf addresses to the core. Batch path (one worker thread per processor): wait for
+the core's next batch with the GIL released, take its requests out of the table, drop the
+cancelled and the late, run the model under the scheduler's grant, split the output, and
+publish every result with one lock and one wake-up (one call per event loop for ``infer``).
+
+Every request ends exactly once: whoever takes its id out of the table (the worker, or
+``close``) ends it, and a future that is already done is never touched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import math
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+from .errors import (
+    DynbatchError,
+    InvalidSampleError,
+    ProcessorClosed,
+    QueueFull,
+    RequestTimeout,
+)
+from .futures import (
+    CANCELLED_BEFORE,
+    LATE,
+    LIVE,
+    AsyncRequest,
+    CompletionGroup,
+    RequestFuture,
+    claim,
+    complete,
+)
+from .scheduler import Scheduler
+from .torch_bridge import Schema, split_outputs
+
+if TYPE_CHECKING:
+    from .processor import DynamicBatchProcessor
+
+__all__ = ["Server"]
+
+_log = logging.getLogger("dynbatch")
+_INT32 = (-(2**31), 2**31 - 1)
+_live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
+
+
+def _close_live_servers() -> None:
+    """At interpreter exit no worker may still wait inside the core: close them all first."""
+    for server in list(_live_servers):
+        server.close(drain=False, timeout=5.0)
+
+
+atexit.register(_close_live_servers)
+
+
+def _check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+    if not _INT32[0] <= priority <= _INT32[1]:
+        raise ValueError(f"priority must fit in 32 bits, got {priority}")
+    return int(priority)
+
+
+def _timeout_ns(timeout: object, name: str = "timeout") -> int:
+    """Nanoseconds, or -1 for none."""
+    if timeout is None:
+        return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(timeout).__name__}")
+    if not timeout >= 0 or math.isinf(timeout):
+        if math.isinf(timeout) and timeout > 0:
+            return -1
+        raise ValueError(f"{name} must be >= 0 seconds, got {timeout}")
+    return min(int(timeout * 1e9), 2**62)
+
+
+class Server:
+    """Everything ``submit``/``infer`` need, created by the processor on first use."""
+
+    def __init__(
+        self,
+        processor: DynamicBatchProcessor,
+        model: Callable[[Any], Any],
+        *,
+        max_delay_ms: float,
+        max_queue_size: int,
+        block_timeout: float | None,
+        isolate_errors: bool,
+        aging_ms: float,
+        scheduler: Scheduler | None,
+        task_priority: int,
+    ) -> None:
+        self._processor = processor
+        self._model = model
+        self._max_delay_ms = max_delay_ms
+        self._max_queue_size = max_queue_size
+        self._block_timeout_ns = _timeout_ns(block_timeout, "block_timeout")
+        self._isolate = isolate_errors
+        self._aging_ms = aging_ms
+        self._scheduler = scheduler if scheduler is not None else Scheduler.shared()
+        self._task = Scheduler.new_task_id()
+        self._task_priority = task_priority
+        self._group = CompletionGroup()
+        self._table: dict[int, Any] = {}
+        self._ids = itertools.count()
+        self._schema: Schema | None = None
+        self._former: _core.BatchFormer | None = None
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._started_ns = 0
+        self.isolated_errors = 0
+        _live_servers.add(self)
+
+    # ----------------------------------------------------------------- request path
+
+    def submit(self, sample: Any, priority: int, timeout: float | None) -> RequestFuture:
+        if priority.__class__ is not int or not -2147483648 <= priority <= 2147483647:
+            priority = _check_priority(priority)
+        timeout_ns = -1 if timeout is None else _timeout_ns(timeout)
+        former = self._former if self._former is not None else self._start(sample)
+        request_id = next(self._ids)
+        deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
+        future = RequestFuture(self._group, request_id, priority, deadline)
+        addresses: list[int] = []
+        future._sample = self._admit(sample, request_id, addresses)
+        table = self._table
+        table[request_id] = future
+        if not former.submit(request_id, addresses, priority, timeout_ns):
+            self._push_refused(former, request_id, addresses, priority, timeout_ns)
+        return future
+
+    def submit_many(
+        self, samples: Iterable[Any], priority: int, timeout: float | None
+    ) -> list[RequestFuture]:
+        priority = _check_priority(priority)
+        timeout_ns = _timeout_ns(timeout)
+        samples = list(samples)
+        if not samples:
+            return []
+        former = self._former if self._former is not None else self._start(samples[0])
+        deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
+        group = self._group
+        ids = [next(self._ids) for _ in samples]
+        futures: list[RequestFuture] = []
+        addresses: list[int] = []
+        admit = self._admit
+        for request_id, sample in zip(ids, samples, strict=True):
+            future = RequestFuture(group, request_id, priority, deadline)
+            future._sample = admit(sample, request_id, addresses)  # all checked before any runs
+            futures.append(future)
+        table = self._table
+        for future in futures:
+            table[future._request_id] = future
+        leaves = len(addresses) // len(ids)
+        accepted = former.submit_many(ids, addresses, priority, timeout_ns)
+        while accepted < len(ids) and self._wait_for_room(former):
+            accepted += former.submit_many(
+                ids[accepted:], addresses[accepted * leaves :], priority, timeout_ns
+            )
+        if accepted < len(ids):  # each refused request ends with its own error
+            refused = [table.pop(i, None) for i in ids[accepted:]]
+            error = self._refusal()
+            complete(self._group, [r for r in refused if r is not None], None, error)
+        return futures
+
+    async def infer(self, sample: Any, priority: int, timeout: float | None) -> Any:
+        priority = _check_priority(priority)
+        timeout_ns = _timeout_ns(timeout)
+        former = self._former if self._former is not None else self._start(sample)
+        loop = asyncio.get_running_loop()
+        request_id = next(self._ids)
+        deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
+        request = AsyncRequest(loop, loop.create_future(), request_id, priority, deadline)
+        addresses: list[int] = []
+        request._sample = self._admit(sample, request_id, addresses)
+        self._table[request_id] = request
+        if not former.submit(request_id, addresses, priority, timeout_ns):
+            self._table.pop(request_id, None)
+            if self._closing or self._block_timeout_ns < 0:
+                raise self._refusal()
+            # Wait for room off the event loop; the loop keeps serving meanwhile.
+            room = await loop.run_in_executor(None, self._wait_for_room, former)
+            self._table[request_id] = request
+            if not room or not former.submit(request_id, addresses, priority, timeout_ns):
+                self._table.pop(request_id, None)
+                raise self._refusal()
+        return await request.future
+
+    def _admit(self, sample: Any, request_id: int, addresses: list[int]) -> Any:
+        assert self._schema is not None
+        try:
+            return self._schema.admit(sample, request_id, addresses)
+        except InvalidSampleError as error:
+            raise type(error)(error.index, error.path, error.problem, noun="request") from None
+
+    def _start(self, first: Any) -> _core.BatchFormer:
+        """The first request fixes the structure every later one must share."""
+        with self._start_lock:
+            if self._closing:
+                raise ProcessorClosed("this DynamicBatchProcessor is closed")
+            if self._former is not None:
+                return self._former
+            try:
+                schema = Schema(first, 0)
+            except InvalidSampleError as error:
+                raise type(error)(error.index, error.path, error.problem, noun="request") from None
+            processor = self._processor
+            former = _core.BatchFormer(
+                schema.core_descriptors(),
+                self._max_queue_size,
+                processor.prefetch,
+                processor._pool,
+                processor._policy,
+                processor._telemetry,
+                processor._recorder,
+                max_delay_ms=self._max_delay_ms,
+                aging_ms=self._aging_ms,
+            )
+            self._schema = schema
+            self._worker = threading.Thread(
+                target=self._work, args=(former,), name="dynbatch-worker", daemon=True
+            )
+            self._former = former
+            self._started_ns = time.perf_counter_ns()
+            self._worker.start()
+            return former
+
+    def _push_refused(
+        self,
+        former: _core.BatchFormer,
+        request_id: int,
+        addresses: list[int],
+        priority: int,
+        timeout_ns: int,
+    ) -> None:
+        """The core refused a request: wait for room when allowed, else raise."""
+        while self._wait_for_room(former):
+            if former.submit(request_id, addresses, priority, timeout_ns):
+                return
+        self._table.pop(request_id, None)  # the caller gets the error instead of a future
+        raise self._refusal()
+
+    def _wait_for_room(self, former: _core.BatchFormer) -> bool:
+        if self._closing or self._block_timeout_ns < 0:
+            return False
+        return bool(former.wait_for_room(self._block_timeout_ns / 1e9)) and not self._closing
+
+    def _refusal(self) -> DynbatchError:
+        if self._fatal is not None:
+            error = ProcessorClosed(f"the processor stopped after an internal error: {self._fatal}")
+            error.__cause__ = self._fatal
+            return error
+        if self._closing:
+            return ProcessorClosed("this DynamicBatchProcessor is closed")
+        waited = (
+            f" after waiting {self._block_timeout_ns / 1e9:g} s"
+            if self._block_timeout_ns >= 0
+            else ""
+        )
+        return QueueFull(
+            f"{self._max_queue_size} requests are already waiting (max_queue_size){waited}"
+        )
+
+    # ------------------------------------------------------------------- batch path
+
+    def _work(self, former: _core.BatchFormer) -> None:
+        try:
+            while True:
+                batch = former.next_batch()
+                if batch is None:
+                    return
+                if batch.expired:
+                    self._expire(batch.expired)
+                if batch.size:
+                    self._dispatch(batch)
+        except BaseException as error:  # the core failed: every waiting request learns why
+            self._fatal = error
+            self._closing = True
+            _log.error("dynbatch worker stopped: %s", error)
+            former.close()
+            self._fail_waiting(ProcessorClosed(f"the processor stopped: {error}"), error)
+
+    def _take(self, ids: list[int]) -> list[Any]:
+        pop = self._table.pop
+        with self._group.condition:  # close() takes from the table under the same lock
+            return [pop(request_id, None) for request_id in ids]
+
+    def _expire(self, ids: list[int]) -> None:
+        self._end_late([request for request in self._take(ids) if request is not None])
+
+    def _end_late(self, late: list[Any]) -> None:
+        errors: list[BaseException] = [
+            RequestTimeout(f"request {r._request_id} timed out before dispatch") for r in late
+        ]
+        complete(self._group, late, None, errors)
+
+    def _dispatch(self, batch: _core.Batch) -> None:
+        requests = self._take(batch.ids)
+        samples = [r._sample if r is not None else None for r in requests]
+        now = time.monotonic_ns()
+        live = claim(self._group, requests, now)
+        keep = [i for i, state in enumerate(live) if state == LIVE]
+        self._account(requests, live)
+        if not keep:
+            return
+        assert self._schema is not None
+        if len(keep) == len(requests):
+            leaves = self._schema.batch_leaves(batch, samples)
+            self._run(leaves, requests, batch.sequence, batch.collate_ns)
+            return
+        kept_samples = [samples[i] for i in keep]
+        leaves = self._schema.batch_leaves(batch, kept_samples, rows=keep)
+        self._run(leaves, [requests[i] for i in keep], None, batch.collate_ns)
+
+    def _account(self, requests: list[Any], live: list[int]) -> None:
+        """Ends the late requests of a batch and counts its cancelled ones."""
+        late = [r for r, state in zip(requests, live, strict=True) if state == LATE]
+        if late:
+            complete(
+                self._group,
+                late,
+                None,
+                [
+                    RequestTimeout(f"request {r._request_id} timed out before dispatch")
+                    for r in late
+                ],
+            )
+            for priority, count in Counter(r._priority for r in late).items():
+                self._processor._recorder.record_outcome(priority, "timed_out", count)
+        cancelled = [
+            r for r, state in zip(requests, live, strict=True) if state == CANCELLED_BEFORE
+        ]
+        for priority, count in Counter(r._priority for r in cancelled).items():
+            self._processor._recorder.record_outcome(priority, "cancelled", count)
+
+    def _run(
+        self, leaves: list[Any], requests: list[Any], sequence: int | None, collate_ns: int
+    ) -> None:
+        """Runs the model on one batch (or part) and ends its requests; splits on OOM,
+        bisects on other errors when isolating them."""
+        processor = self._processor
+        size = len(requests)
+        assert self._schema is not None and self._former is not None
+        reservation = self._reservation(size)
+        scheduler = self._scheduler
+        if not scheduler.acquire(self._task, self._task_priority, reservation):
+            complete(self._group, requests, None, ProcessorClosed("the scheduler was closed"))
+            return
+        failure: BaseException | None = None
+        output: Any = None
+        try:
+            processor._memory.begin()
+            started = processor._clock()
+            try:
+                output = self._model(self._schema.structure(leaves))
+            except BaseException as error:
+                failure = error
+            elapsed = processor._clock() - started
+            peak_bytes, reclaimable_bytes = processor._memory.end()
+        finally:
+            scheduler.release(self._task, self._task_priority, reservation)
+        if failure is None:
+            feedback = _core.BatchFeedback(
+                size,
+                compute_ns=elapsed,
+                collate_ns=collate_ns,
+                peak_memory_bytes=peak_bytes,
+                reclaimable_bytes=reclaimable_bytes,
+                bucket=self._former.bucket,
+            )
+            if sequence is not None:
+                self._former.report_feedback(sequence, feedback)
+            else:
+                processor._policy.on_feedback(feedback)
+            try:
+                results = split_outputs(output, size)
+            except ValueError as error:  # the model broke its contract for the whole batch
+                complete(self._group, requests, None, error)
+                return
+            complete(self._group, requests, results)
+            return
+        if isinstance(failure, processor._oom_types):
+            self._split_after_oom(leaves, requests, failure)
+            return
+        if self._isolate and size > 1 and isinstance(failure, Exception):
+            half = -(-size // 2)
+            self._run([leaf[:half] for leaf in leaves], requests[:half], None, 0)
+            self._run([leaf[half:] for leaf in leaves], requests[half:], None, 0)
+            return
+        ended = complete(self._group, requests, None, failure)
+        if self._isolate and size == 1 and ended:
+            self.isolated_errors += 1
+            self._processor._recorder.record_outcome(requests[0]._priority, "failed", 1)
+            _log.warning("request %d failed alone: %r", requests[0]._request_id, failure)
+
+    def _split_after_oom(
+        self, leaves: list[Any], requests: list[Any], error: BaseException
+    ) -> None:
+        processor = self._processor
+        assert self._former is not None
+        size = len(requests)
+        processor._policy.on_feedback(
+            _core.BatchFeedback(size, out_of_memory=True, bucket=self._former.bucket)
+        )
+        if size == 1:
+            alone = DynbatchError(
+                f"request {requests[0]._request_id} alone does not fit in memory; "
+                "it cannot be split further"
+            )
+            alone.__cause__ = error
+            complete(self._group, requests, None, alone)
+            return
+        processor._split_batches += 1
+        _log.warning("batch of %d ran out of memory: retrying in parts", size)
+        fitting = processor._fitting_size(self._former.bucket, self._former.sample_bytes)
+        chunk = max(1, min(-(-size // 2), fitting))
+        for start in range(0, size, chunk):
+            part = [leaf[start : start + chunk] for leaf in leaves]
+            self._run(part, requests[start : start + chunk], None, 0)
+
+    def _reservation(self, size: int) -> int:
+        """The batch's predicted peak memory, for the scheduler; exclusive while unknown."""
+        state = self._processor._policy.state()
+        m0, m1 = float(state["memory_intercept_bytes"]), float(state["memory_slope_bytes"])
+        if m0 <= 0.0 and m1 <= 0.0:
+            return int(_core.DeviceScheduler.exclusive)
+        return max(0, int(m0 + m1 * size))
+
+    # --------------------------------------------------------------------- shutdown
+
+    def close(self, drain: bool, timeout: float | None) -> None:
+        """Stops taking requests; finishes (drain) or fails (no drain) those waiting."""
+        with self._start_lock:
+            self._closing = True
+        _live_servers.discard(self)
+        former, worker = self._former, self._worker
+        if former is None or worker is None:
+            return
+        if drain:
+            former.close_input()
+            worker.join(timeout)
+        former.close()  # without drain (or after the timeout): nothing more is formed
+        if worker is not threading.current_thread():
+            worker.join(None if drain else timeout)
+        self._fail_waiting(ProcessorClosed("the processor was closed before this request ran"))
+
+    def _fail_waiting(self, error: DynbatchError, cause: BaseException | None = None) -> None:
+        with self._group.condition:
+            waiting = list(self._table.values())
+            self._table.clear()
+        if cause is not None:
+            error.__cause__ = cause
+        complete(self._group, waiting, None, error)
+
+    def queued(self) -> int:
+        return 0 if self._former is None else int(self._former.queued)
+
+    def active_ns(self) -> int:
+        if self._former is None or self._closing:
+            return 0
+        return time.perf_counter_ns() - self._started_ns
