@@ -5,15 +5,26 @@ processor = ds.DynamicBatchProcessor(max_batch_size=64, min_batch_size=8)
 for batch in processor(samples):
     output = model(batch)
 print(processor.stats())
+
+Serving: ``ds.DynamicBatchProcessor(model=model)`` then ``processor.submit(sample)`` (a
+Future), ``processor.submit_many(samples)`` or ``await processor.infer(sample)``.
 """
 
 from __future__ import annotations
 
 from . import _core
 from .collate import collate
-from .errors import DynbatchError, InvalidSampleError, UnsupportedLeafError
+from .errors import (
+    DynbatchError,
+    InvalidSampleError,
+    ProcessorClosed,
+    QueueFull,
+    RequestTimeout,
+    UnsupportedLeafError,
+)
 from .info import build_info, telemetry
 from .processor import BatchIterator, DynamicBatchProcessor
+from .scheduler import Scheduler
 from .stats import Stats
 
 __all__ = [
@@ -21,6 +32,10 @@ __all__ = [
     "DynamicBatchProcessor",
     "DynbatchError",
     "InvalidSampleError",
+    "ProcessorClosed",
+    "QueueFull",
+    "RequestTimeout",
+    "Scheduler",
     "Stats",
     "UnsupportedLeafError",
     "__version__",

@@ -1,0 +1,106 @@
+"""Many producers, random cancellations and short timeouts: every request ends exactly once,
+with its own result or its own error, nothing stays queued, and memory stays flat."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import os
+import random
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+import dynbatch as ds
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_round(bp: ds.DynamicBatchProcessor, producers: int, per_producer: int, seed: int) -> None:
+    errors: list[str] = []
+    ended = [0] * (producers * per_producer)
+    lock = threading.Lock()
+
+    def on_done(index: int) -> Any:
+        def callback(_: cf.Future[Any]) -> None:
+            with lock:
+                ended[index] += 1
+
+        return callback
+
+    def produce(producer: int) -> None:
+        rng = random.Random(seed * 1000 + producer)
+        futures: list[tuple[int, cf.Future[Any], bool, bool]] = []
+        sent = 0
+        while sent < per_producer:
+            count = min(rng.choice((1, 1, 8, 64)), per_producer - sent)
+            timeout = 0.0005 if rng.random() < 0.05 else None
+            samples = [
+                torch.tensor([producer, sent + k], dtype=torch.float64) for k in range(count)
+            ]
+            if count == 1:
+                batch = [bp.submit(samples[0], priority=rng.randint(0, 3), timeout=timeout)]
+            else:
+                batch = bp.submit_many(samples, priority=rng.randint(0, 3), timeout=timeout)
+            for k, future in enumerate(batch):
+                index = producer * per_producer + sent + k
+                future.add_done_callback(on_done(index))
+                cancelled = rng.random() < 0.05 and future.cancel()
+                futures.append((sent + k, future, cancelled, timeout is not None))
+            sent += count
+        for seq, future, cancelled, had_timeout in futures:
+            try:
+                value = future.result(60)
+            except cf.CancelledError:
+                if not cancelled:
+                    errors.append(f"{producer}/{seq} cancelled without cancel()")
+                continue
+            except ds.RequestTimeout:
+                if not had_timeout:
+                    errors.append(f"{producer}/{seq} timed out without a timeout")
+                continue
+            if cancelled:
+                errors.append(f"{producer}/{seq} has a result after a successful cancel()")
+            if value.tolist() != [producer, seq]:
+                errors.append(f"{producer}/{seq} got {value.tolist()}")
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:10]
+    with lock:
+        assert all(count == 1 for count in ended), "a request ended twice or never"
+    assert bp.stats().queued == 0
+    assert not bp._server._table  # type: ignore[union-attr]
+
+
+def stress(producers: int, per_producer: int, rounds: int) -> None:
+    with ds.DynamicBatchProcessor(
+        model=lambda batch: batch, max_batch_size=256, max_delay_ms=1.0
+    ) as bp:
+        run_round(bp, producers, per_producer, seed=0)  # warm: pools and tables at full size
+        gc.collect()
+        before = rss_bytes()
+        for round_index in range(1, rounds):
+            run_round(bp, producers, per_producer, seed=round_index)
+        gc.collect()
+        grown = rss_bytes() - before
+        stats = bp.stats()
+    assert grown < 32 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
+    assert stats.samples + stats.timeouts + stats.cancellations >= producers * per_producer
+
+
+def test_eight_producers_fifty_thousand_requests_each() -> None:
+    stress(producers=8, per_producer=25_000, rounds=2)
+
+
+@pytest.mark.slow
+def test_soak() -> None:
+    stress(producers=8, per_producer=50_000, rounds=6)
