@@ -83,7 +83,7 @@ def run_round(bp: ds.DynamicBatchProcessor, producers: int, per_producer: int, s
 
 def stress(producers: int, per_producer: int, rounds: int) -> None:
     with ds.DynamicBatchProcessor(
-        model=lambda batch: batch, max_batch_size=256, max_delay_ms=1.0
+        model=lambda batch: batch, max_batch_size=256, max_delay_ms=1.0, block_timeout=60.0
     ) as bp:
         run_round(bp, producers, per_producer, seed=0)  # warm: pools and tables at full size
         gc.collect()
@@ -102,5 +102,7 @@ def test_eight_producers_fifty_thousand_requests_each() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_soak() -> None:
+    # 400k requests in flight per round: past max_queue_size, so submit waits for room.
     stress(producers=8, per_producer=50_000, rounds=6)

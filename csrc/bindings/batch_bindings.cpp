@@ -158,6 +158,17 @@ void bind_former(py::module_ &m) {
           },
           py::arg("id"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
       .def(
+          "submit_one",
+          // submit() for a sample with one leaf: no list to build or convert.
+          [](BatchFormer &former, std::uint64_t id, std::uintptr_t address, std::int32_t priority,
+             Nanoseconds timeout_ns) {
+            const void *source = reinterpret_cast<const void *>(address);
+            const RequestOptions options{priority, timeout_ns < 0 ? no_deadline : timeout_ns};
+            return former.push(std::span(&id, 1), std::span(&source, 1),
+                               std::span(&options, 1)) == 1;
+          },
+          py::arg("id"), py::arg("address"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
+      .def(
           "submit_many",
           [](BatchFormer &former, const std::vector<std::uint64_t> &ids,
              const std::vector<std::uintptr_t> &addresses, std::int32_t priority,

@@ -159,6 +159,8 @@ class BatchFormer:
         self, id: int, addresses: list[int], priority: int = 0, timeout_ns: int = -1
     ) -> bool:
         """One request; False when max_queued requests wait or the input is closed."""
+    def submit_one(self, id: int, address: int, priority: int = 0, timeout_ns: int = -1) -> bool:
+        """submit() for a sample with a single leaf."""
     def submit_many(
         self, ids: list[int], addresses: list[int], priority: int = 0, timeout_ns: int = -1
     ) -> int:

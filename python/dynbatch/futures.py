@@ -3,9 +3,10 @@
 ``RequestFuture`` is a ``concurrent.futures.Future`` (``isinstance`` holds, and
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` work with it), made
 without the per-future lock and lists of the standard one: every future of a processor shares
-one condition, so a batch's results are published under one lock and with one wake-up,
-however many requests it holds. ``AsyncRequest`` carries an ``infer`` call's asyncio future;
-a batch resolves those with one call into each event loop.
+one condition, and a batch's results are published as one ``BatchOutcome`` that each of its
+futures points to, under one lock and with one wake-up, however many requests it holds.
+``AsyncRequest`` carries an ``infer`` call's asyncio future; a batch resolves those with one
+call into each event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-__all__ = ["AsyncRequest", "CompletionGroup", "RequestFuture", "claim", "complete"]
+__all__ = [
+    "AsyncRequest",
+    "BatchOutcome",
+    "CompletionGroup",
+    "RequestFuture",
+    "claim",
+    "complete",
+    "fail",
+]
 
 # The state names concurrent.futures uses (its waiters and helpers read them).
 PENDING = "PENDING"
@@ -37,6 +46,15 @@ class CompletionGroup:
         self.condition = threading.Condition()
 
 
+class BatchOutcome:
+    """The results of one model call, shared by the futures of its requests."""
+
+    __slots__ = ("results",)
+
+    def __init__(self, results: list[Any]) -> None:
+        self.results = results
+
+
 class RequestFuture(Future[Any]):
     """The future of one ``submit``: the ``concurrent.futures.Future`` interface.
 
@@ -47,13 +65,14 @@ class RequestFuture(Future[Any]):
     __slots__ = (
         "_callback_list",
         "_deadline_ns",
-        "_exception",
+        "_error",
         "_group",
+        "_outcome",
+        "_own_state",
         "_priority",
         "_request_id",
-        "_result",
+        "_row",
         "_sample",
-        "_state",
         "_waiter_list",
     )
 
@@ -65,13 +84,22 @@ class RequestFuture(Future[Any]):
         self._priority = priority
         self._deadline_ns = deadline_ns  # time.monotonic_ns() deadline; 0: none
         self._sample: Any = None  # kept alive until the core has copied it
-        self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
+        self._own_state = PENDING
+        self._outcome: BatchOutcome | None = None  # set once: the request succeeded
+        self._row = 0
+        self._error: BaseException | None = None
         self._waiter_list: list[Any] | None = None
         self._callback_list: list[Callable[[Future[Any]], object]] | None = None
 
     # What concurrent.futures' own methods and helpers (wait, as_completed) use.
+    @property
+    def _state(self) -> str:
+        return FINISHED if self._outcome is not None else self._own_state
+
+    @_state.setter
+    def _state(self, state: str) -> None:
+        self._own_state = state
+
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         return self._group.condition
@@ -89,6 +117,15 @@ class RequestFuture(Future[Any]):
         return self._callback_list
 
     @property
+    def _result(self) -> Any:  # type: ignore[override]
+        outcome = self._outcome
+        return None if outcome is None else outcome.results[self._row]
+
+    @property
+    def _exception(self) -> BaseException | None:  # type: ignore[override]
+        return self._error
+
+    @property
     def request_id(self) -> int:
         """The id that errors and stats use for this request."""
         return self._request_id
@@ -97,12 +134,13 @@ class RequestFuture(Future[Any]):
         """Cancels the request unless it is already running or done; never blocks on the
         processor. A cancelled request is dropped from its batch before the model runs."""
         with self._group.condition:
-            if self._state in (RUNNING, FINISHED):
+            state = self._state
+            if state in (RUNNING, FINISHED):
                 return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
             # Notified at once: nothing else will pick this future up to notify it later.
-            self._state = CANCELLED_AND_NOTIFIED
+            self._own_state = CANCELLED_AND_NOTIFIED
             self._sample = None
             for waiter in self._waiter_list or ():
                 waiter.add_cancelled(self)
@@ -111,16 +149,19 @@ class RequestFuture(Future[Any]):
         return True
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state is not FINISHED:
-            self._wait(timeout)
-        if self._exception is not None:
-            raise self._exception
+        outcome = self._outcome
+        if outcome is not None:  # the common case: done, no lock needed
+            return outcome.results[self._row]
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state is not FINISHED:
-            self._wait(timeout)
-        return self._exception
+        if self._outcome is not None:
+            return None
+        self._wait(timeout)
+        return self._error
 
     def _wait(self, timeout: float | None) -> None:
         condition = self._group.condition
@@ -128,12 +169,20 @@ class RequestFuture(Future[Any]):
             # The condition is shared: wake-ups for other requests re-check this one.
             if not condition.wait_for(lambda: self._state in _DONE, timeout):
                 raise TimeoutError(f"request {self._request_id} not done within {timeout} s")
-        if self._state is not FINISHED:
+        if self._state != FINISHED:
             raise CancelledError()
 
+    def set_running_or_notify_cancel(self) -> bool:
+        raise RuntimeError("a RequestFuture is run and completed by its processor")
+
+    def set_result(self, result: Any) -> None:
+        raise RuntimeError("a RequestFuture is run and completed by its processor")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        raise RuntimeError("a RequestFuture is run and completed by its processor")
+
     def _run_callbacks(self) -> None:
-        callbacks = self._callback_list
-        if callbacks:
+        if self._callback_list:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
@@ -168,85 +217,103 @@ LATE = 2  # its timeout passed before dispatch
 CANCELLED_BEFORE = 3  # cancelled while it waited
 
 
-def claim(group: CompletionGroup, requests: list[Any], now_ns: int) -> list[int]:
-    """Marks each live request running (cancel() fails from then on) and says, per request,
-    what became of it. One lock for the whole batch."""
-    states: list[int] = []
-    append = states.append
-    with group.condition:
-        for request in requests:
+def claim(
+    group: CompletionGroup, table: dict[int, Any], ids: list[int], now_ns: int
+) -> tuple[list[Any], list[Any], list[int] | None]:
+    """Takes a batch's requests out of the table and marks the live ones running (cancel()
+    fails from then on), under one lock. Returns the requests (None where close() ended one
+    first), their samples, and the states of all when any request is not live (else None)."""
+    pop = table.pop
+    with group.condition:  # close() takes from the table under the same lock
+        requests = [pop(request_id, None) for request_id in ids]
+        samples: list[Any] = []
+        states: list[int] | None = None
+        for index, request in enumerate(requests):
             if request is None:
-                append(GONE)
-                continue
-            request._sample = None  # copied into the batch: the core is done with it
-            if type(request) is RequestFuture:
-                if request._state is not PENDING:
-                    append(CANCELLED_BEFORE)
-                    continue
-            elif request.future.cancelled():
-                append(CANCELLED_BEFORE)
-                continue
-            if request._deadline_ns and now_ns > request._deadline_ns:
-                append(LATE)
-                continue
-            if type(request) is RequestFuture:
-                request._state = RUNNING
-            append(LIVE)
-    return states
+                samples.append(None)
+                state = GONE
+            else:
+                samples.append(request._sample)
+                request._sample = None  # copied into the batch: the core is done with it
+                if type(request) is RequestFuture:
+                    state = LIVE if request._own_state is PENDING else CANCELLED_BEFORE
+                else:
+                    state = CANCELLED_BEFORE if request.future.cancelled() else LIVE
+                if state == LIVE and request._deadline_ns and now_ns > request._deadline_ns:
+                    state = LATE
+                if state == LIVE and type(request) is RequestFuture:
+                    request._own_state = RUNNING
+            if state != LIVE and states is None:
+                states = [LIVE] * index
+            if states is not None:
+                states.append(state)
+    return requests, samples, states
 
 
-def complete(
-    group: CompletionGroup,
-    requests: list[Any],
-    results: list[Any] | None,
-    errors: list[BaseException] | BaseException | None = None,
+def complete(group: CompletionGroup, requests: list[Any], results: list[Any]) -> None:
+    """Ends each (running) request with its row of ``results``: one lock, one notify, one
+    hand-off per event loop, and per request only two attribute writes."""
+    outcome = BatchOutcome(results)
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+    notify: list[RequestFuture] = []
+    with group.condition:
+        for row, request in enumerate(requests):
+            if type(request) is RequestFuture:
+                request._row = row
+                request._outcome = outcome
+                if request._waiter_list or request._callback_list:
+                    notify.append(request)
+            else:
+                by_loop.setdefault(request.loop, []).append((request.future, results[row], False))
+        for future in notify:
+            for waiter in future._waiter_list or ():
+                waiter.add_result(future)
+        group.condition.notify_all()
+    _after(notify, by_loop)
+
+
+def fail(
+    group: CompletionGroup, requests: list[Any], errors: list[BaseException] | BaseException
 ) -> int:
-    """Ends each request with its result (``results``) or its error (``errors``: one per
-    request, or one for all); returns how many ended now (others were already done).
-
-    Sync futures are published under one lock with one notify; asyncio futures are resolved
-    with one ``call_soon_threadsafe`` per event loop.
-    """
+    """Ends each request not yet done with its error (one per request, or one for all);
+    returns how many it ended."""
     ended = 0
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
-    with_callbacks: list[RequestFuture] = []
+    notify: list[RequestFuture] = []
     with group.condition:
         for index, request in enumerate(requests):
             error = errors[index] if isinstance(errors, list) else errors
-            value = results[index] if results is not None else None
+            request._sample = None
             if type(request) is RequestFuture:
                 if request._state in _DONE:
                     continue
-                if error is None:
-                    request._result = value
-                else:
-                    request._exception = error
-                request._state = FINISHED
-                request._sample = None
-                if request._waiter_list:
-                    for waiter in request._waiter_list:
-                        if error is None:
-                            waiter.add_result(request)
-                        else:
-                            waiter.add_exception(request)
-                if request._callback_list:
-                    with_callbacks.append(request)
+                request._error = error
+                request._own_state = FINISHED
+                if request._waiter_list or request._callback_list:
+                    notify.append(request)
+                for waiter in request._waiter_list or ():
+                    waiter.add_exception(request)
             else:
-                request._sample = None
                 if request.future.done():
                     continue
-                by_loop.setdefault(request.loop, []).append(
-                    (request.future, error if error is not None else value, error is not None)
-                )
+                by_loop.setdefault(request.loop, []).append((request.future, error, True))
             ended += 1
         group.condition.notify_all()
-    for future in with_callbacks:
+    _after(notify, by_loop)
+    return ended
+
+
+def _after(
+    notify: list[RequestFuture],
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]],
+) -> None:
+    """Outside the lock: done-callbacks, and one hand-off into each event loop."""
+    for future in notify:
         future._run_callbacks()
     for loop, outcomes in by_loop.items():
         # A closed loop raises RuntimeError: nobody can await these any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve, outcomes)
-    return ended
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from . import _core
 from .errors import (
     DynbatchError,
@@ -42,9 +44,10 @@ from .futures import (
     RequestFuture,
     claim,
     complete,
+    fail,
 )
 from .scheduler import Scheduler
-from .torch_bridge import Schema, split_outputs
+from .torch_bridge import LeafSpec, Schema, split_outputs
 
 if TYPE_CHECKING:
     from .processor import DynamicBatchProcessor
@@ -116,6 +119,7 @@ class Server:
         self._table: dict[int, Any] = {}
         self._ids = itertools.count()
         self._schema: Schema | None = None
+        self._lone_tensor: LeafSpec | None = None  # the schema's one leaf, for the fast path
         self._former: _core.BatchFormer | None = None
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -133,14 +137,36 @@ class Server:
         timeout_ns = -1 if timeout is None else _timeout_ns(timeout)
         former = self._former if self._former is not None else self._start(sample)
         request_id = next(self._ids)
-        deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
-        future = RequestFuture(self._group, request_id, priority, deadline)
-        addresses: list[int] = []
-        future._sample = self._admit(sample, request_id, addresses)
-        table = self._table
-        table[request_id] = future
-        if not former.submit(request_id, addresses, priority, timeout_ns):
-            self._push_refused(former, request_id, addresses, priority, timeout_ns)
+        future = RequestFuture(
+            self._group,
+            request_id,
+            priority,
+            0 if timeout_ns < 0 else time.monotonic_ns() + timeout_ns,
+        )
+        # The lone-tensor check inlined: this is the per-request path.
+        spec = self._lone_tensor
+        if (
+            spec is not None
+            and sample.__class__ is torch.Tensor
+            and sample.dtype is spec.dtype
+            and sample.shape == spec.shape
+            and sample.is_cpu
+            and sample.layout is torch.strided
+            and sample.is_contiguous()
+            and not sample.is_neg()
+        ):
+            future._sample = sample
+            self._table[request_id] = future
+            if former.submit_one(request_id, sample.data_ptr(), priority, timeout_ns):
+                return future
+            addresses = [sample.data_ptr()]
+        else:
+            addresses = []
+            future._sample = self._admit(sample, request_id, addresses)
+            self._table[request_id] = future
+            if former.submit(request_id, addresses, priority, timeout_ns):
+                return future
+        self._push_refused(former, request_id, addresses, priority, timeout_ns)
         return future
 
     def submit_many(
@@ -173,8 +199,7 @@ class Server:
             )
         if accepted < len(ids):  # each refused request ends with its own error
             refused = [table.pop(i, None) for i in ids[accepted:]]
-            error = self._refusal()
-            complete(self._group, [r for r in refused if r is not None], None, error)
+            fail(self._group, [r for r in refused if r is not None], self._refusal())
         return futures
 
     async def infer(self, sample: Any, priority: int, timeout: float | None) -> Any:
@@ -231,6 +256,7 @@ class Server:
                 aging_ms=self._aging_ms,
             )
             self._schema = schema
+            self._lone_tensor = schema.leaves[0] if schema.fast_path else None
             self._worker = threading.Thread(
                 target=self._work, args=(former,), name="dynbatch-worker", daemon=True
             )
@@ -294,56 +320,39 @@ class Server:
             former.close()
             self._fail_waiting(ProcessorClosed(f"the processor stopped: {error}"), error)
 
-    def _take(self, ids: list[int]) -> list[Any]:
+    def _expire(self, ids: list[int]) -> None:
         pop = self._table.pop
         with self._group.condition:  # close() takes from the table under the same lock
-            return [pop(request_id, None) for request_id in ids]
-
-    def _expire(self, ids: list[int]) -> None:
-        self._end_late([request for request in self._take(ids) if request is not None])
+            late = [request for request in (pop(i, None) for i in ids) if request is not None]
+        self._end_late(late)
 
     def _end_late(self, late: list[Any]) -> None:
         errors: list[BaseException] = [
             RequestTimeout(f"request {r._request_id} timed out before dispatch") for r in late
         ]
-        complete(self._group, late, None, errors)
+        fail(self._group, late, errors)
 
     def _dispatch(self, batch: _core.Batch) -> None:
-        requests = self._take(batch.ids)
-        samples = [r._sample if r is not None else None for r in requests]
-        now = time.monotonic_ns()
-        live = claim(self._group, requests, now)
-        keep = [i for i, state in enumerate(live) if state == LIVE]
-        self._account(requests, live)
-        if not keep:
-            return
+        requests, samples, states = claim(self._group, self._table, batch.ids, time.monotonic_ns())
         assert self._schema is not None
-        if len(keep) == len(requests):
+        if states is None:  # every request is live: the common case
             leaves = self._schema.batch_leaves(batch, samples)
             self._run(leaves, requests, batch.sequence, batch.collate_ns)
             return
-        kept_samples = [samples[i] for i in keep]
-        leaves = self._schema.batch_leaves(batch, kept_samples, rows=keep)
-        self._run(leaves, [requests[i] for i in keep], None, batch.collate_ns)
+        self._account(requests, states)
+        keep = [i for i, state in enumerate(states) if state == LIVE]
+        if keep:
+            leaves = self._schema.batch_leaves(batch, [samples[i] for i in keep], rows=keep)
+            self._run(leaves, [requests[i] for i in keep], None, batch.collate_ns)
 
-    def _account(self, requests: list[Any], live: list[int]) -> None:
+    def _account(self, requests: list[Any], states: list[int]) -> None:
         """Ends the late requests of a batch and counts its cancelled ones."""
-        late = [r for r, state in zip(requests, live, strict=True) if state == LATE]
+        late = [r for r, state in zip(requests, states, strict=True) if state == LATE]
         if late:
-            complete(
-                self._group,
-                late,
-                None,
-                [
-                    RequestTimeout(f"request {r._request_id} timed out before dispatch")
-                    for r in late
-                ],
-            )
+            self._end_late(late)
             for priority, count in Counter(r._priority for r in late).items():
                 self._processor._recorder.record_outcome(priority, "timed_out", count)
-        cancelled = [
-            r for r, state in zip(requests, live, strict=True) if state == CANCELLED_BEFORE
-        ]
+        cancelled = [r for r, s in zip(requests, states, strict=True) if s == CANCELLED_BEFORE]
         for priority, count in Counter(r._priority for r in cancelled).items():
             self._processor._recorder.record_outcome(priority, "cancelled", count)
 
@@ -358,7 +367,7 @@ class Server:
         reservation = self._reservation(size)
         scheduler = self._scheduler
         if not scheduler.acquire(self._task, self._task_priority, reservation):
-            complete(self._group, requests, None, ProcessorClosed("the scheduler was closed"))
+            fail(self._group, requests, ProcessorClosed("the scheduler was closed"))
             return
         failure: BaseException | None = None
         output: Any = None
@@ -389,7 +398,7 @@ class Server:
             try:
                 results = split_outputs(output, size)
             except ValueError as error:  # the model broke its contract for the whole batch
-                complete(self._group, requests, None, error)
+                fail(self._group, requests, error)
                 return
             complete(self._group, requests, results)
             return
@@ -401,7 +410,7 @@ class Server:
             self._run([leaf[:half] for leaf in leaves], requests[:half], None, 0)
             self._run([leaf[half:] for leaf in leaves], requests[half:], None, 0)
             return
-        ended = complete(self._group, requests, None, failure)
+        ended = fail(self._group, requests, failure)
         if self._isolate and size == 1 and ended:
             self.isolated_errors += 1
             self._processor._recorder.record_outcome(requests[0]._priority, "failed", 1)
@@ -422,7 +431,7 @@ class Server:
                 "it cannot be split further"
             )
             alone.__cause__ = error
-            complete(self._group, requests, None, alone)
+            fail(self._group, requests, alone)
             return
         processor._split_batches += 1
         _log.warning("batch of %d ran out of memory: retrying in parts", size)
@@ -464,7 +473,7 @@ class Server:
             self._table.clear()
         if cause is not None:
             error.__cause__ = cause
-        complete(self._group, waiting, None, error)
+        fail(self._group, waiting, error)
 
     def queued(self) -> int:
         return 0 if self._former is None else int(self._former.queued)
