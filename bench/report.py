@@ -12,7 +12,8 @@ on a shared machine a few stalled rounds (page faults of fresh 38 MB outputs) ca
 The "sizing-" groups (batch sizing, issue 3) get a table of their own, in throughput: samples/s
 (simulated: samples / simulated seconds, from ``extra_info``; real: samples / median wall
 time), its ratio to the best fixed size of the group and to fixed 32 (> 1 is faster), and the
-OOMs, lost samples and recomputed samples of each approach.
+OOMs, lost samples and recomputed samples of each approach. The "serve-" groups (issue 4) get
+theirs too: microseconds per request, and latency and throughput under load.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from serving_report import SERVE_PREFIX, serving_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -114,12 +117,20 @@ def _machine(data: dict[str, Any]) -> str:
 def report(data: dict[str, Any]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     sizing: dict[str, list[dict[str, Any]]] = {}
+    serving: dict[str, list[dict[str, Any]]] = {}
     for bench in data["benchmarks"]:
         group = bench["group"] or "(no group)"
-        (sizing if group.startswith(SIZING_PREFIX) else groups).setdefault(group, []).append(bench)
+        if group.startswith(SIZING_PREFIX):
+            sizing.setdefault(group, []).append(bench)
+        elif group.startswith(SERVE_PREFIX):
+            serving.setdefault(group, []).append(bench)
+        else:
+            groups.setdefault(group, []).append(bench)
     parts = [_peer_report(groups, data)] if groups else []
     if sizing:
         parts.append(sizing_report(sizing, data))
+    if serving:
+        parts.append(serving_report(serving) + f"\n({_machine(data)})")
     return "\n\n".join(parts)
 
 
