@@ -122,16 +122,25 @@ void BatchFormer::release_rows(std::span<const RequestDescriptor> requests) {
   room_.notify();
 }
 
-void BatchFormer::gather_pending(Nanoseconds now) {
-  popped_.resize(requests_.capacity());
-  const std::size_t count = requests_.try_pop_bulk(popped_.data(), popped_.size());
-  for (std::size_t i = 0; i < count; ++i) {
-    pending_.add(popped_[i]);
+std::size_t BatchFormer::gather_pending(Nanoseconds now) {
+  // In slices: a full-capacity scratch buffer per call would cost more than the requests.
+  constexpr std::size_t slice = 256;
+  std::size_t gathered = 0;
+  for (;;) {
+    popped_.resize(slice);
+    const std::size_t count = requests_.try_pop_bulk(popped_.data(), slice);
+    for (std::size_t i = 0; i < count; ++i) {
+      pending_.add(popped_[i]);
+    }
+    gathered += count;
+    if (count < slice) {
+      break;
+    }
   }
   popped_.clear();
   pending_.expire(now, popped_);
   if (popped_.empty()) {
-    return;
+    return gathered;
   }
   release_rows(popped_);
   stats_->record_outcomes(popped_, RequestOutcome::timed_out);
@@ -140,6 +149,7 @@ void BatchFormer::gather_pending(Nanoseconds now) {
     expired_.push_back(request.id);
   }
   ready_changed_.notify_all();
+  return gathered;
 }
 
 void BatchFormer::run() {
@@ -156,8 +166,10 @@ void BatchFormer::run() {
       }
       Nanoseconds wait_until = no_deadline;
       std::size_t missing = 0;
+      std::uint64_t taken_aside = 0;
       {
         std::lock_guard form_lock(form_mutex_);
+        taken_aside = taken_aside_.load(std::memory_order_acquire); // pairs with release above
         const FormResult result = form_one(true, &wait_until);
         if (result == FormResult::finished) {
           return;
@@ -168,7 +180,9 @@ void BatchFormer::run() {
         const std::size_t target = target_size();
         missing = target - std::min(target, pending_.size());
       }
-      requests_.wait_for_size(std::max<std::size_t>(missing, 1), wait_until);
+      requests_.wait_for_size_or(std::max<std::size_t>(missing, 1), wait_until, [&] {
+        return taken_aside_.load(std::memory_order_acquire) != taken_aside; // pairs: release
+      });
     }
   } catch (...) {
     std::lock_guard lock(ready_mutex_);
@@ -197,9 +211,14 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
     }
   }
   const Nanoseconds now = now_ns();
-  gather_pending(now);
-  const std::size_t target = target_size();
+  // Closed before the gathering: then every request that made it in is gathered below.
   const bool closed = requests_.closed();
+  if (gather_pending(now) > 0 && !ahead) {
+    // The former thread may be waiting for the queued requests now pending here.
+    taken_aside_.fetch_add(1, std::memory_order_release); // pairs with acquire in run()
+    requests_.wake_consumers();
+  }
+  const std::size_t target = target_size();
   if (pending_.empty()) {
     if (!closed || requests_.was_size() != 0) {
       return FormResult::needs_input;

@@ -124,8 +124,9 @@ private:
   // thread) keeps the prefetch bound and leaves partial batches to the consumer.
   FormResult form_one(bool ahead, Nanoseconds *wait_until = nullptr);
   void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason);
-  // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
-  void gather_pending(Nanoseconds now);
+  // Caller holds form_mutex_: moves every queued request into pending_ and expires the late;
+  // returns how many it moved.
+  std::size_t gather_pending(Nanoseconds now);
   void release_rows(std::span<const RequestDescriptor> requests);
 
   const std::shared_ptr<const BatchLayout> layout_;
@@ -141,7 +142,9 @@ private:
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
   std::atomic<std::size_t> waiting_{0}; // pushed, not yet formed or expired
-  EventCount room_;                     // signalled when requests leave the table
+  // Bumped when the consumer leaves gathered requests pending: what the thread waits for moved.
+  std::atomic<std::uint64_t> taken_aside_{0};
+  EventCount room_; // signalled when requests leave the table
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
   // Guarded by form_mutex_: popped and not yet formed, and scratch space for one batch.

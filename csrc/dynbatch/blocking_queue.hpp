@@ -88,7 +88,14 @@ public:
   // Waits until at least `count` items are queued, the queue is closed, or the deadline passed.
   // Returns whether one of the first two holds.
   bool wait_for_size(std::size_t count, Nanoseconds deadline_ns) {
-    const auto ready = [&] { return ring_.was_size() >= count || closed(); };
+    return wait_for_size_or(count, deadline_ns, [] { return false; });
+  }
+
+  // wait_for_size(), or until `also()` holds: a condition that whoever changes it follows
+  // with wake_consumers() (checked after the wait is armed, so that wake-up is never lost).
+  template <class Condition>
+  bool wait_for_size_or(std::size_t count, Nanoseconds deadline_ns, Condition also) {
+    const auto ready = [&] { return ring_.was_size() >= count || closed() || also(); };
     while (!ready()) {
       const EventCount::Key key = not_empty_.prepare_wait();
       if (ready()) {
