@@ -86,8 +86,9 @@ def test_a_low_priority_task_is_not_starved() -> None:
     stop = threading.Event()
     common: dict[str, Any] = {"scheduler": scheduler, "max_batch_size": 4, "max_delay_ms": 1.0}
     with (
-        ds.DynamicBatchProcessor(model=RecordingModel(delay_s=0.003), task_priority=50, **common)
-        as busy,
+        ds.DynamicBatchProcessor(
+            model=RecordingModel(delay_s=0.003), task_priority=50, **common
+        ) as busy,
         ds.DynamicBatchProcessor(model=RecordingModel(), task_priority=0, **common) as quiet,
     ):
 
@@ -145,6 +146,6 @@ def test_scheduler_arguments_are_checked() -> None:
         ds.Scheduler("cpu", concurrency=0)
     with pytest.raises(ValueError, match="cpu and cuda"):
         ds.Scheduler("meta")
-    with pytest.raises(TypeError, match="scheduler must be a dynbatch.Scheduler"):
+    with pytest.raises(TypeError, match=r"scheduler must be a dynbatch\.Scheduler"):
         ds.DynamicBatchProcessor(model=len, scheduler="cpu")  # type: ignore[arg-type]
     assert ds.Scheduler.shared("cpu") is ds.Scheduler.shared("cpu")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -365,3 +366,16 @@ def test_stats_say_why_batches_were_released() -> None:
     assert entry["dispatched"] == 17
     assert 0 < entry["queue_wait_p50_ms"] <= entry["queue_wait_p99_ms"]
     assert "batches released by" in str(stats) and "priority 0" in str(stats)
+
+
+def test_serving_example_runs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "serving.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "800 classifications, 500 embeddings" in result.stdout
+    assert "timed out as asked" in result.stdout

@@ -122,17 +122,15 @@ void BatchFormer::release_rows(std::span<const RequestDescriptor> requests) {
   room_.notify();
 }
 
-std::size_t BatchFormer::gather_pending(Nanoseconds now) {
+void BatchFormer::gather_pending(Nanoseconds now) {
   // In slices: a full-capacity scratch buffer per call would cost more than the requests.
   constexpr std::size_t slice = 256;
-  std::size_t gathered = 0;
   for (;;) {
     popped_.resize(slice);
     const std::size_t count = requests_.try_pop_bulk(popped_.data(), slice);
     for (std::size_t i = 0; i < count; ++i) {
       pending_.add(popped_[i]);
     }
-    gathered += count;
     if (count < slice) {
       break;
     }
@@ -140,7 +138,7 @@ std::size_t BatchFormer::gather_pending(Nanoseconds now) {
   popped_.clear();
   pending_.expire(now, popped_);
   if (popped_.empty()) {
-    return gathered;
+    return;
   }
   release_rows(popped_);
   stats_->record_outcomes(popped_, RequestOutcome::timed_out);
@@ -149,7 +147,6 @@ std::size_t BatchFormer::gather_pending(Nanoseconds now) {
     expired_.push_back(request.id);
   }
   ready_changed_.notify_all();
-  return gathered;
 }
 
 void BatchFormer::run() {
@@ -178,7 +175,10 @@ void BatchFormer::run() {
           continue;
         }
         const std::size_t target = target_size();
-        missing = target - std::min(target, pending_.size());
+        // With a delay, the first request's arrival starts its clock: wait for one at first.
+        missing = options_.max_delay_ns != no_deadline && pending_.empty()
+                      ? 1
+                      : target - std::min(target, pending_.size());
       }
       requests_.wait_for_size_or(std::max<std::size_t>(missing, 1), wait_until, [&] {
         return taken_aside_.load(std::memory_order_acquire) != taken_aside; // pairs: release
@@ -213,11 +213,7 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
   const Nanoseconds now = now_ns();
   // Closed before the gathering: then every request that made it in is gathered below.
   const bool closed = requests_.closed();
-  if (gather_pending(now) > 0 && !ahead) {
-    // The former thread may be waiting for the queued requests now pending here.
-    taken_aside_.fetch_add(1, std::memory_order_release); // pairs with acquire in run()
-    requests_.wake_consumers();
-  }
+  gather_pending(now);
   const std::size_t target = target_size();
   if (pending_.empty()) {
     if (!closed || requests_.was_size() != 0) {
@@ -252,6 +248,7 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
         *wait_until = deadline;
       }
       std::lock_guard lock(ready_mutex_);
+      partial_due_ = true; // the consumer sees it even if it is not waiting yet
       ready_changed_.notify_all();
       return FormResult::needs_input;
     } else {
@@ -323,24 +320,43 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
         return NextStatus::finished;
       }
     }
+    bool due = false;
+    {
+      std::lock_guard lock(ready_mutex_);
+      due = partial_due_;
+    }
     Nanoseconds release_at = no_deadline; // when a partial batch is due
-    if (form_mutex_.try_lock()) {
-      std::lock_guard form_lock(form_mutex_, std::adopt_lock);
+    // A due partial batch is this consumer's to form: wait for the thread's formation to end.
+    std::unique_lock form_lock(form_mutex_, std::defer_lock);
+    if (due) {
+      form_lock.lock();
+    } else {
+      (void)form_lock.try_lock();
+    }
+    if (form_lock.owns_lock()) {
       FormResult result = FormResult::skipped;
       try {
+        {
+          std::lock_guard lock(ready_mutex_);
+          partial_due_ = false; // looked at now
+        }
         result = form_one(false, &release_at);
+        // What the former thread waits for (queued and pending requests) may have moved.
+        taken_aside_.fetch_add(1, std::memory_order_release); // pairs with acquire in run()
+        requests_.wake_consumers();
       } catch (...) { // sticky, as when the thread fails: the stream cannot go on in order
         std::lock_guard lock(ready_mutex_);
         error_ = std::current_exception();
         ready_changed_.notify_all();
         throw;
       }
+      form_lock.unlock();
       if (result == FormResult::formed || result == FormResult::finished) {
         continue;
       }
     }
     std::unique_lock lock(ready_mutex_);
-    if (can_return()) {
+    if (can_return() || partial_due_) {
       continue;
     }
     const Nanoseconds wake_at = std::min(deadline_ns, release_at);
@@ -352,7 +368,7 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
                               std::chrono::steady_clock::time_point(
                                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                       std::chrono::nanoseconds(wake_at))));
-    if (now_ns() >= deadline_ns && !can_return()) {
+    if (now_ns() >= deadline_ns && !can_return() && !partial_due_) {
       return NextStatus::timeout;
     }
   }

@@ -124,9 +124,8 @@ private:
   // thread) keeps the prefetch bound and leaves partial batches to the consumer.
   FormResult form_one(bool ahead, Nanoseconds *wait_until = nullptr);
   void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason);
-  // Caller holds form_mutex_: moves every queued request into pending_ and expires the late;
-  // returns how many it moved.
-  std::size_t gather_pending(Nanoseconds now);
+  // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
+  void gather_pending(Nanoseconds now);
   void release_rows(std::span<const RequestDescriptor> requests);
 
   const std::shared_ptr<const BatchLayout> layout_;
@@ -156,6 +155,7 @@ private:
   std::condition_variable ready_changed_;
   std::deque<FormedBatch> ready_;
   std::vector<std::uint64_t> expired_; // ids not yet handed to the consumer
+  bool partial_due_ = false;           // the thread found a partial batch due: consumer forms
   bool finished_ = false;              // input exhausted and every request formed
   bool stopping_ = false;
   std::exception_ptr error_;

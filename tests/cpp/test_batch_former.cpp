@@ -677,6 +677,26 @@ TEST_CASE(zero_max_delay_dispatches_what_is_there) {
   CHECK(batch.reason == dynbatch::ReleaseReason::max_delay);
 }
 
+TEST_CASE(a_waiting_consumer_gets_each_partial_batch_after_max_delay) {
+  // The consumer waits first, then requests arrive one at a time: each partial batch must
+  // reach it (a lost wake-up would leave it asleep until its deadline, i.e. a timeout).
+  const SampleStore store(4);
+  Rig rig(fixed_size(8), serving(64, 5 * ms));
+  BatchFormer &former = *rig.former;
+  for (std::size_t k = 0; k < 3; ++k) {
+    NextStatus status = NextStatus::timeout;
+    FormedBatch batch;
+    std::thread consumer(
+        [&] { status = former.next_batch(batch, now_ns() + 20 * hang_bound_ns / 5); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK_EQ(push_with(former, store, k, 1, {}), 1u);
+    consumer.join();
+    REQUIRE(status == NextStatus::batch);
+    CHECK_EQ(batch.ids.size(), 1u);
+    CHECK(batch.reason == dynbatch::ReleaseReason::max_delay);
+  }
+}
+
 TEST_CASE(batch_released_before_a_waiting_deadline) {
   const SampleStore store(4);
   Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
