@@ -164,8 +164,8 @@ void bind_former(py::module_ &m) {
              Nanoseconds timeout_ns) {
             const void *source = reinterpret_cast<const void *>(address);
             const RequestOptions options{priority, timeout_ns < 0 ? no_deadline : timeout_ns};
-            return former.push(std::span(&id, 1), std::span(&source, 1),
-                               std::span(&options, 1)) == 1;
+            return former.push(std::span(&id, 1), std::span(&source, 1), std::span(&options, 1)) ==
+                   1;
           },
           py::arg("id"), py::arg("address"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
       .def(

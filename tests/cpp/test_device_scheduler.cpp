@@ -52,9 +52,8 @@ TEST_CASE(one_at_a_time_without_barging) {
   CHECK(scheduler.try_acquire(a));
   CHECK(!scheduler.try_acquire(a));
   std::atomic<bool> granted{false};
-  std::thread waiter([&] {
-    granted = scheduler.acquire_until(GrantRequest{2, 0, 10}, now_ns() + 5'000 * ms);
-  });
+  std::thread waiter(
+      [&] { granted = scheduler.acquire_until(GrantRequest{2, 0, 10}, now_ns() + 5'000 * ms); });
   REQUIRE(eventually([&] { return scheduler.state().waiting == 1; }));
   scheduler.release(a);
   // Someone waits: a newcomer does not jump the queue even when there is room.
