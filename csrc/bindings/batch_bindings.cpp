@@ -192,6 +192,12 @@ void bind_former(py::module_ &m) {
           "next_batch",
           [](BatchFormer &former, std::optional<double> timeout_s) -> std::optional<PyBatch> {
             const Nanoseconds deadline = deadline_after(timeout_s);
+            {
+              PyBatch ready{FormedBatch{}, former.layout()};
+              if (former.try_next_batch(ready.batch) != NextStatus::timeout) {
+                return ready; // already there: no GIL hand-off
+              }
+            }
             for (;;) {
               PyBatch out{FormedBatch{}, former.layout()};
               NextStatus status = NextStatus::timeout;

@@ -372,18 +372,42 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
       return NextStatus::timeout;
     }
   }
-  BatchRecord record;
-  record.sequence = out.sequence;
-  record.batch_size = out.ids.size();
-  record.target = out.target;
-  record.first_enqueue_ns = out.first_enqueue_ns;
-  record.formed_ns = out.formed_ns;
-  record.delivered_ns = now_ns();
-  record.collate_ns = out.collate_ns;
-  record.memory_available_bytes = out.memory_available_bytes;
-  record.reason = out.reason;
-  stats_->record_batch(record);
+  record_delivery(out);
   return NextStatus::batch;
+}
+
+NextStatus BatchFormer::try_next_batch(FormedBatch &out) {
+  {
+    std::lock_guard lock(ready_mutex_);
+    if (!ready_.empty()) {
+      out = std::move(ready_.front());
+      ready_.pop_front();
+      out.expired_ids.swap(expired_);
+      ready_changed_.notify_all();
+    } else if (!expired_.empty()) {
+      out = FormedBatch{};
+      out.expired_ids.swap(expired_);
+      return NextStatus::expired;
+    } else {
+      return NextStatus::timeout;
+    }
+  }
+  record_delivery(out);
+  return NextStatus::batch;
+}
+
+void BatchFormer::record_delivery(const FormedBatch &batch) {
+  BatchRecord record;
+  record.sequence = batch.sequence;
+  record.batch_size = batch.ids.size();
+  record.target = batch.target;
+  record.first_enqueue_ns = batch.first_enqueue_ns;
+  record.formed_ns = batch.formed_ns;
+  record.delivered_ns = now_ns();
+  record.collate_ns = batch.collate_ns;
+  record.memory_available_bytes = batch.memory_available_bytes;
+  record.reason = batch.reason;
+  stats_->record_batch(record);
 }
 
 void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback) {

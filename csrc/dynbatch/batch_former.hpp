@@ -102,6 +102,9 @@ public:
   void close_input();
 
   NextStatus next_batch(FormedBatch &out, Nanoseconds deadline_ns);
+  // A batch (or expired ids) already there, else `timeout`: never waits, never forms, so it
+  // may run with the GIL held (a release costs a GIL hand-off when other threads are busy).
+  NextStatus try_next_batch(FormedBatch &out);
   // Fills in the bucket; `sequence` names the batch in the stats.
   void report_feedback(std::uint64_t sequence, BatchFeedback feedback);
   // Costs are learned per input shape; a former's layout is one shape.
@@ -127,6 +130,7 @@ private:
   // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
   void gather_pending(Nanoseconds now);
   void release_rows(std::span<const RequestDescriptor> requests);
+  void record_delivery(const FormedBatch &batch);
 
   const std::shared_ptr<const BatchLayout> layout_;
   const FormerOptions options_;

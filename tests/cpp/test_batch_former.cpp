@@ -697,6 +697,20 @@ TEST_CASE(a_waiting_consumer_gets_each_partial_batch_after_max_delay) {
   }
 }
 
+TEST_CASE(try_next_batch_takes_only_what_is_ready) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(4), FormerOptions{16, 1});
+  BatchFormer &former = *rig.former;
+  FormedBatch batch;
+  CHECK(former.try_next_batch(batch) == NextStatus::timeout); // nothing, and no waiting
+  push_all(former, store, 0, 4, 4);
+  REQUIRE(eventually([&] { return former.queued() == 0; })); // formed ahead by the thread
+  REQUIRE(eventually([&] { return former.try_next_batch(batch) == NextStatus::batch; }));
+  CHECK_EQ(batch.ids.size(), 4u);
+  CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
+  CHECK_EQ(rig.stats->snapshot().batches, 1u);
+}
+
 TEST_CASE(batch_released_before_a_waiting_deadline) {
   const SampleStore store(4);
   Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
