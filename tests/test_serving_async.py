@@ -100,3 +100,37 @@ def test_infer_after_close_raises() -> None:
     bp.close()
     with pytest.raises(ds.ProcessorClosed):
         asyncio.run(bp.infer(torch.zeros(2)))  # type: ignore[arg-type]
+
+
+def test_infer_waits_for_room_off_the_event_loop() -> None:
+    model = RecordingModel()
+
+    async def main(bp: ds.DynamicBatchProcessor) -> list[Any]:
+        model.hold()
+        first = asyncio.ensure_future(bp.infer(tag(0)))
+        while not model.entered.is_set():
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(bp.infer(tag(i))) for i in range(1, 40)]
+        await asyncio.sleep(0.05)  # the queue is full by now: later ones wait for room
+        ticks = 0
+
+        async def ticker() -> None:  # the loop keeps running while a caller waits for room
+            nonlocal ticks
+            while not model_released.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        model_released = asyncio.Event()
+        ticking = asyncio.ensure_future(ticker())
+        asyncio.get_running_loop().call_later(0.05, model.release)
+        asyncio.get_running_loop().call_later(0.05, model_released.set)
+        results = await asyncio.gather(first, *queued)
+        await ticking
+        assert ticks > 5
+        return results
+
+    with ds.DynamicBatchProcessor(
+        model=model, max_batch_size=2, max_queue_size=4, block_timeout=10.0
+    ) as bp:
+        results = asyncio.run(main(bp))
+    assert [r.item() for r in results] == [10.0 * i for i in range(40)]

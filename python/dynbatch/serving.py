@@ -193,7 +193,8 @@ class Server:
             table[future._request_id] = future
         leaves = len(addresses) // len(ids)
         accepted = former.submit_many(ids, addresses, priority, timeout_ns)
-        while accepted < len(ids) and self._wait_for_room(former):
+        room_deadline = self._room_deadline()
+        while accepted < len(ids) and self._wait_for_room(former, room_deadline):
             accepted += former.submit_many(
                 ids[accepted:], addresses[accepted * leaves :], priority, timeout_ns
             )
@@ -214,15 +215,14 @@ class Server:
         request._sample = self._admit(sample, request_id, addresses)
         self._table[request_id] = request
         if not former.submit(request_id, addresses, priority, timeout_ns):
-            self._table.pop(request_id, None)
-            if self._closing or self._block_timeout_ns < 0:
-                raise self._refusal()
-            # Wait for room off the event loop; the loop keeps serving meanwhile.
-            room = await loop.run_in_executor(None, self._wait_for_room, former)
-            self._table[request_id] = request
-            if not room or not former.submit(request_id, addresses, priority, timeout_ns):
-                self._table.pop(request_id, None)
-                raise self._refusal()
+            # Wait for room off the event loop (the loop keeps serving meanwhile).
+            room_deadline = self._room_deadline()
+            while not former.submit(request_id, addresses, priority, timeout_ns):
+                if not await loop.run_in_executor(
+                    None, self._wait_for_room, former, room_deadline
+                ):
+                    self._table.pop(request_id, None)
+                    raise self._refusal()
         return await request.future
 
     def _admit(self, sample: Any, request_id: int, addresses: list[int]) -> Any:
@@ -274,16 +274,23 @@ class Server:
         timeout_ns: int,
     ) -> None:
         """The core refused a request: wait for room when allowed, else raise."""
-        while self._wait_for_room(former):
+        room_deadline = self._room_deadline()
+        while self._wait_for_room(former, room_deadline):
             if former.submit(request_id, addresses, priority, timeout_ns):
                 return
         self._table.pop(request_id, None)  # the caller gets the error instead of a future
         raise self._refusal()
 
-    def _wait_for_room(self, former: _core.BatchFormer) -> bool:
-        if self._closing or self._block_timeout_ns < 0:
+    def _room_deadline(self) -> int:
+        """When a caller waiting for room gives up (time.monotonic_ns); 0: it does not wait."""
+        return 0 if self._block_timeout_ns < 0 else time.monotonic_ns() + self._block_timeout_ns
+
+    def _wait_for_room(self, former: _core.BatchFormer, deadline_ns: int) -> bool:
+        """Sleeps (GIL released) until a request may fit; False once `deadline_ns` passed."""
+        remaining_ns = deadline_ns - time.monotonic_ns()
+        if self._closing or deadline_ns == 0 or remaining_ns <= 0:
             return False
-        return bool(former.wait_for_room(self._block_timeout_ns / 1e9)) and not self._closing
+        return bool(former.wait_for_room(remaining_ns / 1e9)) and not self._closing
 
     def _refusal(self) -> DynbatchError:
         if self._fatal is not None:
