@@ -297,7 +297,10 @@ class DynamicBatchProcessor:
         ``cancel()`` works until the request is dispatched. The result is the request's row of
         the model's output; a model error reaches only the request(s) that cause it.
         """
-        return self._serving().submit(sample, priority, timeout)
+        server = self._server
+        if server is None or self._closed:
+            server = self._serving()  # raises the reason
+        return server.submit(sample, priority, timeout)
 
     def submit_many(
         self, samples: Iterable[Any], /, *, priority: int = 0, timeout: float | None = None
