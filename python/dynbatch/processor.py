@@ -313,8 +313,10 @@ class DynamicBatchProcessor:
     def infer(
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
     ) -> Awaitable[Any]:
-        """``await processor.infer(sample)``: ``submit`` for asyncio. Results reach the event
-        loop once per batch; cancelling the awaiting task cancels the request."""
+        """``await processor.infer(sample)``: ``submit`` for asyncio, from a running event
+        loop. Returns an awaitable (an ``asyncio.Future``; no task per request); bad input
+        raises at the call. Results reach the event loop once per batch; cancelling the
+        awaiting task cancels the request."""
         return self._serving().infer(sample, priority, timeout)
 
     def _serving(self) -> Server:

@@ -181,16 +181,10 @@ class Server:
         deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
         group = self._group
         ids = [next(self._ids) for _ in samples]
-        futures: list[RequestFuture] = []
-        addresses: list[int] = []
-        admit = self._admit
-        for request_id, sample in zip(ids, samples, strict=True):
-            future = RequestFuture(group, request_id, priority, deadline)
-            future._sample = admit(sample, request_id, addresses)  # all checked before any runs
-            futures.append(future)
+        futures = [RequestFuture(group, request_id, priority, deadline) for request_id in ids]
+        addresses = self._check_all(samples, ids, futures)  # all checked before any is queued
         table = self._table
-        for future in futures:
-            table[future._request_id] = future
+        table.update(zip(ids, futures, strict=True))
         leaves = len(addresses) // len(ids)
         accepted = former.submit_many(ids, addresses, priority, timeout_ns)
         room_deadline = self._room_deadline()
@@ -203,27 +197,74 @@ class Server:
             fail(self._group, [r for r in refused if r is not None], self._refusal())
         return futures
 
-    async def infer(self, sample: Any, priority: int, timeout: float | None) -> Any:
+    def infer(self, sample: Any, priority: int, timeout: float | None) -> asyncio.Future[Any]:
+        """The request's asyncio future: awaiting it needs no task of its own, and a batch
+        resolves its futures with one call into each event loop."""
         priority = _check_priority(priority)
         timeout_ns = _timeout_ns(timeout)
+        loop = asyncio.get_running_loop()  # raises outside a running loop, as asyncio does
         former = self._former if self._former is not None else self._start(sample)
-        loop = asyncio.get_running_loop()
         request_id = next(self._ids)
         deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
         request = AsyncRequest(loop, loop.create_future(), request_id, priority, deadline)
         addresses: list[int] = []
         request._sample = self._admit(sample, request_id, addresses)
         self._table[request_id] = request
-        if not former.submit(request_id, addresses, priority, timeout_ns):
-            # Wait for room off the event loop (the loop keeps serving meanwhile).
-            room_deadline = self._room_deadline()
-            while not former.submit(request_id, addresses, priority, timeout_ns):
-                if not await loop.run_in_executor(
-                    None, self._wait_for_room, former, room_deadline
-                ):
-                    self._table.pop(request_id, None)
-                    raise self._refusal()
+        if former.submit(request_id, addresses, priority, timeout_ns):
+            return request.future
+        if self._closing or self._block_timeout_ns < 0:
+            self._table.pop(request_id, None)
+            raise self._refusal()
+        return asyncio.ensure_future(
+            self._submit_when_room(former, request, addresses, priority, timeout_ns)
+        )
+
+    async def _submit_when_room(
+        self,
+        former: _core.BatchFormer,
+        request: AsyncRequest,
+        addresses: list[int],
+        priority: int,
+        timeout_ns: int,
+    ) -> Any:
+        """Waits for room off the event loop (the loop keeps serving meanwhile)."""
+        room_deadline = self._room_deadline()
+        while not former.submit(request._request_id, addresses, priority, timeout_ns):
+            if not await request.loop.run_in_executor(
+                None, self._wait_for_room, former, room_deadline
+            ):
+                self._table.pop(request._request_id, None)
+                raise self._refusal()
         return await request.future
+
+    def _check_all(
+        self, samples: list[Any], ids: list[int], futures: list[RequestFuture]
+    ) -> list[int]:
+        """Checks every sample (the lone-tensor check inlined), keeps each in its future, and
+        returns their leaf addresses, request-major."""
+        addresses: list[int] = []
+        append = addresses.append
+        spec = self._lone_tensor
+        if spec is None:
+            for request_id, sample, future in zip(ids, samples, futures, strict=True):
+                future._sample = self._admit(sample, request_id, addresses)
+            return addresses
+        dtype, shape, tensor_type, strided = spec.dtype, spec.shape, torch.Tensor, torch.strided
+        for request_id, sample, future in zip(ids, samples, futures, strict=True):
+            if (
+                sample.__class__ is tensor_type
+                and sample.dtype is dtype
+                and sample.shape == shape
+                and sample.is_cpu
+                and sample.layout is strided
+                and sample.is_contiguous()
+                and not sample.is_neg()
+            ):
+                append(sample.data_ptr())
+                future._sample = sample
+            else:
+                future._sample = self._admit(sample, request_id, addresses)
+        return addresses
 
     def _admit(self, sample: Any, request_id: int, addresses: list[int]) -> Any:
         assert self._schema is not None
