@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "dynbatch/dlpack_export.hpp"
@@ -60,14 +61,26 @@ Nanoseconds deadline_after(std::optional<double> timeout_s) {
 BatchLayout make_layout(const std::vector<LeafSpec> &leaves) {
   std::vector<LeafLayout> layouts;
   layouts.reserve(leaves.size());
-  for (const auto &[shape, code, bits, lanes] : leaves) {
+  for (const LeafSpec &spec : leaves) {
+    if (spec.size() != 4 && spec.size() != 5) {
+      throw py::value_error("a leaf is (shape, code, bits, lanes[, pad element bytes])");
+    }
+    const auto shape = spec[0].cast<std::vector<std::int64_t>>();
+    const auto bits = spec[2].cast<int>();
+    const auto lanes = spec[3].cast<int>();
     LeafLayout leaf;
     leaf.sample_shape = shape;
-    leaf.dtype = {static_cast<std::uint8_t>(code), static_cast<std::uint8_t>(bits),
+    leaf.dtype = {spec[1].cast<std::uint8_t>(), static_cast<std::uint8_t>(bits),
                   static_cast<std::uint16_t>(lanes)};
+    leaf.padded = spec.size() == 5;
+    if (leaf.padded) {
+      const auto pad = spec[4].cast<std::string>(); // bytes
+      leaf.pad_element.resize(pad.size());
+      std::memcpy(leaf.pad_element.data(), pad.data(), pad.size());
+    }
     std::size_t elements = 1;
-    for (const std::int64_t extent : shape) {
-      elements *= static_cast<std::size_t>(std::max<std::int64_t>(extent, 0));
+    for (std::size_t dim = leaf.padded ? 1 : 0; dim < shape.size(); ++dim) {
+      elements *= static_cast<std::size_t>(std::max<std::int64_t>(shape[dim], 0));
     }
     leaf.bytes_per_sample = elements * static_cast<std::size_t>(bits * lanes) / 8;
     layouts.push_back(std::move(leaf));
@@ -87,7 +100,8 @@ py::capsule PyBatch::leaf(std::size_t index) const {
   if (index >= layout->leaf_count()) {
     throw py::index_error("leaf " + std::to_string(index) + " out of range");
   }
-  dlpack::DLManagedTensor *tensor = export_leaf(batch.lease, *layout, index, batch.ids.size());
+  dlpack::DLManagedTensor *tensor =
+      export_leaf(batch.lease, *layout, index, batch.ids.size(), batch.padded_length);
   // Unconsumed capsules free their tensor; torch renames consumed ones to "used_dltensor".
   return py::capsule(tensor, "dltensor", [](PyObject *capsule) {
     if (PyCapsule_IsValid(capsule, "dltensor")) {
@@ -109,6 +123,9 @@ void bind_former(py::module_ &m) {
       .def_property_readonly("reason",
                              [](const PyBatch &self) { return reason_name(self.batch.reason); })
       .def_property_readonly("expired", [](const PyBatch &self) { return self.batch.expired_ids; })
+      .def_property_readonly("lengths", [](const PyBatch &self) { return self.batch.lengths; })
+      .def_property_readonly("padded_length",
+                             [](const PyBatch &self) { return self.batch.padded_length; })
       .def("leaf", &PyBatch::leaf, py::arg("index"));
 
   py::class_<BatchFormer>(m, "BatchFormer")
@@ -116,7 +133,7 @@ void bind_former(py::module_ &m) {
                        std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
                        std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
                        std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
-                       double aging_ms) {
+                       double aging_ms, std::size_t pad_to_multiple_of) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
              }
@@ -128,35 +145,51 @@ void bind_former(py::module_ &m) {
              options.prefetch_depth = prefetch_depth;
              options.max_delay_ns = nanoseconds_of_ms(max_delay_ms, "max_delay_ms");
              options.aging_ns = std::max<Nanoseconds>(nanoseconds_of_ms(aging_ms, "aging_ms"), 1);
+             options.pad_to_multiple_of = pad_to_multiple_of;
              return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
                                                   std::move(policy), telemetry.sampler,
                                                   std::move(stats));
            }),
            py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
            py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
-           py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0)
+           py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0,
+           py::arg("pad_to_multiple_of") = 1)
       .def(
           "push",
           [](BatchFormer &former, std::uint64_t first_id, std::size_t count,
-             const std::vector<std::uintptr_t> &addresses) {
+             const std::vector<std::uintptr_t> &addresses,
+             const std::vector<std::uint32_t> &lengths) {
             std::vector<std::uint64_t> ids(count);
             for (std::size_t i = 0; i < ids.size(); ++i) {
               ids[i] = first_id + i;
             }
             const std::vector<const void *> sources = as_pointers(addresses);
-            return former.push(ids, sources); // never blocks: no GIL release on the hot path
+            if (lengths.empty()) {
+              return former.push(ids, sources); // never blocks: no GIL release on the hot path
+            }
+            if (lengths.size() != count) {
+              throw py::value_error("push: one length per request");
+            }
+            std::vector<RequestOptions> options(count);
+            for (std::size_t i = 0; i < count; ++i) {
+              options[i].length = lengths[i];
+            }
+            return former.push(ids, sources, options);
           },
-          py::arg("first_id"), py::arg("count"), py::arg("addresses"))
+          py::arg("first_id"), py::arg("count"), py::arg("addresses"),
+          py::arg("lengths") = std::vector<std::uint32_t>{})
       .def(
           "submit",
           // The per-request call of the serving path: one id, never blocks, keeps the GIL.
           [](BatchFormer &former, std::uint64_t id, const std::vector<std::uintptr_t> &addresses,
-             std::int32_t priority, Nanoseconds timeout_ns) {
+             std::int32_t priority, Nanoseconds timeout_ns, std::uint32_t length) {
             const std::vector<const void *> sources = as_pointers(addresses);
-            const RequestOptions options{priority, timeout_ns < 0 ? no_deadline : timeout_ns};
+            const RequestOptions options{priority, timeout_ns < 0 ? no_deadline : timeout_ns,
+                                         length};
             return former.push(std::span(&id, 1), sources, std::span(&options, 1)) == 1;
           },
-          py::arg("id"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
+          py::arg("id"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1,
+          py::arg("length") = 0)
       .def(
           "submit_one",
           // submit() for a sample with one leaf: no list to build or convert.
@@ -172,13 +205,20 @@ void bind_former(py::module_ &m) {
           "submit_many",
           [](BatchFormer &former, const std::vector<std::uint64_t> &ids,
              const std::vector<std::uintptr_t> &addresses, std::int32_t priority,
-             Nanoseconds timeout_ns) {
+             Nanoseconds timeout_ns, const std::vector<std::uint32_t> &lengths) {
+            if (!lengths.empty() && lengths.size() != ids.size()) {
+              throw py::value_error("submit_many: one length per request");
+            }
             const std::vector<const void *> sources = as_pointers(addresses);
-            const std::vector<RequestOptions> options(
+            std::vector<RequestOptions> options(
                 ids.size(), RequestOptions{priority, timeout_ns < 0 ? no_deadline : timeout_ns});
+            for (std::size_t i = 0; i < lengths.size(); ++i) {
+              options[i].length = lengths[i];
+            }
             return former.push(ids, sources, options);
           },
-          py::arg("ids"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1)
+          py::arg("ids"), py::arg("addresses"), py::arg("priority") = 0,
+          py::arg("timeout_ns") = -1, py::arg("lengths") = std::vector<std::uint32_t>{})
       .def(
           "wait_for_room",
           [](BatchFormer &former, std::optional<double> timeout_s) {

@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <tuple>
 #include <vector>
 
 #include "dynbatch/batch_former.hpp"
@@ -15,7 +14,9 @@
 
 namespace dynbatch::bindings {
 
-using LeafSpec = std::tuple<std::vector<std::int64_t>, int, int, int>; // shape, code, bits, lanes
+// (shape, DLPack code, bits, lanes) for a stacked leaf; a padded leaf adds the bytes of one
+// pad element, and its shape starts with -1.
+using LeafSpec = pybind11::tuple;
 
 BatchLayout make_layout(const std::vector<LeafSpec> &leaves);
 std::vector<const void *> as_pointers(const std::vector<std::uintptr_t> &addresses);

@@ -31,13 +31,15 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
       pool_(std::move(pool)), policy_(std::move(policy)), telemetry_(std::move(telemetry)),
       stats_(std::move(stats)), started_ns_(now_ns()),
       rows_(table_size(options.capacity) * std::max<std::size_t>(layout_->leaf_count(), 1)),
+      row_lengths_(table_size(options.capacity), 0),
       free_rows_(table_size(options.capacity)), requests_(table_size(options.capacity)),
       pending_(table_size(options.capacity), options.aging_ns) {
   if (options.prefetch_depth < 1) {
     throw std::invalid_argument("BatchFormer: prefetch_depth must be at least 1");
   }
-  if (options.capacity < 1 || options.max_delay_ns < 0) {
-    throw std::invalid_argument("BatchFormer: capacity must be positive, max_delay_ns >= 0");
+  if (options.capacity < 1 || options.max_delay_ns < 0 || options.pad_to_multiple_of < 1) {
+    throw std::invalid_argument(
+        "BatchFormer: capacity and pad_to_multiple_of must be positive, max_delay_ns >= 0");
   }
   for (std::uint32_t row = 0; row < free_rows_.capacity(); ++row) {
     free_rows_.try_push(row);
@@ -77,6 +79,12 @@ std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
       rows_[row * leaves + j] = sources[i * leaves + j];
     }
     const RequestOptions request = options.empty() ? RequestOptions{} : options[i];
+    row_lengths_[row] = request.length;
+    for (std::uint32_t longest = longest_.load(std::memory_order_relaxed);
+         request.length > longest &&
+         !longest_.compare_exchange_weak(longest, request.length, std::memory_order_relaxed);) {
+      // a statistic for sizing only: relaxed
+    }
     const Nanoseconds deadline =
         request.timeout_ns == no_deadline
             ? no_deadline
@@ -195,7 +203,7 @@ std::size_t BatchFormer::target_size() {
   SizingInputs inputs;
   inputs.bucket = bucket();
   inputs.queued = requests_.was_size();
-  inputs.bytes_per_sample = layout_->sample_bytes();
+  inputs.bytes_per_sample = layout_->sample_bytes(longest_.load(std::memory_order_relaxed));
   inputs.telemetry = telemetry_->latest();
   return std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
 }
@@ -280,10 +288,20 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
       sources[i * leaves + j] = rows_[requests[i].row * leaves + j];
     }
   }
+  if (layout_->has_padded_leaves()) {
+    batch.lengths.reserve(count);
+    std::size_t longest = 0;
+    for (const RequestDescriptor &request : requests) {
+      batch.lengths.push_back(row_lengths_[request.row]);
+      longest = std::max<std::size_t>(longest, row_lengths_[request.row]);
+    }
+    const std::size_t multiple = options_.pad_to_multiple_of;
+    batch.padded_length = (longest + multiple - 1) / multiple * multiple;
+  }
   const Nanoseconds start = now_ns();
   stats_->record_dispatch(requests, start);
-  batch.lease = pool_->acquire(layout_->batch_bytes(count));
-  collate(*layout_, sources, count, batch.lease->data());
+  batch.lease = pool_->acquire(layout_->batch_bytes(count, batch.padded_length));
+  collate(*layout_, sources, count, batch.lease->data(), batch.lengths, batch.padded_length);
   batch.formed_ns = now_ns();
   batch.collate_ns = batch.formed_ns - start;
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
@@ -407,6 +425,10 @@ void BatchFormer::record_delivery(const FormedBatch &batch) {
   record.collate_ns = batch.collate_ns;
   record.memory_available_bytes = batch.memory_available_bytes;
   record.reason = batch.reason;
+  for (const std::uint32_t length : batch.lengths) {
+    record.real_rows += length;
+  }
+  record.padded_rows = batch.lengths.size() * batch.padded_length;
   stats_->record_batch(record);
 }
 

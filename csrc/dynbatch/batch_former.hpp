@@ -60,6 +60,9 @@ struct FormedBatch {
   std::uint64_t memory_available_bytes = 0;
   ReleaseReason reason = ReleaseReason::full;
   std::vector<std::uint64_t> expired_ids; // requests whose timeout passed before forming
+  // Padded leaves: each sample's length, and the batch's length (the longest, rounded up).
+  std::vector<std::uint32_t> lengths;
+  std::size_t padded_length = 0;
 };
 
 struct FormerOptions {
@@ -71,12 +74,16 @@ struct FormerOptions {
   Nanoseconds max_delay_ns = no_deadline;
   // A waiting request gains one priority level per aging_ns waited.
   Nanoseconds aging_ns = 100'000'000;
+  // Padded leaves: a batch's padded length is a multiple of this (even when all samples have
+  // one length).
+  std::size_t pad_to_multiple_of = 1;
 };
 
 // Per request in push(); the defaults make a plain FIFO request.
 struct RequestOptions {
   std::int32_t priority = 0;
   Nanoseconds timeout_ns = no_deadline; // from the push; no_deadline: none
+  std::uint32_t length = 0;             // rows of its padded leaves (layouts with any)
 };
 
 // batch: `out` holds a batch (and maybe expired ids); expired: only expired ids.
@@ -142,6 +149,8 @@ private:
 
   // Request table: one row of leaf pointers per request in flight, rows recycled via a ring.
   std::vector<const void *> rows_;
+  std::vector<std::uint32_t> row_lengths_; // per row: the request's padded-leaf length
+  std::atomic<std::uint32_t> longest_{1};  // the longest length pushed: sizes the staging
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
   std::atomic<std::size_t> waiting_{0}; // pushed, not yet formed or expired

@@ -1,5 +1,6 @@
 #include "dynbatch/collator.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -13,9 +14,10 @@ namespace {
 constexpr std::size_t leaf_stagger = 256;
 constexpr std::size_t stagger_period = page_size / leaf_stagger;
 
-std::size_t element_count(const std::vector<std::int64_t> &shape) {
+std::size_t element_count(const std::vector<std::int64_t> &shape, std::size_t from = 0) {
   std::size_t count = 1;
-  for (const std::int64_t extent : shape) {
+  for (std::size_t dim = from; dim < shape.size(); ++dim) {
+    const std::int64_t extent = shape[dim];
     if (extent < 0) {
       throw std::invalid_argument("negative extent in a leaf shape");
     }
@@ -33,13 +35,21 @@ BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(lea
       throw std::invalid_argument("leaf " + std::to_string(index) +
                                   ": dtype must be a whole number of bytes");
     }
-    const std::size_t expected = element_count(leaf.sample_shape) * element_bits / 8;
+    if (leaf.padded &&
+        (leaf.sample_shape.empty() || leaf.sample_shape[0] != -1 ||
+         leaf.pad_element.size() != element_bits / 8)) {
+      throw std::invalid_argument("leaf " + std::to_string(index) +
+                                  ": a padded leaf has shape (-1, ...) and a one-element pad");
+    }
+    const std::size_t expected =
+        element_count(leaf.sample_shape, leaf.padded ? 1 : 0) * element_bits / 8;
     if (expected != leaf.bytes_per_sample) {
       throw std::invalid_argument(
           "leaf " + std::to_string(index) + ": " + std::to_string(leaf.bytes_per_sample) +
           " bytes per sample, but shape and dtype give " + std::to_string(expected));
     }
-    sample_bytes_ += leaf.bytes_per_sample;
+    (leaf.padded ? padded_row_bytes_ : sample_bytes_) += leaf.bytes_per_sample;
+    has_padded_ = has_padded_ || leaf.padded;
   }
   // FNV-1a over every leaf's dtype and shape.
   shape_key_ = 14695981039346656037ull;
@@ -56,38 +66,82 @@ BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(lea
   }
 }
 
-std::size_t BatchLayout::leaf_offset(std::size_t index, std::size_t batch_size) const {
+std::size_t BatchLayout::leaf_bytes(std::size_t index, std::size_t batch_size,
+                                    std::size_t padded_length) const {
+  const LeafLayout &leaf = leaves_[index];
+  return leaf.bytes_per_sample * batch_size * (leaf.padded ? padded_length : 1);
+}
+
+std::size_t BatchLayout::leaf_offset(std::size_t index, std::size_t batch_size,
+                                     std::size_t padded_length) const {
   std::size_t offset = 0;
   for (std::size_t j = 0; j < index; ++j) {
-    offset += leaves_[j].bytes_per_sample * batch_size;
+    offset += leaf_bytes(j, batch_size, padded_length);
     offset = align_up(offset, page_size) + ((j + 1) % stagger_period) * leaf_stagger;
   }
   return offset;
 }
 
-std::size_t BatchLayout::batch_bytes(std::size_t batch_size) const {
+std::size_t BatchLayout::batch_bytes(std::size_t batch_size, std::size_t padded_length) const {
   if (leaves_.empty()) {
     return 0;
   }
   const std::size_t last = leaves_.size() - 1;
-  return leaf_offset(last, batch_size) + leaves_[last].bytes_per_sample * batch_size;
+  return leaf_offset(last, batch_size, padded_length) +
+         leaf_bytes(last, batch_size, padded_length);
 }
 
 void collate(const BatchLayout &layout, std::span<const void *const> sources,
-             std::size_t batch_size, std::byte *destination) {
+             std::size_t batch_size, std::byte *destination,
+             std::span<const std::uint32_t> lengths, std::size_t padded_length) {
   const std::size_t leaves = layout.leaf_count();
   if (sources.size() != batch_size * leaves) {
     throw std::invalid_argument("collate: expected " + std::to_string(batch_size * leaves) +
                                 " source pointers, got " + std::to_string(sources.size()));
   }
+  if (layout.has_padded_leaves()) {
+    if (lengths.size() != batch_size) {
+      throw std::invalid_argument("collate: padded leaves need one length per sample");
+    }
+    for (const std::uint32_t length : lengths) {
+      if (length > padded_length) {
+        throw std::invalid_argument("collate: a length exceeds the padded length");
+      }
+    }
+  }
   for (std::size_t j = 0; j < leaves; ++j) {
-    const std::size_t bytes = layout.leaf(j).bytes_per_sample;
+    const LeafLayout &leaf = layout.leaf(j);
+    const std::size_t bytes = leaf.bytes_per_sample;
     if (bytes == 0) {
       continue; // an empty leaf: its sources may be null (an empty tensor's data pointer)
     }
-    std::byte *out = destination + layout.leaf_offset(j, batch_size);
+    std::byte *out = destination + layout.leaf_offset(j, batch_size, padded_length);
+    if (!leaf.padded) {
+      for (std::size_t i = 0; i < batch_size; ++i) {
+        std::memcpy(out + i * bytes, sources[i * leaves + j], bytes);
+      }
+      continue;
+    }
+    const std::size_t element = leaf.pad_element.size();
+    const std::size_t sample_stride = bytes * padded_length;
     for (std::size_t i = 0; i < batch_size; ++i) {
-      std::memcpy(out + i * bytes, sources[i * leaves + j], bytes);
+      std::byte *row = out + i * sample_stride;
+      const std::size_t real = bytes * lengths[i];
+      if (real > 0) {
+        std::memcpy(row, sources[i * leaves + j], real);
+      }
+      // The pad: one element written, then doubled by copying what is already there.
+      std::byte *pad = row + real;
+      const std::size_t pad_bytes = sample_stride - real;
+      if (pad_bytes == 0) {
+        continue;
+      }
+      std::memcpy(pad, leaf.pad_element.data(), element);
+      for (std::size_t filled = element; filled < pad_bytes;) {
+        const std::size_t step = std::min(filled, pad_bytes - filled);
+        std::memcpy(pad + filled, pad, step);
+        filled += step;
+      }
     }
   }
 }

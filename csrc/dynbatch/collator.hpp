@@ -7,6 +7,10 @@
 // - collate() writes leaf j of sample i at leaf_offset(j, n) + i * bytes_per_sample(j): each
 //   leaf becomes one contiguous [n, *sample_shape] block. It runs without any lock or GIL and
 //   only reads the sources, which the caller keeps alive until it returns.
+// - A padded leaf (variable first dimension; sample_shape[0] is -1 and bytes_per_sample counts
+//   one row, i.e. one step of that dimension) becomes [n, L, *sample_shape[1:]]: sample i's
+//   lengths[i] rows, then L - lengths[i] copies of `pad_element`. Every padded leaf of a sample
+//   has that sample's one length.
 
 #include <cstddef>
 #include <cstdint>
@@ -20,7 +24,9 @@ namespace dynbatch {
 struct LeafLayout {
   std::vector<std::int64_t> sample_shape;
   dlpack::DLDataType dtype;
-  std::size_t bytes_per_sample = 0;
+  std::size_t bytes_per_sample = 0; // a padded leaf: bytes per row
+  bool padded = false;
+  std::vector<std::byte> pad_element; // a padded leaf: one element of the pad value
 };
 
 class BatchLayout {
@@ -29,21 +35,34 @@ public:
 
   std::size_t leaf_count() const noexcept { return leaves_.size(); }
   const LeafLayout &leaf(std::size_t index) const { return leaves_.at(index); }
-  std::size_t sample_bytes() const noexcept { return sample_bytes_; }
-  // Equal for equal leaf shapes and dtypes: what costs are learned per.
+  bool has_padded_leaves() const noexcept { return has_padded_; }
+  // Staged bytes of one sample; padded leaves count `length` rows.
+  std::size_t sample_bytes(std::size_t length = 1) const noexcept {
+    return sample_bytes_ + padded_row_bytes_ * length;
+  }
+  // Equal for equal leaf shapes and dtypes (padded lengths aside): what costs are learned per.
   std::uint64_t shape_key() const noexcept { return shape_key_; }
-  // Where leaf `index` of an n-sample batch starts inside the staging buffer.
-  std::size_t leaf_offset(std::size_t index, std::size_t batch_size) const;
-  std::size_t batch_bytes(std::size_t batch_size) const;
+  // Where leaf `index` of an n-sample batch (padded leaves `padded_length` rows) starts.
+  std::size_t leaf_offset(std::size_t index, std::size_t batch_size,
+                          std::size_t padded_length = 0) const;
+  std::size_t batch_bytes(std::size_t batch_size, std::size_t padded_length = 0) const;
 
 private:
+  std::size_t leaf_bytes(std::size_t index, std::size_t batch_size,
+                         std::size_t padded_length) const;
+
   std::vector<LeafLayout> leaves_;
-  std::size_t sample_bytes_ = 0;
+  std::size_t sample_bytes_ = 0;     // fixed leaves
+  std::size_t padded_row_bytes_ = 0; // one row of every padded leaf
+  bool has_padded_ = false;
   std::uint64_t shape_key_ = 0;
 };
 
-// sources holds batch_size rows of leaf_count() pointers, sample-major.
+// sources holds batch_size rows of leaf_count() pointers, sample-major. With padded leaves,
+// `lengths` holds each sample's length and `padded_length` (>= every length) the rows of the
+// batch; without, both are ignored.
 void collate(const BatchLayout &layout, std::span<const void *const> sources,
-             std::size_t batch_size, std::byte *destination);
+             std::size_t batch_size, std::byte *destination,
+             std::span<const std::uint32_t> lengths = {}, std::size_t padded_length = 0);
 
 } // namespace dynbatch

@@ -21,13 +21,16 @@ void delete_export(dlpack::DLManagedTensor *tensor) {
 
 dlpack::DLManagedTensor *export_leaf(const std::shared_ptr<SlotLease> &lease,
                                      const BatchLayout &layout, std::size_t leaf_index,
-                                     std::size_t batch_size) {
+                                     std::size_t batch_size, std::size_t padded_length) {
   const LeafLayout &leaf = layout.leaf(leaf_index);
   auto context = std::make_unique<ExportContext>();
   context->lease = lease;
   context->shape.reserve(leaf.sample_shape.size() + 1);
   context->shape.push_back(static_cast<std::int64_t>(batch_size));
   context->shape.insert(context->shape.end(), leaf.sample_shape.begin(), leaf.sample_shape.end());
+  if (leaf.padded) {
+    context->shape[1] = static_cast<std::int64_t>(padded_length);
+  }
   // Explicit compact strides: some consumers reject the null-strides shorthand.
   context->strides.assign(context->shape.size(), 1);
   for (std::size_t dim = context->shape.size(); dim-- > 1;) {
@@ -36,7 +39,7 @@ dlpack::DLManagedTensor *export_leaf(const std::shared_ptr<SlotLease> &lease,
   }
 
   dlpack::DLTensor &tensor = context->tensor.dl_tensor;
-  tensor.data = lease->data() + layout.leaf_offset(leaf_index, batch_size);
+  tensor.data = lease->data() + layout.leaf_offset(leaf_index, batch_size, padded_length);
   tensor.device = {dlpack::kDLCPU, 0};
   tensor.ndim = static_cast<std::int32_t>(context->shape.size());
   tensor.dtype = leaf.dtype;

@@ -14,8 +14,9 @@
 
 namespace dynbatch {
 
+// A padded leaf is exported as [batch_size, padded_length, *sample_shape[1:]].
 dlpack::DLManagedTensor *export_leaf(const std::shared_ptr<SlotLease> &lease,
                                      const BatchLayout &layout, std::size_t leaf_index,
-                                     std::size_t batch_size);
+                                     std::size_t batch_size, std::size_t padded_length = 0);
 
 } // namespace dynbatch

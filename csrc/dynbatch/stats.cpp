@@ -21,6 +21,8 @@ void StatsRecorder::record_batch(const BatchRecord &record) {
   ++totals_.batches;
   totals_.samples += record.batch_size;
   totals_.collate_ns += record.collate_ns;
+  totals_.real_rows += record.real_rows;
+  totals_.padded_rows += record.padded_rows;
   ++totals_.histogram[record.batch_size];
   ++totals_.released_by[static_cast<std::size_t>(record.reason)];
   if (ring_.size() < ring_capacity_) {

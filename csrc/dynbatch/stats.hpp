@@ -47,6 +47,8 @@ struct BatchRecord {
   Nanoseconds compute_ns = -1; // the caller's time on it; -1 until reported
   std::uint64_t memory_available_bytes = 0;
   ReleaseReason reason = ReleaseReason::full;
+  std::uint64_t real_rows = 0;   // padded leaves: rows the samples brought
+  std::uint64_t padded_rows = 0; // and rows after padding (batch size x padded length)
 };
 
 struct StatsSnapshot {
@@ -55,6 +57,8 @@ struct StatsSnapshot {
   Nanoseconds collate_ns = 0;
   Nanoseconds compute_ns = 0;
   Nanoseconds active_ns = 0; // wall time during which some iteration was running
+  std::uint64_t real_rows = 0;   // padded leaves: real / padded is the padding efficiency
+  std::uint64_t padded_rows = 0;
   std::map<std::size_t, std::uint64_t> histogram;
   std::array<std::uint64_t, release_reason_count> released_by{}; // indexed by ReleaseReason
   std::map<std::int32_t, PriorityStats> priorities;              // one entry per priority seen

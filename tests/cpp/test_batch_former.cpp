@@ -711,6 +711,46 @@ TEST_CASE(try_next_batch_takes_only_what_is_ready) {
   CHECK_EQ(rig.stats->snapshot().batches, 1u);
 }
 
+TEST_CASE(padded_batches_carry_lengths_and_a_rounded_padded_length) {
+  LeafLayout tokens{{-1}, dl::DLDataType{dl::kDLInt, 32, 1}, 4, true, {}};
+  const std::int32_t pad = -7;
+  tokens.pad_element.resize(sizeof pad);
+  std::memcpy(tokens.pad_element.data(), &pad, sizeof pad);
+  FormerOptions options{16, 1};
+  options.pad_to_multiple_of = 4;
+  auto pool = StagingPool::create(4);
+  auto policy = std::make_shared<SizingController>(fixed_size(3));
+  auto telemetry = std::make_shared<TelemetrySampler>(
+      std::make_shared<dynbatch::HostTelemetrySource>(), 10 * ms);
+  auto stats = std::make_shared<StatsRecorder>(64);
+  BatchFormer former(BatchLayout({tokens}), options, pool, policy, telemetry, stats);
+  const std::vector<std::vector<std::int32_t>> samples = {{1, 2}, {3, 4, 5, 6, 7}, {8}};
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  std::vector<dynbatch::RequestOptions> per_request;
+  for (std::size_t k = 0; k < samples.size(); ++k) {
+    ids.push_back(k);
+    sources.push_back(samples[k].data());
+    dynbatch::RequestOptions request;
+    request.length = static_cast<std::uint32_t>(samples[k].size());
+    per_request.push_back(request);
+  }
+  REQUIRE(former.push(ids, sources, per_request) == 3u);
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK(batch.lengths == (std::vector<std::uint32_t>{2, 5, 1}));
+  CHECK_EQ(batch.padded_length, 8u); // longest 5, rounded up to a multiple of 4
+  const auto *out = reinterpret_cast<const std::int32_t *>(batch.lease->data());
+  CHECK_EQ(out[0], 1);
+  CHECK_EQ(out[2], -7);
+  CHECK_EQ(out[8 + 4], 7);
+  CHECK_EQ(out[16], 8);
+  CHECK_EQ(out[17], -7);
+  const auto snapshot = stats->snapshot();
+  CHECK_EQ(snapshot.real_rows, 8u);
+  CHECK_EQ(snapshot.padded_rows, 24u);
+}
+
 TEST_CASE(batch_released_before_a_waiting_deadline) {
   const SampleStore store(4);
   Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever

@@ -217,6 +217,62 @@ TEST_CASE(zero_extent_leaves_collate_and_export) {
   CHECK_EQ(pool->stats().slots_in_use, 0u);
 }
 
+TEST_CASE(padded_leaf_copies_each_sample_and_fills_the_rest_with_the_pad) {
+  // Leaf 0: f32 rows of 3 (variable length), pad -1.5; leaf 1: a fixed i64 scalar.
+  LeafLayout tokens{{-1, 3}, f32, 12, true, {}};
+  const float pad = -1.5f;
+  tokens.pad_element.resize(sizeof pad);
+  std::memcpy(tokens.pad_element.data(), &pad, sizeof pad);
+  const BatchLayout layout({tokens, leaf({}, i64)});
+  CHECK(layout.has_padded_leaves());
+  CHECK_EQ(layout.sample_bytes(5), 8u + 5u * 12u);
+  const std::vector<std::uint32_t> lengths = {2, 0, 5};
+  std::vector<std::vector<float>> rows(3);
+  std::vector<std::int64_t> scalars = {7, 8, 9};
+  std::vector<const void *> sources;
+  for (std::size_t i = 0; i < 3; ++i) {
+    for (std::uint32_t r = 0; r < lengths[i] * 3; ++r) {
+      rows[i].push_back(static_cast<float>(i * 100 + r));
+    }
+    sources.push_back(rows[i].data());
+    sources.push_back(&scalars[i]);
+  }
+  const std::size_t padded = 6; // longer than the longest: a multiple asked for
+  std::vector<std::byte> buffer(layout.batch_bytes(3, padded));
+  dynbatch::collate(layout, sources, 3, buffer.data(), lengths, padded);
+  const auto *out = reinterpret_cast<const float *>(buffer.data() + layout.leaf_offset(0, 3, 6));
+  for (std::size_t i = 0; i < 3; ++i) {
+    for (std::size_t r = 0; r < padded * 3; ++r) {
+      const float expected = r < lengths[i] * 3 ? static_cast<float>(i * 100 + r) : pad;
+      CHECK_EQ(out[i * padded * 3 + r], expected);
+    }
+  }
+  const auto *ints =
+      reinterpret_cast<const std::int64_t *>(buffer.data() + layout.leaf_offset(1, 3, 6));
+  CHECK_EQ(ints[0], 7);
+  CHECK_EQ(ints[2], 9);
+  CHECK_THROWS_AS(dynbatch::collate(layout, sources, 3, buffer.data(), lengths, 4),
+                  std::invalid_argument); // a sample longer than the padded length
+  CHECK_THROWS_AS(dynbatch::collate(layout, sources, 3, buffer.data(), {}, padded),
+                  std::invalid_argument); // no lengths
+  CHECK_THROWS_AS(BatchLayout({LeafLayout{{3, 3}, f32, 12, true, tokens.pad_element}}),
+                  std::invalid_argument); // a padded leaf's first extent is -1
+}
+
+TEST_CASE(padded_leaf_exports_batch_by_padded_length) {
+  LeafLayout tokens{{-1, 2}, u8, 2, true, {std::byte{0xAB}}};
+  const BatchLayout layout({tokens});
+  auto pool = StagingPool::create(2);
+  auto lease = pool->acquire(layout.batch_bytes(4, 8));
+  dl::DLManagedTensor *tensor = dynbatch::export_leaf(lease, layout, 0, 4, 8);
+  REQUIRE(tensor->dl_tensor.ndim == 3);
+  CHECK_EQ(tensor->dl_tensor.shape[0], 4);
+  CHECK_EQ(tensor->dl_tensor.shape[1], 8);
+  CHECK_EQ(tensor->dl_tensor.shape[2], 2);
+  CHECK_EQ(tensor->dl_tensor.strides[0], 16);
+  tensor->deleter(tensor);
+}
+
 TEST_CASE(collate_rejects_wrong_source_count) {
   const BatchLayout layout(mixed_leaves());
   const Sources sources = make_sources(layout, 4, 7);
