@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedLeafError,
 )
 from .info import build_info, telemetry
+from .padding import PaddedBatch
 from .processor import BatchIterator, DynamicBatchProcessor
 from .scheduler import Scheduler
 from .stats import Stats
@@ -32,6 +33,7 @@ __all__ = [
     "DynamicBatchProcessor",
     "DynbatchError",
     "InvalidSampleError",
+    "PaddedBatch",
     "ProcessorClosed",
     "QueueFull",
     "RequestTimeout",

@@ -5,7 +5,8 @@ from typing import Any, ClassVar
 
 from typing_extensions import CapsuleType
 
-LeafDescriptor = tuple[list[int], int, int, int]  # sample shape, DLPack code, bits, lanes
+# (sample shape, DLPack code, bits, lanes); a padded leaf: shape (-1, ...) plus one pad element
+LeafDescriptor = tuple[list[int], int, int, int] | tuple[list[int], int, int, int, bytes]
 
 __version__: str
 
@@ -135,6 +136,11 @@ class Batch:
     def reason(self) -> str:
         """Why it was released: "full", "max_delay", "deadline" or "drain"."""
     @property
+    def lengths(self) -> list[int]:
+        """Padded leaves: each sample's length."""
+    @property
+    def padded_length(self) -> int: ...
+    @property
     def expired(self) -> list[int]:
         """Ids of requests whose timeout passed before they were formed (size may be 0)."""
     def leaf(self, index: int) -> CapsuleType: ...
@@ -151,18 +157,31 @@ class BatchFormer:
         stats: StatsRecorder,
         max_delay_ms: float | None = None,
         aging_ms: float = 100.0,
+        pad_to_multiple_of: int = 1,
     ) -> None:
         """max_delay_ms None: a short queue waits for the target; 0: dispatched at once."""
-    def push(self, first_id: int, count: int, addresses: list[int]) -> int:
+    def push(
+        self, first_id: int, count: int, addresses: list[int], lengths: list[int] = ...
+    ) -> int:
         """Requests first_id .. first_id + count - 1, leaf addresses request-major."""
     def submit(
-        self, id: int, addresses: list[int], priority: int = 0, timeout_ns: int = -1
+        self,
+        id: int,
+        addresses: list[int],
+        priority: int = 0,
+        timeout_ns: int = -1,
+        length: int = 0,
     ) -> bool:
         """One request; False when max_queued requests wait or the input is closed."""
     def submit_one(self, id: int, address: int, priority: int = 0, timeout_ns: int = -1) -> bool:
         """submit() for a sample with a single leaf."""
     def submit_many(
-        self, ids: list[int], addresses: list[int], priority: int = 0, timeout_ns: int = -1
+        self,
+        ids: list[int],
+        addresses: list[int],
+        priority: int = 0,
+        timeout_ns: int = -1,
+        lengths: list[int] = ...,
     ) -> int:
         """Returns how many were accepted (a prefix)."""
     def wait_for_room(self, timeout_s: float | None = None) -> bool: ...

@@ -41,6 +41,22 @@ def _check_fraction(name: str, value: object, *, inclusive: bool) -> None:
         raise ValueError(f"{name} must be in {bounds}, got {value}")
 
 
+def _check_padding(
+    collate: object, pad_value: object, pad_to_multiple_of: object
+) -> tuple[float | None, int]:
+    """(pad value, or None to stack; the padded length's multiple)."""
+    if collate not in ("stack", "pad"):
+        raise ValueError(f"collate must be 'stack' or 'pad', got {collate!r}")
+    if not isinstance(pad_value, (bool, int, float)):
+        raise TypeError(f"pad_value must be a number, got {type(pad_value).__name__}")
+    if pad_to_multiple_of is not None:
+        if collate != "pad":
+            raise ValueError("pad_to_multiple_of needs collate='pad'")
+        _check_size("pad_to_multiple_of", pad_to_multiple_of)
+    multiple = pad_to_multiple_of if isinstance(pad_to_multiple_of, int) else 1
+    return (pad_value if collate == "pad" else None), multiple
+
+
 def _check_serving_arguments(
     model: object,
     max_delay_ms: object,
@@ -119,6 +135,12 @@ class DynamicBatchProcessor:
         clock: nanoseconds now (default ``time.perf_counter_ns``); simulations inject one.
         memory_monitor: per-batch memory feedback (default: torch's CUDA allocator when CUDA
             is available, none otherwise); simulations inject one.
+        collate: ``"stack"`` (default; every sample's leaves share their shapes) or ``"pad"``:
+            tensor leaves may differ in their first dimension and are padded to the longest
+            in the batch with ``pad_value``; batches are then ``PaddedBatch`` objects
+            (``.data``, ``.lengths``, ``.mask``). All padded leaves of one sample share their
+            length. With ``pad_to_multiple_of``, every batch's padded length is a multiple of
+            it.
 
     Serving (``submit``, ``submit_many``, ``infer``; needs ``model``):
         model: the callable run on each batch; its output (a tensor, or dicts/tuples/lists of
@@ -149,6 +171,9 @@ class DynamicBatchProcessor:
         telemetry: _core.Telemetry | None = None,
         clock: Callable[[], int] | None = None,
         memory_monitor: MemoryMonitor | None = None,
+        collate: str = "stack",
+        pad_value: float = 0,
+        pad_to_multiple_of: int | None = None,
         model: Callable[[Any], Any] | None = None,
         max_delay_ms: float = 5.0,
         max_queue_size: int = 65536,
@@ -190,6 +215,7 @@ class DynamicBatchProcessor:
             raise TypeError("telemetry must be a dynbatch._core.Telemetry")
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning nanoseconds")
+        self._pad_value, self._pad_multiple = _check_padding(collate, pad_value, pad_to_multiple_of)
         _check_serving_arguments(
             model,
             max_delay_ms,
@@ -607,8 +633,8 @@ class BatchIterator(Iterator[Any]):
         except StopIteration:
             self.close()
             return False
-        self._schema = Schema(first, 0)
         processor = self._processor
+        self._schema = Schema(first, 0, pad_value=processor._pad_value)
         self._former = _core.BatchFormer(
             self._schema.core_descriptors(),
             self._read_ahead,
@@ -617,11 +643,13 @@ class BatchIterator(Iterator[Any]):
             processor._policy,
             processor._telemetry,
             processor._recorder,
+            pad_to_multiple_of=processor._pad_multiple,
         )
         addresses: list[int] = []
-        self._kept.append(self._schema.admit(first, 0, addresses))
+        lengths: list[int] = []
+        self._kept.append(self._schema.admit(first, 0, addresses, lengths))
         self._read = 1
-        self._push(0, addresses)
+        self._push(0, addresses, lengths)
         return True
 
     def _fill(self) -> None:
@@ -641,6 +669,7 @@ class BatchIterator(Iterator[Any]):
         index = first_id = self._read
         stop = index + room
         addresses: list[int] = []
+        lengths: list[int] | None = [] if schema.padded else None
         try:
             while index < stop:
                 sample = next(source)
@@ -657,12 +686,13 @@ class BatchIterator(Iterator[Any]):
                     addresses.append(sample.data_ptr())
                     keep(sample)
                 else:
-                    keep(admit(sample, index, addresses))
+                    keep(admit(sample, index, addresses, lengths))
                 index += 1
                 if index - first_id == _PUSH_CHUNK:
                     self._read = index
-                    self._push(first_id, addresses)
+                    self._push(first_id, addresses, lengths)
                     first_id, addresses = index, []
+                    lengths = [] if lengths is not None else None
         except StopIteration:
             self._input_done = True
         except Exception as error:  # raised to the caller after the batches before it
@@ -670,15 +700,15 @@ class BatchIterator(Iterator[Any]):
             self._input_done = True
         self._read = index
         if index > first_id:
-            self._push(first_id, addresses)
+            self._push(first_id, addresses, lengths)
         if self._input_done:
             self._former.close_input()
 
-    def _push(self, first_id: int, addresses: list[int]) -> None:
-        """Hands samples first_id .. self._read - 1 to the core."""
+    def _push(self, first_id: int, addresses: list[int], lengths: list[int] | None) -> None:
+        """Hands samples first_id .. self._read - 1 (and, padding, their lengths) to the core."""
         assert self._former is not None
         count = self._read - first_id
-        accepted = self._former.push(first_id, count, addresses)
+        accepted = self._former.push(first_id, count, addresses, lengths or [])
         # The read-ahead never exceeds the core's capacity, so a refusal is a bug, not load
         # (or the iterator was closed from another thread, and the step ends anyway).
         if accepted != count and not self._closed:

@@ -159,14 +159,16 @@ class Server:
             self._table[request_id] = future
             if former.submit_one(request_id, sample.data_ptr(), priority, timeout_ns):
                 return future
-            addresses = [sample.data_ptr()]
+            addresses, length = [sample.data_ptr()], 0
         else:
             addresses = []
-            future._sample = self._admit(sample, request_id, addresses)
+            lengths: list[int] = []
+            future._sample = self._admit(sample, request_id, addresses, lengths)
             self._table[request_id] = future
-            if former.submit(request_id, addresses, priority, timeout_ns):
+            length = lengths[0] if lengths else 0
+            if former.submit(request_id, addresses, priority, timeout_ns, length):
                 return future
-        self._push_refused(former, request_id, addresses, priority, timeout_ns)
+        self._push_refused(former, request_id, addresses, priority, timeout_ns, length)
         return future
 
     def submit_many(
@@ -182,15 +184,20 @@ class Server:
         group = self._group
         ids = [next(self._ids) for _ in samples]
         futures = [RequestFuture(group, request_id, priority, deadline) for request_id in ids]
-        addresses = self._check_all(samples, ids, futures)  # all checked before any is queued
+        # All checked before any is queued.
+        addresses, lengths = self._check_all(samples, ids, futures)
         table = self._table
         table.update(zip(ids, futures, strict=True))
         leaves = len(addresses) // len(ids)
-        accepted = former.submit_many(ids, addresses, priority, timeout_ns)
+        accepted = former.submit_many(ids, addresses, priority, timeout_ns, lengths)
         room_deadline = self._room_deadline()
         while accepted < len(ids) and self._wait_for_room(former, room_deadline):
             accepted += former.submit_many(
-                ids[accepted:], addresses[accepted * leaves :], priority, timeout_ns
+                ids[accepted:],
+                addresses[accepted * leaves :],
+                priority,
+                timeout_ns,
+                lengths[accepted:],
             )
         if accepted < len(ids):  # each refused request ends with its own error
             refused = [table.pop(i, None) for i in ids[accepted:]]
@@ -208,15 +215,17 @@ class Server:
         deadline = time.monotonic_ns() + timeout_ns if timeout_ns >= 0 else 0
         request = AsyncRequest(loop, loop.create_future(), request_id, priority, deadline)
         addresses: list[int] = []
-        request._sample = self._admit(sample, request_id, addresses)
+        lengths: list[int] = []
+        request._sample = self._admit(sample, request_id, addresses, lengths)
         self._table[request_id] = request
-        if former.submit(request_id, addresses, priority, timeout_ns):
+        length = lengths[0] if lengths else 0
+        if former.submit(request_id, addresses, priority, timeout_ns, length):
             return request.future
         if self._closing or self._block_timeout_ns < 0:
             self._table.pop(request_id, None)
             raise self._refusal()
         return asyncio.ensure_future(
-            self._submit_when_room(former, request, addresses, priority, timeout_ns)
+            self._submit_when_room(former, request, addresses, priority, timeout_ns, length)
         )
 
     async def _submit_when_room(
@@ -226,10 +235,11 @@ class Server:
         addresses: list[int],
         priority: int,
         timeout_ns: int,
+        length: int,
     ) -> Any:
         """Waits for room off the event loop (the loop keeps serving meanwhile)."""
         room_deadline = self._room_deadline()
-        while not former.submit(request._request_id, addresses, priority, timeout_ns):
+        while not former.submit(request._request_id, addresses, priority, timeout_ns, length):
             if not await request.loop.run_in_executor(
                 None, self._wait_for_room, former, room_deadline
             ):
@@ -239,16 +249,17 @@ class Server:
 
     def _check_all(
         self, samples: list[Any], ids: list[int], futures: list[RequestFuture]
-    ) -> list[int]:
+    ) -> tuple[list[int], list[int]]:
         """Checks every sample (the lone-tensor check inlined), keeps each in its future, and
-        returns their leaf addresses, request-major."""
+        returns their leaf addresses, request-major, and (padding) their lengths."""
         addresses: list[int] = []
+        lengths: list[int] = []
         append = addresses.append
         spec = self._lone_tensor
         if spec is None:
             for request_id, sample, future in zip(ids, samples, futures, strict=True):
-                future._sample = self._admit(sample, request_id, addresses)
-            return addresses
+                future._sample = self._admit(sample, request_id, addresses, lengths)
+            return addresses, lengths
         dtype, shape, tensor_type, strided = spec.dtype, spec.shape, torch.Tensor, torch.strided
         for request_id, sample, future in zip(ids, samples, futures, strict=True):
             if (
@@ -264,12 +275,14 @@ class Server:
                 future._sample = sample
             else:
                 future._sample = self._admit(sample, request_id, addresses)
-        return addresses
+        return addresses, lengths
 
-    def _admit(self, sample: Any, request_id: int, addresses: list[int]) -> Any:
+    def _admit(
+        self, sample: Any, request_id: int, addresses: list[int], lengths: list[int] | None = None
+    ) -> Any:
         assert self._schema is not None
         try:
-            return self._schema.admit(sample, request_id, addresses)
+            return self._schema.admit(sample, request_id, addresses, lengths)
         except InvalidSampleError as error:
             raise type(error)(error.index, error.path, error.problem, noun="request") from None
 
@@ -281,7 +294,7 @@ class Server:
             if self._former is not None:
                 return self._former
             try:
-                schema = Schema(first, 0)
+                schema = Schema(first, 0, pad_value=self._processor._pad_value)
             except InvalidSampleError as error:
                 raise type(error)(error.index, error.path, error.problem, noun="request") from None
             processor = self._processor
@@ -295,6 +308,7 @@ class Server:
                 processor._recorder,
                 max_delay_ms=self._max_delay_ms,
                 aging_ms=self._aging_ms,
+                pad_to_multiple_of=processor._pad_multiple,
             )
             self._schema = schema
             self._lone_tensor = schema.leaves[0] if schema.fast_path else None
@@ -313,11 +327,12 @@ class Server:
         addresses: list[int],
         priority: int,
         timeout_ns: int,
+        length: int,
     ) -> None:
         """The core refused a request: wait for room when allowed, else raise."""
         room_deadline = self._room_deadline()
         while self._wait_for_room(former, room_deadline):
-            if former.submit(request_id, addresses, priority, timeout_ns):
+            if former.submit(request_id, addresses, priority, timeout_ns, length):
                 return
         self._table.pop(request_id, None)  # the caller gets the error instead of a future
         raise self._refusal()

@@ -69,6 +69,8 @@ class Stats:
     cancellations: int = 0
     isolated_errors: int = 0
     queued: int = 0  # requests waiting right now
+    # collate="pad": real rows / rows after padding, over every padded batch (1.0: none).
+    padding_efficiency: float = 1.0
 
     @classmethod
     def from_core(
@@ -139,6 +141,11 @@ class Stats:
             cancellations=sum(int(p["cancellations"]) for p in priorities.values()),
             isolated_errors=isolated_errors,
             queued=queued,
+            padding_efficiency=(
+                int(snapshot["real_rows"]) / int(snapshot["padded_rows"])
+                if int(snapshot["padded_rows"])
+                else 1.0
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +190,8 @@ class Stats:
             ("staging buffers", _mib(self.staging_bytes)),
             ("telemetry", self.telemetry_source),
         ]
+        if self.padding_efficiency < 1.0:
+            rows.append(("padding efficiency (real / padded)", f"{self.padding_efficiency:.1%}"))
         if any(self.released_by.values()) or self.priorities:
             reasons = ", ".join(f"{k}:{v}" for k, v in self.released_by.items() if v)
             rows.append(("batches released by", reasons or "-"))

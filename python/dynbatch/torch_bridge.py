@@ -11,6 +11,7 @@ from torch.utils.dlpack import from_dlpack
 
 from . import _core
 from .errors import InvalidSampleError, UnsupportedLeafError
+from .padding import PaddedBatch, pad_element_bytes
 from .structure import TreeDef, flatten, structure_mismatch, unflatten
 
 __all__ = ["LeafSpec", "Schema", "split_outputs"]
@@ -75,11 +76,14 @@ class LeafSpec:
     path: str
     kind: str  # TENSOR (goes through the core) or NUMBER (stacked in Python)
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # a padded leaf: (-1, *the rest)
     core_index: int  # position among the core's leaves; -1 for numbers
+    pad: bytes | None = None  # a padded leaf: one element of the pad value
 
-    def core_descriptor(self) -> tuple[list[int], int, int, int]:
+    def core_descriptor(self) -> _core.LeafDescriptor:
         code, bits = _DLPACK_TYPES[self.dtype]
+        if self.pad is not None:
+            return (list(self.shape), code, bits, 1, self.pad)
         return (list(self.shape), code, bits, 1)
 
 
@@ -90,7 +94,9 @@ class Schema:
     contiguous host leaves and the numbers) plus the addresses the core copies from.
     """
 
-    def __init__(self, first_sample: Any, first_index: int = 0) -> None:
+    def __init__(
+        self, first_sample: Any, first_index: int = 0, *, pad_value: float | None = None
+    ) -> None:
         leaves: list[Any] = []
         self.treedef: TreeDef = flatten(first_sample, leaves)
         self.first_index = first_index
@@ -101,18 +107,38 @@ class Schema:
             spec = _spec_of(first_index, path, leaf, core_index)
             if spec.kind == TENSOR:
                 core_index += 1
+                if pad_value is not None and spec.shape:  # padding mode: dim 0 may vary
+                    spec = LeafSpec(
+                        path,
+                        TENSOR,
+                        spec.dtype,
+                        (-1, *spec.shape[1:]),
+                        spec.core_index,
+                        pad_element_bytes(pad_value, spec.dtype, path),
+                    )
             specs.append(spec)
         self.leaves: tuple[LeafSpec, ...] = tuple(specs)
+        self.padded = [i for i, spec in enumerate(specs) if spec.pad is not None]
+        if pad_value is not None and not self.padded:
+            raise InvalidSampleError(
+                first_index,
+                "",
+                "collate='pad' needs a tensor leaf with a first dimension to pad; this sample "
+                "has none",
+            )
         self.single_tensor = self.treedef.kind == "leaf" and specs[0].kind == TENSOR
         # A lone real tensor is by far the most common sample: it skips the generic walk
         # (complex ones may carry a lazy conjugate, which the generic walk resolves).
-        self.fast_path = self.single_tensor and not specs[0].dtype.is_complex
+        self.fast_path = self.single_tensor and not specs[0].dtype.is_complex and not self.padded
 
-    def core_descriptors(self) -> list[tuple[list[int], int, int, int]]:
+    def core_descriptors(self) -> list[_core.LeafDescriptor]:
         return [spec.core_descriptor() for spec in self.leaves if spec.kind == TENSOR]
 
-    def admit(self, sample: Any, index: int, addresses: list[int]) -> Any:
-        """Checks ``sample``, appends its core addresses, returns what must stay alive."""
+    def admit(
+        self, sample: Any, index: int, addresses: list[int], lengths: list[int] | None = None
+    ) -> Any:
+        """Checks ``sample``, appends its core addresses (and, padding, its length to
+        ``lengths``), returns what must stay alive."""
         if self.fast_path and type(sample) is torch.Tensor:
             spec = self.leaves[0]
             if (
@@ -131,15 +157,20 @@ class Schema:
             raise structure_mismatch(index, self.treedef, treedef, self.first_index)
         kept: list[Any] = []
         own_addresses: list[int] = []  # joins `addresses` only once the whole sample passed
+        length: int | None = None
         for spec, leaf in zip(self.leaves, leaves, strict=True):
             if spec.kind == NUMBER:
                 kept.append(_check_number(spec, leaf, index, self.first_index))
                 continue
             host = _host_leaf(index, spec.path, leaf)
             _check_tensor(spec, host, index, self.first_index)
+            if spec.pad is not None:
+                length = _check_length(spec, host, index, length)
             own_addresses.append(_address_of(host))
             kept.append(host)
         addresses.extend(own_addresses)
+        if lengths is not None and length is not None:
+            lengths.append(length)
         return kept[0] if self.single_tensor else kept
 
     def batch_leaves(
@@ -156,10 +187,16 @@ class Schema:
                 continue
             leaf = from_dlpack(batch.leaf(spec.core_index))
             leaves.append(leaf if index is None else leaf.index_select(0, index))
+        if self.padded:  # the lengths travel as one more leaf, so slicing keeps them in step
+            lengths = torch.tensor(batch.lengths, dtype=torch.int64)
+            leaves.append(lengths if index is None else lengths.index_select(0, index))
         return leaves
 
     def structure(self, leaves: list[Any]) -> Any:
-        """Batch leaves put back into the samples' structure."""
+        """Batch leaves put back into the samples' structure (padding: a PaddedBatch)."""
+        if self.padded:
+            data = leaves[0] if self.single_tensor else unflatten(self.treedef, leaves[:-1])
+            return PaddedBatch(data, leaves[-1], int(leaves[self.padded[0]].shape[1]))
         if self.single_tensor:
             return leaves[0]
         return unflatten(self.treedef, leaves)
@@ -255,6 +292,21 @@ def _address_of(host: Any) -> int:
     return int(host.__array_interface__["data"][0])
 
 
+def _check_length(spec: LeafSpec, host: Any, index: int, length: int | None) -> int:
+    """A padded leaf's length; every padded leaf of one sample must have the same."""
+    own = int(host.shape[0])
+    if length is not None and own != length:
+        raise InvalidSampleError(
+            index,
+            spec.path,
+            f"length {own} differs from {length}, the length of this sample's other padded "
+            "leaves; the padded leaves of one sample must share their first dimension",
+        )
+    if own >= 2**32:
+        raise InvalidSampleError(index, spec.path, f"length {own} is too long to pad")
+    return own
+
+
 def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> None:
     dtype = _dtype_of(host)
     if dtype != spec.dtype:
@@ -265,12 +317,18 @@ def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> No
             "samples of one stream must share leaf dtypes",
         )
     shape = tuple(host.shape)
+    if spec.pad is not None and len(shape) == len(spec.shape) and shape[1:] == spec.shape[1:]:
+        return  # padding: only the first dimension may differ
     if shape != spec.shape:
         raise InvalidSampleError(
             index,
             spec.path,
             f"shape {shape} differs from {spec.shape} of sample {first_index}; "
-            "samples of one stream must share leaf shapes",
+            + (
+                "padding: only the first dimension may differ"
+                if spec.pad is not None
+                else "samples of one stream must share leaf shapes"
+            ),
         )
 
 

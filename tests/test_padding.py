@@ -1,0 +1,148 @@
+"""collate="pad": variable-length samples padded to the longest in the batch, PaddedBatch
+(data, lengths, mask), pad_to_multiple_of, nested samples, bad input, serving, OOM slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+import dynbatch as ds
+
+
+def sequences(lengths: list[int], width: int = 0) -> list[torch.Tensor]:
+    shape = (lambda n: (n,)) if width == 0 else (lambda n: (n, width))
+    return [
+        torch.arange(n * max(width, 1), dtype=torch.float32).reshape(shape(n)) + 1000 * i
+        for i, n in enumerate(lengths)
+    ]
+
+
+def test_batches_equal_pad_sequence_with_lengths_and_mask() -> None:
+    lengths = [3, 7, 1, 0, 5, 2, 9, 4]
+    samples = sequences(lengths, width=3)
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=4, min_batch_size=4, collate="pad", pad_value=-2.5
+    )
+    start = 0
+    for batch in processor(samples):
+        assert isinstance(batch, ds.PaddedBatch)
+        part = samples[start : start + len(batch)]
+        expected = pad_sequence(part, batch_first=True, padding_value=-2.5)
+        assert torch.equal(batch.data, expected)
+        assert batch.lengths.dtype == torch.int64
+        assert batch.lengths.tolist() == lengths[start : start + len(batch)]
+        assert batch.mask.dtype == torch.bool and batch.mask.shape == expected.shape[:2]
+        assert torch.equal(batch.mask.sum(1), batch.lengths)
+        start += len(batch)
+    assert start == len(samples)
+    efficiency = processor.stats().padding_efficiency
+    assert efficiency == pytest.approx(sum(lengths) / (4 * 7 + 4 * 9))
+
+
+def test_pad_to_multiple_of_rounds_every_batch() -> None:
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=2, min_batch_size=2, collate="pad", pad_to_multiple_of=8
+    )
+    batches = list(processor(sequences([3, 3, 8, 9, 16, 1])))
+    assert [b.padded_length for b in batches] == [8, 16, 16]  # even when lengths are equal
+    assert all(b.data.shape[1] % 8 == 0 for b in batches)
+
+
+def test_nested_samples_pad_their_sequence_leaves_and_stack_the_rest() -> None:
+    samples = [
+        {
+            "tokens": torch.full((n,), n, dtype=torch.int64),
+            "labels": torch.ones(n, 2),
+            "score": float(n),
+            "fixed": torch.zeros(()),
+        }
+        for n in (2, 4, 3)
+    ]
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=3, min_batch_size=3, collate="pad", pad_value=0
+    )
+    (batch,) = list(processor(samples))
+    assert batch.data["tokens"].tolist() == [[2, 2, 0, 0], [4, 4, 4, 4], [3, 3, 3, 0]]
+    assert batch.data["labels"].shape == (3, 4, 2)
+    assert batch.data["score"].tolist() == [2.0, 4.0, 3.0]
+    assert batch.data["fixed"].shape == (3,)
+    assert batch.lengths.tolist() == [2, 4, 3]
+
+
+def test_map_returns_one_result_per_sample_in_order() -> None:
+    samples = sequences([5, 2, 8, 1, 3])
+
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        return (batch.data * batch.mask).sum(1)
+
+    processor = ds.DynamicBatchProcessor(max_batch_size=2, collate="pad")
+    results = processor.map(model, samples)
+    assert [r.item() for r in results] == [s.sum().item() for s in samples]
+
+
+def test_out_of_memory_halves_keep_lengths_with_their_samples() -> None:
+    class Oom(Exception):
+        pass
+
+    seen: list[list[int]] = []
+
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        if len(batch) > 2:
+            raise Oom
+        seen.append(batch.lengths.tolist())
+        assert torch.equal(batch.mask.sum(1), batch.lengths)
+        return batch.lengths
+
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=4, min_batch_size=4, collate="pad", oom_errors=(Oom,)
+    )
+    results = processor.map(model, sequences([1, 2, 3, 4, 5, 6, 7, 8]))
+    assert [r.item() for r in results] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(n for call in seen for n in call) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_serving_pads_per_batch() -> None:
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        return batch.lengths * 10 + batch.data.shape[1] * 0
+
+    with ds.DynamicBatchProcessor(model=model, max_batch_size=8, collate="pad") as bp:
+        futures = bp.submit_many(sequences([3, 1, 4, 1, 5, 9, 2, 6]))
+        futures.append(bp.submit(sequences([7])[0]))
+        assert [f.result(10).item() for f in futures] == [30, 10, 40, 10, 50, 90, 20, 60, 70]
+
+
+def test_bad_padded_input_is_named() -> None:
+    processor = ds.DynamicBatchProcessor(collate="pad")
+    with pytest.raises(ds.InvalidSampleError, match=r"sample 1: shape \(2, 4\) .* only the first"):
+        list(processor([torch.zeros(3, 3), torch.zeros(2, 4)]))
+    mismatched = [
+        {"a": torch.zeros(2), "b": torch.zeros(2)},
+        {"a": torch.zeros(3), "b": torch.zeros(4)},
+    ]
+    with pytest.raises(ds.InvalidSampleError, match=r"sample 1, leaf \['b'\]: length 4 differs"):
+        list(processor(mismatched))
+    with pytest.raises(ds.InvalidSampleError, match="needs a tensor leaf with a first dimension"):
+        list(processor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"changes in torch\.int64"):
+        list(
+            ds.DynamicBatchProcessor(collate="pad", pad_value=0.5)(
+                [torch.zeros(2, dtype=torch.int64)]
+            )
+        )
+    with pytest.raises(ValueError, match="collate must be 'stack' or 'pad'"):
+        ds.DynamicBatchProcessor(collate="ragged")
+    with pytest.raises(ValueError, match="pad_to_multiple_of needs collate='pad'"):
+        ds.DynamicBatchProcessor(pad_to_multiple_of=8)
+
+
+def test_padded_batch_repr_and_len() -> None:
+    batch = next(
+        iter(
+            ds.DynamicBatchProcessor(max_batch_size=2, min_batch_size=2, collate="pad")(
+                sequences([2, 3])
+            )
+        )
+    )
+    assert len(batch) == 2 and batch.padded_length == 3
+    assert "lengths=[2, 3]" in repr(batch)
