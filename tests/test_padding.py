@@ -146,3 +146,36 @@ def test_padded_batch_repr_and_len() -> None:
     )
     assert len(batch) == 2 and batch.padded_length == 3
     assert "lengths=[2, 3]" in repr(batch)
+
+
+def test_bucketing_groups_similar_lengths_and_map_keeps_input_order() -> None:
+    lengths = [5, 100, 6, 98, 4, 101, 7, 99] * 4
+    samples = sequences(lengths)
+    plain = ds.DynamicBatchProcessor(max_batch_size=4, min_batch_size=4, collate="pad")
+    bucketed = ds.DynamicBatchProcessor(
+        max_batch_size=4, min_batch_size=4, collate="pad", bucket_window=16
+    )
+    seen: list[int] = []
+    for batch in bucketed(samples):
+        seen.extend(batch.indices.tolist())
+        for row, index in enumerate(batch.indices.tolist()):  # every row is its own sample
+            assert torch.equal(batch.data[row, : lengths[index]], samples[index])
+    assert sorted(seen) == list(range(len(samples)))
+    list(plain(samples))
+    assert bucketed.stats().padding_efficiency > 0.9 > plain.stats().padding_efficiency
+    results = bucketed.map(lambda batch: batch.lengths, samples)
+    assert [r.item() for r in results] == lengths
+
+
+def test_max_tokens_caps_the_padded_size_of_every_batch() -> None:
+    lengths = [30, 10, 10, 10, 60, 5, 5, 20]
+    processor = ds.DynamicBatchProcessor(
+        max_batch_size=8, min_batch_size=8, collate="pad", max_tokens=64
+    )
+    batches = list(processor(sequences(lengths)))
+    assert all(len(b) * b.padded_length <= 64 for b in batches)
+    assert [n for b in batches for n in b.lengths.tolist()] == lengths
+    with pytest.raises(ds.InvalidSampleError, match="exceeds max_tokens 64"):
+        list(processor(sequences([3, 65])))
+    with pytest.raises(ValueError, match="max_tokens needs collate='pad'"):
+        ds.DynamicBatchProcessor(max_tokens=64)

@@ -133,7 +133,8 @@ void bind_former(py::module_ &m) {
                        std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
                        std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
                        std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
-                       double aging_ms, std::size_t pad_to_multiple_of) {
+                       double aging_ms, std::size_t pad_to_multiple_of, std::size_t max_tokens,
+                       std::size_t bucket_window) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
              }
@@ -146,6 +147,8 @@ void bind_former(py::module_ &m) {
              options.max_delay_ns = nanoseconds_of_ms(max_delay_ms, "max_delay_ms");
              options.aging_ns = std::max<Nanoseconds>(nanoseconds_of_ms(aging_ms, "aging_ms"), 1);
              options.pad_to_multiple_of = pad_to_multiple_of;
+             options.max_tokens = max_tokens;
+             options.bucket_window = bucket_window;
              return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
                                                   std::move(policy), telemetry.sampler,
                                                   std::move(stats));
@@ -153,7 +156,8 @@ void bind_former(py::module_ &m) {
            py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
            py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
            py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0,
-           py::arg("pad_to_multiple_of") = 1)
+           py::arg("pad_to_multiple_of") = 1, py::arg("max_tokens") = 0,
+           py::arg("bucket_window") = 0)
       .def(
           "push",
           [](BatchFormer &former, std::uint64_t first_id, std::size_t count,

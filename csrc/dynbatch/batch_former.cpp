@@ -31,8 +31,8 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
       pool_(std::move(pool)), policy_(std::move(policy)), telemetry_(std::move(telemetry)),
       stats_(std::move(stats)), started_ns_(now_ns()),
       rows_(table_size(options.capacity) * std::max<std::size_t>(layout_->leaf_count(), 1)),
-      row_lengths_(table_size(options.capacity), 0),
-      free_rows_(table_size(options.capacity)), requests_(table_size(options.capacity)),
+      row_lengths_(table_size(options.capacity), 0), free_rows_(table_size(options.capacity)),
+      requests_(table_size(options.capacity)),
       pending_(table_size(options.capacity), options.aging_ns) {
   if (options.prefetch_depth < 1) {
     throw std::invalid_argument("BatchFormer: prefetch_depth must be at least 1");
@@ -90,8 +90,8 @@ std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
             ? no_deadline
             : saturating_add(now, std::max<Nanoseconds>(request.timeout_ns, 0));
     // Every request holds a row and the queue has as many slots as rows: this cannot be full.
-    if (requests_.try_push(RequestDescriptor{ids[i], row, request.priority, now, deadline}) !=
-        PushResult::ok) {
+    if (requests_.try_push(RequestDescriptor{ids[i], row, request.priority, now, deadline,
+                                             request.length}) != PushResult::ok) {
       free_rows_.try_push(row);
       waiting_.fetch_sub(1, std::memory_order_relaxed);
       return i;
@@ -264,7 +264,9 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
     }
   }
   taken_.clear();
-  pending_.take(std::min(target, pending_.size()), now, taken_);
+  pending_.take(TakeLimits{std::min(target, pending_.size()), options_.max_tokens,
+                           options_.pad_to_multiple_of, options_.bucket_window},
+                now, taken_);
   form(taken_, target, reason);
   return FormResult::formed;
 }

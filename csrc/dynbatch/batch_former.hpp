@@ -75,8 +75,11 @@ struct FormerOptions {
   // A waiting request gains one priority level per aging_ns waited.
   Nanoseconds aging_ns = 100'000'000;
   // Padded leaves: a batch's padded length is a multiple of this (even when all samples have
-  // one length).
+  // one length); a batch's padded size (count x padded length) stays within max_tokens (0:
+  // no budget); bucket_window > 1 groups waiting requests of similar lengths.
   std::size_t pad_to_multiple_of = 1;
+  std::size_t max_tokens = 0;
+  std::size_t bucket_window = 0;
 };
 
 // Per request in push(); the defaults make a plain FIFO request.

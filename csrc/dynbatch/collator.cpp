@@ -35,9 +35,8 @@ BatchLayout::BatchLayout(std::vector<LeafLayout> leaves) : leaves_(std::move(lea
       throw std::invalid_argument("leaf " + std::to_string(index) +
                                   ": dtype must be a whole number of bytes");
     }
-    if (leaf.padded &&
-        (leaf.sample_shape.empty() || leaf.sample_shape[0] != -1 ||
-         leaf.pad_element.size() != element_bits / 8)) {
+    if (leaf.padded && (leaf.sample_shape.empty() || leaf.sample_shape[0] != -1 ||
+                        leaf.pad_element.size() != element_bits / 8)) {
       throw std::invalid_argument("leaf " + std::to_string(index) +
                                   ": a padded leaf has shape (-1, ...) and a one-element pad");
     }
@@ -87,13 +86,12 @@ std::size_t BatchLayout::batch_bytes(std::size_t batch_size, std::size_t padded_
     return 0;
   }
   const std::size_t last = leaves_.size() - 1;
-  return leaf_offset(last, batch_size, padded_length) +
-         leaf_bytes(last, batch_size, padded_length);
+  return leaf_offset(last, batch_size, padded_length) + leaf_bytes(last, batch_size, padded_length);
 }
 
 void collate(const BatchLayout &layout, std::span<const void *const> sources,
-             std::size_t batch_size, std::byte *destination,
-             std::span<const std::uint32_t> lengths, std::size_t padded_length) {
+             std::size_t batch_size, std::byte *destination, std::span<const std::uint32_t> lengths,
+             std::size_t padded_length) {
   const std::size_t leaves = layout.leaf_count();
   if (sources.size() != batch_size * leaves) {
     throw std::invalid_argument("collate: expected " + std::to_string(batch_size * leaves) +

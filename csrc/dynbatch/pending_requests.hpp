@@ -9,6 +9,11 @@
 //   base priority, then the older), so a low priority is never starved: its oldest request
 //   gains one level per `aging_ns` waited until it outranks a saturating stream.
 // - expire(now) removes every request whose deadline has passed; take() never returns one.
+// - Variable-length requests (padding): a token budget caps a batch by its padded size
+//   (count x longest, the longest rounded up to a multiple), stopping at the first request
+//   that would exceed it; a bucket window groups similar lengths: the best request always
+//   goes first (nothing is starved), then of the next `window` requests in order, those
+//   closest to its length; the others stay where they were.
 // - Memory: one deque per distinct priority present, a deadline heap, and two words per row of
 //   the former's request table (rows identify requests in flight; `row_capacity` of them).
 
@@ -18,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <queue>
+#include <span>
 #include <vector>
 
 #include "dynbatch/platform.hpp"
@@ -30,6 +36,14 @@ struct RequestDescriptor {
   std::int32_t priority;
   Nanoseconds enqueue_ns;
   Nanoseconds deadline_ns; // no_deadline: none
+  std::uint32_t length;    // rows of its padded leaves (0 without)
+};
+
+struct TakeLimits {
+  std::size_t count = 0;
+  std::size_t max_tokens = 0;    // 0: no budget
+  std::size_t multiple = 1;      // the padded length is a multiple of this
+  std::size_t bucket_window = 0; // 0 or 1: in order
 };
 
 class PendingRequests {
@@ -40,8 +54,9 @@ public:
   std::size_t size() const noexcept { return live_; }
   bool empty() const noexcept { return live_ == 0; }
 
-  // Appends up to `count` requests to `out`, best effective priority at `now` first.
-  void take(std::size_t count, Nanoseconds now, std::vector<RequestDescriptor> &out);
+  // Appends up to `limits.count` requests to `out`, best effective priority at `now` first,
+  // within the token budget and grouped by length (see the contract). Takes at least one.
+  void take(const TakeLimits &limits, Nanoseconds now, std::vector<RequestDescriptor> &out);
   // Appends every request whose deadline is at or before `now` to `out` and forgets it.
   void expire(Nanoseconds now, std::vector<RequestDescriptor> &out);
 
@@ -61,6 +76,10 @@ private:
     return live_id_[row] == id + 1;
   }
   void forget(std::uint32_t row) noexcept;
+  // Removes and returns the best waiting request (the caller forgets it or puts it back).
+  RequestDescriptor pop_best(Nanoseconds now);
+  // Puts requests popped by pop_best back where they were; `popped` in pop order.
+  void put_back(std::span<const RequestDescriptor> popped);
   // Drops requests that expired while queued behind others from the front of each level.
   void drop_dead_heads();
 
@@ -71,6 +90,7 @@ private:
   // their level and the heap until they surface; this says they are gone.
   std::vector<std::uint64_t> live_id_;
   std::size_t live_ = 0;
+  std::vector<RequestDescriptor> window_; // scratch for bucketing
 };
 
 } // namespace dynbatch

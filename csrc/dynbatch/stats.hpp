@@ -56,8 +56,8 @@ struct StatsSnapshot {
   std::uint64_t samples = 0;
   Nanoseconds collate_ns = 0;
   Nanoseconds compute_ns = 0;
-  Nanoseconds active_ns = 0; // wall time during which some iteration was running
-  std::uint64_t real_rows = 0;   // padded leaves: real / padded is the padding efficiency
+  Nanoseconds active_ns = 0;   // wall time during which some iteration was running
+  std::uint64_t real_rows = 0; // padded leaves: real / padded is the padding efficiency
   std::uint64_t padded_rows = 0;
   std::map<std::size_t, std::uint64_t> histogram;
   std::array<std::uint64_t, release_reason_count> released_by{}; // indexed by ReleaseReason

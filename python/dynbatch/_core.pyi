@@ -158,6 +158,8 @@ class BatchFormer:
         max_delay_ms: float | None = None,
         aging_ms: float = 100.0,
         pad_to_multiple_of: int = 1,
+        max_tokens: int = 0,
+        bucket_window: int = 0,
     ) -> None:
         """max_delay_ms None: a short queue waits for the target; 0: dispatched at once."""
     def push(

@@ -6,7 +6,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["PaddedBatch", "pad_element_bytes"]
+__all__ = ["PaddedBatch", "pad_element_bytes", "padded_length"]
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
 
 
 class PaddedBatch:
@@ -15,14 +19,19 @@ class PaddedBatch:
     ``data`` has the samples' structure, each padded leaf stacked as ``[n, L, ...]`` (``L`` the
     longest length in the batch, rounded up to ``pad_to_multiple_of``; positions past a
     sample's length hold ``pad_value``); ``lengths`` (int64, ``[n]``) holds each sample's true
-    length; ``mask`` (bool, ``[n, L]``) is True on real positions. ``len(batch)`` is ``n``.
+    length; ``mask`` (bool, ``[n, L]``) is True on real positions; ``indices`` (int64, ``[n]``)
+    says which samples these are (their positions in the input, or the request ids), since
+    ``bucket_window`` groups samples out of input order. ``len(batch)`` is ``n``.
     """
 
-    __slots__ = ("data", "lengths", "mask")
+    __slots__ = ("data", "indices", "lengths", "mask")
 
-    def __init__(self, data: Any, lengths: torch.Tensor, padded_length: int) -> None:
+    def __init__(
+        self, data: Any, lengths: torch.Tensor, indices: torch.Tensor, padded_length: int
+    ) -> None:
         self.data = data
         self.lengths = lengths
+        self.indices = indices
         self.mask = torch.arange(padded_length) < lengths.unsqueeze(1)
 
     def __len__(self) -> int:

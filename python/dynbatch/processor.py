@@ -138,9 +138,13 @@ class DynamicBatchProcessor:
         collate: ``"stack"`` (default; every sample's leaves share their shapes) or ``"pad"``:
             tensor leaves may differ in their first dimension and are padded to the longest
             in the batch with ``pad_value``; batches are then ``PaddedBatch`` objects
-            (``.data``, ``.lengths``, ``.mask``). All padded leaves of one sample share their
-            length. With ``pad_to_multiple_of``, every batch's padded length is a multiple of
-            it.
+            (``.data``, ``.lengths``, ``.mask``, ``.indices``). All padded leaves of one sample
+            share their length. With ``pad_to_multiple_of``, every batch's padded length is a
+            multiple of it. ``bucket_window=N`` groups samples of similar length from the next
+            N waiting (batches then come out of input order: ``.indices`` says which samples
+            they hold; ``map`` returns results in input order). ``max_tokens=T`` caps a batch
+            by its padded size (samples x padded length); a sample longer than that alone is
+            an ``InvalidSampleError``.
 
     Serving (``submit``, ``submit_many``, ``infer``; needs ``model``):
         model: the callable run on each batch; its output (a tensor, or dicts/tuples/lists of
@@ -174,6 +178,8 @@ class DynamicBatchProcessor:
         collate: str = "stack",
         pad_value: float = 0,
         pad_to_multiple_of: int | None = None,
+        bucket_window: int | None = None,
+        max_tokens: int | None = None,
         model: Callable[[Any], Any] | None = None,
         max_delay_ms: float = 5.0,
         max_queue_size: int = 65536,
@@ -216,6 +222,13 @@ class DynamicBatchProcessor:
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning nanoseconds")
         self._pad_value, self._pad_multiple = _check_padding(collate, pad_value, pad_to_multiple_of)
+        for name, value in (("bucket_window", bucket_window), ("max_tokens", max_tokens)):
+            if value is not None:
+                if collate != "pad":
+                    raise ValueError(f"{name} needs collate='pad'")
+                _check_size(name, value)
+        self._bucket_window = bucket_window or 0
+        self._max_tokens = max_tokens or 0
         _check_serving_arguments(
             model,
             max_delay_ms,
@@ -298,6 +311,7 @@ class DynamicBatchProcessor:
         if not callable(fn):
             raise TypeError(f"map needs a callable model, got {type(fn).__name__}")
         results: list[Any] = []
+        order: list[int] = []  # the samples' input positions, batch after batch
         iterator = self(data)
         with contextlib.closing(iterator):
             for batch in iterator:
@@ -310,6 +324,12 @@ class DynamicBatchProcessor:
                     continue
                 iterator.note_compute(self._clock() - started)
                 results.extend(split_outputs(output, size))
+                order.extend(iterator.batch_ids)
+        if self._bucket_window:  # batches came out of input order
+            in_order: list[Any] = [None] * len(results)
+            for position, result in zip(order, results, strict=True):
+                in_order[position] = result
+            return in_order
         return results
 
     def submit(
@@ -463,10 +483,14 @@ class BatchIterator(Iterator[Any]):
     def __init__(self, processor: DynamicBatchProcessor, source: Iterator[Any]) -> None:
         self._processor = processor
         self._source = source
-        self._read_ahead = (processor.prefetch + 1) * processor.max_batch_size
+        # Bucketing chooses among the next bucket_window samples: read at least that far.
+        self._read_ahead = max(
+            (processor.prefetch + 1) * processor.max_batch_size, processor._bucket_window
+        )
         self._schema: Schema | None = None
         self._former: _core.BatchFormer | None = None
-        self._kept: deque[Any] = deque()  # per sample, in order, until its batch is formed
+        # Per sample, by index, until its batch is formed (bucketing forms out of order).
+        self._kept: dict[int, Any] = {}
         self._read = 0
         self._delivered = 0
         self._input_done = False
@@ -515,6 +539,11 @@ class BatchIterator(Iterator[Any]):
         """Samples in the batch last yielded (0 before the first)."""
         return self._current.size if self._current is not None else 0
 
+    @property
+    def batch_ids(self) -> list[int]:
+        """Input positions of the samples in the batch last yielded."""
+        return self._current.ids if self._current is not None else []
+
     def note_compute(self, compute_ns: int) -> None:
         """The caller's own measure of its time on the batch last yielded (used by ``map``)."""
         self._compute_ns = compute_ns
@@ -533,7 +562,7 @@ class BatchIterator(Iterator[Any]):
         )
         if part.size == 1:
             error = DynbatchError(
-                f"sample {part.first_id} alone does not fit in memory; it cannot be split further"
+                f"sample {part.ids[0]} alone does not fit in memory; it cannot be split further"
             )
             self.close()
             raise error
@@ -634,7 +663,13 @@ class BatchIterator(Iterator[Any]):
             self.close()
             return False
         processor = self._processor
-        self._schema = Schema(first, 0, pad_value=processor._pad_value)
+        self._schema = Schema(
+            first,
+            0,
+            pad_value=processor._pad_value,
+            pad_multiple=processor._pad_multiple,
+            max_tokens=processor._max_tokens,
+        )
         self._former = _core.BatchFormer(
             self._schema.core_descriptors(),
             self._read_ahead,
@@ -644,10 +679,12 @@ class BatchIterator(Iterator[Any]):
             processor._telemetry,
             processor._recorder,
             pad_to_multiple_of=processor._pad_multiple,
+            max_tokens=processor._max_tokens,
+            bucket_window=processor._bucket_window,
         )
         addresses: list[int] = []
         lengths: list[int] = []
-        self._kept.append(self._schema.admit(first, 0, addresses, lengths))
+        self._kept[0] = self._schema.admit(first, 0, addresses, lengths)
         self._read = 1
         self._push(0, addresses, lengths)
         return True
@@ -660,7 +697,7 @@ class BatchIterator(Iterator[Any]):
             return
         schema = self._schema
         source = self._source
-        keep = self._kept.append
+        kept = self._kept
         admit = schema.admit
         # The lone-tensor check inlined: this loop runs once per sample.
         lone_tensor = schema.fast_path
@@ -684,9 +721,9 @@ class BatchIterator(Iterator[Any]):
                     and not sample.is_neg()
                 ):
                     addresses.append(sample.data_ptr())
-                    keep(sample)
+                    kept[index] = sample
                 else:
-                    keep(admit(sample, index, addresses, lengths))
+                    kept[index] = admit(sample, index, addresses, lengths)
                 index += 1
                 if index - first_id == _PUSH_CHUNK:
                     self._read = index
@@ -720,29 +757,31 @@ class BatchIterator(Iterator[Any]):
         assert self._schema is not None
         size = batch.size
         ids = batch.ids
-        if ids[0] != self._delivered or ids[-1] != self._delivered + size - 1:
+        in_order = ids[0] == self._delivered and ids[-1] == self._delivered + size - 1
+        if not in_order and not self._processor._bucket_window:
             raise RuntimeError(
                 f"dynbatch core delivered samples {ids[0]}..{ids[-1]}, "
                 f"expected {self._delivered}..{self._delivered + size - 1}"
             )
-        kept = [self._kept.popleft() for _ in range(size)]
+        pop = self._kept.pop
+        kept = [pop(i) for i in ids]
         self._delivered += size
         leaves = self._schema.batch_leaves(batch, kept)
-        return _Part(leaves, size, ids[0], batch.sequence, batch.collate_ns)
+        return _Part(leaves, ids, batch.sequence, batch.collate_ns)
 
 
 class _Part:
-    """A batch as flat leaves, or a slice of one; ``sequence`` is the core's batch number
-    for a whole batch, None for a slice."""
+    """A batch as flat leaves, or a slice of one; ``ids`` are its samples' input positions;
+    ``sequence`` is the core's batch number for a whole batch, None for a slice."""
 
-    __slots__ = ("collate_ns", "first_id", "leaves", "sequence", "size")
+    __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
 
     def __init__(
-        self, leaves: list[Any], size: int, first_id: int, sequence: int | None, collate_ns: int
+        self, leaves: list[Any], ids: list[int], sequence: int | None, collate_ns: int
     ) -> None:
         self.leaves = leaves
-        self.size = size
-        self.first_id = first_id
+        self.ids = ids
+        self.size = len(ids)
         self.sequence = sequence
         self.collate_ns = collate_ns
 
@@ -751,8 +790,7 @@ class _Part:
         return [
             _Part(
                 [leaf[start : start + chunk] for leaf in self.leaves],
-                min(chunk, self.size - start),
-                self.first_id + start,
+                self.ids[start : start + chunk],
                 None,
                 0,
             )

@@ -293,11 +293,17 @@ class Server:
                 raise ProcessorClosed("this DynamicBatchProcessor is closed")
             if self._former is not None:
                 return self._former
+            processor = self._processor
             try:
-                schema = Schema(first, 0, pad_value=self._processor._pad_value)
+                schema = Schema(
+                    first,
+                    0,
+                    pad_value=processor._pad_value,
+                    pad_multiple=processor._pad_multiple,
+                    max_tokens=processor._max_tokens,
+                )
             except InvalidSampleError as error:
                 raise type(error)(error.index, error.path, error.problem, noun="request") from None
-            processor = self._processor
             former = _core.BatchFormer(
                 schema.core_descriptors(),
                 self._max_queue_size,
@@ -309,6 +315,8 @@ class Server:
                 max_delay_ms=self._max_delay_ms,
                 aging_ms=self._aging_ms,
                 pad_to_multiple_of=processor._pad_multiple,
+                max_tokens=processor._max_tokens,
+                bucket_window=processor._bucket_window,
             )
             self._schema = schema
             self._lone_tensor = schema.leaves[0] if schema.fast_path else None

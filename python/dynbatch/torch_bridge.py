@@ -11,7 +11,7 @@ from torch.utils.dlpack import from_dlpack
 
 from . import _core
 from .errors import InvalidSampleError, UnsupportedLeafError
-from .padding import PaddedBatch, pad_element_bytes
+from .padding import PaddedBatch, pad_element_bytes, padded_length
 from .structure import TreeDef, flatten, structure_mismatch, unflatten
 
 __all__ = ["LeafSpec", "Schema", "split_outputs"]
@@ -95,8 +95,16 @@ class Schema:
     """
 
     def __init__(
-        self, first_sample: Any, first_index: int = 0, *, pad_value: float | None = None
+        self,
+        first_sample: Any,
+        first_index: int = 0,
+        *,
+        pad_value: float | None = None,
+        pad_multiple: int = 1,
+        max_tokens: int = 0,
     ) -> None:
+        self.pad_multiple = pad_multiple
+        self.max_tokens = max_tokens  # padding: a sample whose padded length exceeds it fails
         leaves: list[Any] = []
         self.treedef: TreeDef = flatten(first_sample, leaves)
         self.first_index = first_index
@@ -168,6 +176,15 @@ class Schema:
                 length = _check_length(spec, host, index, length)
             own_addresses.append(_address_of(host))
             kept.append(host)
+        if length is not None and self.max_tokens:
+            padded = padded_length(length, self.pad_multiple)
+            if padded > self.max_tokens:
+                raise InvalidSampleError(
+                    index,
+                    self.leaves[self.padded[0]].path,
+                    f"length {length} (padded to {padded}) exceeds max_tokens "
+                    f"{self.max_tokens}: not even a batch of this sample alone fits",
+                )
         addresses.extend(own_addresses)
         if lengths is not None and length is not None:
             lengths.append(length)
@@ -187,16 +204,17 @@ class Schema:
                 continue
             leaf = from_dlpack(batch.leaf(spec.core_index))
             leaves.append(leaf if index is None else leaf.index_select(0, index))
-        if self.padded:  # the lengths travel as one more leaf, so slicing keeps them in step
-            lengths = torch.tensor(batch.lengths, dtype=torch.int64)
-            leaves.append(lengths if index is None else lengths.index_select(0, index))
+        if self.padded:  # lengths and ids travel as two more leaves: slicing keeps them in step
+            for extra in (batch.lengths, batch.ids):
+                values = torch.tensor(extra, dtype=torch.int64)
+                leaves.append(values if index is None else values.index_select(0, index))
         return leaves
 
     def structure(self, leaves: list[Any]) -> Any:
         """Batch leaves put back into the samples' structure (padding: a PaddedBatch)."""
         if self.padded:
-            data = leaves[0] if self.single_tensor else unflatten(self.treedef, leaves[:-1])
-            return PaddedBatch(data, leaves[-1], int(leaves[self.padded[0]].shape[1]))
+            data = leaves[0] if self.single_tensor else unflatten(self.treedef, leaves[:-2])
+            return PaddedBatch(data, leaves[-2], leaves[-1], int(leaves[self.padded[0]].shape[1]))
         if self.single_tensor:
             return leaves[0]
         return unflatten(self.treedef, leaves)
