@@ -221,8 +221,8 @@ void bind_former(py::module_ &m) {
             }
             return former.push(ids, sources, options);
           },
-          py::arg("ids"), py::arg("addresses"), py::arg("priority") = 0,
-          py::arg("timeout_ns") = -1, py::arg("lengths") = std::vector<std::uint32_t>{})
+          py::arg("ids"), py::arg("addresses"), py::arg("priority") = 0, py::arg("timeout_ns") = -1,
+          py::arg("lengths") = std::vector<std::uint32_t>{})
       .def(
           "wait_for_room",
           [](BatchFormer &former, std::optional<double> timeout_s) {

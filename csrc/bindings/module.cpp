@@ -208,8 +208,8 @@ PYBIND11_MODULE(_core, m) {
              out["collate_ns"] = snapshot.collate_ns;
              out["compute_ns"] = snapshot.compute_ns;
              out["active_ns"] = snapshot.active_ns;
-        out["real_rows"] = snapshot.real_rows;
-        out["padded_rows"] = snapshot.padded_rows;
+             out["real_rows"] = snapshot.real_rows;
+             out["padded_rows"] = snapshot.padded_rows;
              out["histogram"] = snapshot.histogram;
              py::list recent;
              for (const BatchRecord &record : snapshot.recent) {

@@ -21,6 +21,7 @@ constexpr Nanoseconds signal_check_period_ns = 100'000'000;
 } // namespace
 
 void bind_scheduler(py::module_ &m) {
+  m.def("now_ns", &now_ns, "The core's clock (steady, nanoseconds).");
   py::class_<DeviceScheduler, std::shared_ptr<DeviceScheduler>>(m, "DeviceScheduler")
       .def(py::init([](std::size_t concurrency, double aging_ms, double margin_fraction,
                        const PyTelemetry &telemetry) {
@@ -49,15 +50,18 @@ void bind_scheduler(py::module_ &m) {
       .def(
           "acquire",
           [](DeviceScheduler &scheduler, std::uint64_t task, std::int32_t priority,
-             std::uint64_t reservation_bytes, std::optional<double> timeout_s) {
+             std::uint64_t reservation_bytes, std::optional<double> timeout_s,
+             std::optional<Nanoseconds> since_ns) {
             const GrantRequest request{task, priority, reservation_bytes};
             const Nanoseconds deadline = deadline_after(timeout_s);
+            // Waiting in slices (for Ctrl-C) must not reset the batch's age: it ranks it.
+            const Nanoseconds since = since_ns.value_or(now_ns());
             for (;;) {
               bool granted = false;
               {
                 py::gil_scoped_release release;
                 granted = scheduler.acquire_until(
-                    request, std::min(deadline, now_ns() + signal_check_period_ns));
+                    request, std::min(deadline, now_ns() + signal_check_period_ns), since);
               }
               if (granted || now_ns() >= deadline || scheduler.closed()) {
                 return granted;
@@ -68,7 +72,7 @@ void bind_scheduler(py::module_ &m) {
             }
           },
           py::arg("task"), py::arg("priority"), py::arg("reservation_bytes"),
-          py::arg("timeout_s") = py::none())
+          py::arg("timeout_s") = py::none(), py::arg("since_ns") = py::none())
       .def(
           "release",
           [](DeviceScheduler &scheduler, std::uint64_t task, std::int32_t priority,

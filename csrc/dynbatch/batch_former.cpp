@@ -96,6 +96,11 @@ std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
       waiting_.fetch_sub(1, std::memory_order_relaxed);
       return i;
     }
+    if (deadline != no_deadline) {
+      // The former thread may sleep past this deadline: it re-plans when this count moves.
+      deadlines_pushed_.fetch_add(1, std::memory_order_release); // pairs with acquire in run()
+      requests_.wake_consumers();
+    }
   }
   return ids.size();
 }
@@ -172,9 +177,11 @@ void BatchFormer::run() {
       Nanoseconds wait_until = no_deadline;
       std::size_t missing = 0;
       std::uint64_t taken_aside = 0;
+      std::uint64_t deadlines_pushed = 0;
       {
         std::lock_guard form_lock(form_mutex_);
         taken_aside = taken_aside_.load(std::memory_order_acquire); // pairs with release above
+        deadlines_pushed = deadlines_pushed_.load(std::memory_order_acquire); // pairs: push()
         const FormResult result = form_one(true, &wait_until);
         if (result == FormResult::finished) {
           return;
@@ -189,7 +196,9 @@ void BatchFormer::run() {
                       : target - std::min(target, pending_.size());
       }
       requests_.wait_for_size_or(std::max<std::size_t>(missing, 1), wait_until, [&] {
-        return taken_aside_.load(std::memory_order_acquire) != taken_aside; // pairs: release
+        // A new deadline may come before wait_until; moved requests change what is missing.
+        return taken_aside_.load(std::memory_order_acquire) != taken_aside || // pairs: release
+               deadlines_pushed_.load(std::memory_order_acquire) != deadlines_pushed;
       });
     }
   } catch (...) {

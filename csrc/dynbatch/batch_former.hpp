@@ -159,6 +159,8 @@ private:
   std::atomic<std::size_t> waiting_{0}; // pushed, not yet formed or expired
   // Bumped when the consumer leaves gathered requests pending: what the thread waits for moved.
   std::atomic<std::uint64_t> taken_aside_{0};
+  // Bumped by every push of a request with a deadline: the thread re-plans its wake-up.
+  std::atomic<std::uint64_t> deadlines_pushed_{0};
   EventCount room_; // signalled when requests leave the table
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer

@@ -69,9 +69,11 @@ bool DeviceScheduler::try_acquire(const GrantRequest &request) {
   return true;
 }
 
-bool DeviceScheduler::acquire_until(const GrantRequest &request, Nanoseconds deadline_ns) {
+bool DeviceScheduler::acquire_until(const GrantRequest &request, Nanoseconds deadline_ns,
+                                    Nanoseconds since_ns) {
   std::unique_lock lock(mutex_);
-  const auto me = waiters_.insert(waiters_.end(), Waiter{request, now_ns()});
+  const Nanoseconds since = since_ns == no_deadline ? now_ns() : std::min(since_ns, now_ns());
+  const auto me = waiters_.insert(waiters_.end(), Waiter{request, since});
   for (;;) {
     if (closed_) {
       break;

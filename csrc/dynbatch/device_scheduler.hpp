@@ -58,8 +58,11 @@ public:
 
   // Grants at once when nobody waits and the batch fits; false otherwise (never blocks).
   bool try_acquire(const GrantRequest &request);
-  // Waits for the request's turn and room; false on timeout or close.
-  bool acquire_until(const GrantRequest &request, Nanoseconds deadline_ns);
+  // Waits for the request's turn and room; false on timeout or close. `since_ns` is when the
+  // batch started waiting (its age ranks it): a caller that waits in several calls passes the
+  // time of its first, so that it keeps its place.
+  bool acquire_until(const GrantRequest &request, Nanoseconds deadline_ns,
+                     Nanoseconds since_ns = no_deadline);
   void release(const GrantRequest &request);
   void close();
   bool closed() const;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -27,6 +28,8 @@ __all__ = [
     "complete",
     "fail",
 ]
+
+_log = logging.getLogger("dynbatch")
 
 # The state names concurrent.futures uses (its waiters and helpers read them).
 PENDING = "PENDING"
@@ -140,8 +143,8 @@ class RequestFuture(Future[Any]):
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
             # Notified at once: nothing else will pick this future up to notify it later.
+            # The sample stays: the core may still read it until the worker drops the request.
             self._own_state = CANCELLED_AND_NOTIFIED
-            self._sample = None
             for waiter in self._waiter_list or ():
                 waiter.add_cancelled(self)
             self._group.condition.notify_all()
@@ -307,9 +310,13 @@ def _after(
     notify: list[RequestFuture],
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]],
 ) -> None:
-    """Outside the lock: done-callbacks, and one hand-off into each event loop."""
+    """Outside the lock: done-callbacks, and one hand-off into each event loop. A callback
+    that raises anything (even BaseException) is logged; the others still run."""
     for future in notify:
-        future._run_callbacks()
+        try:
+            future._run_callbacks()
+        except BaseException:  # a callback must not stop the batch's other completions
+            _log.exception("a done-callback of request %d raised", future._request_id)
     for loop, outcomes in by_loop.items():
         # A closed loop raises RuntimeError: nobody can await these any more.
         with contextlib.suppress(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from .devices import nvml_index_of_device
 
 __all__ = ["Scheduler"]
 
+# A waiting worker looks this often whether its processor was closed without draining.
+_GIVE_UP_CHECK_S = 0.05
 _registry_lock = threading.Lock()
 _shared: dict[str, Scheduler] = {}
 _task_ids = itertools.count(1)
@@ -97,11 +100,24 @@ class Scheduler:
     def new_task_id() -> int:
         return next(_task_ids)
 
-    def acquire(self, task: int, task_priority: int, reservation_bytes: int) -> bool:
-        """Waits for the batch's turn (the GIL is released only when it must wait)."""
+    def acquire(
+        self,
+        task: int,
+        task_priority: int,
+        reservation_bytes: int,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Waits for the batch's turn (the GIL is released only when it must wait); False
+        when the scheduler is closed or ``give_up()`` turns true while waiting."""
         if self._core.try_acquire(task, task_priority, reservation_bytes):
             return True
-        return bool(self._core.acquire(task, task_priority, reservation_bytes, None))
+        since = _core.now_ns()  # keeps the batch's age across the slices of the wait
+        while not give_up():
+            if self._core.acquire(task, task_priority, reservation_bytes, _GIVE_UP_CHECK_S, since):
+                return True
+            if self._closed:
+                return False
+        return False
 
     def release(self, task: int, task_priority: int, reservation_bytes: int) -> None:
         self._core.release(task, task_priority, reservation_bytes)

@@ -125,6 +125,7 @@ class Server:
         self._start_lock = threading.Lock()
         self._closing = False
         self._fatal: BaseException | None = None
+        self._abandoned = False  # closed without draining: waiting batches give up
         self._started_ns = 0
         self.isolated_errors = 0
         _live_servers.add(self)
@@ -200,8 +201,10 @@ class Server:
                 lengths[accepted:],
             )
         if accepted < len(ids):  # each refused request ends with its own error
-            refused = [table.pop(i, None) for i in ids[accepted:]]
-            fail(self._group, [r for r in refused if r is not None], self._refusal())
+            refused = futures[accepted:]  # not from the table: close() may have emptied it
+            for request_id in ids[accepted:]:
+                table.pop(request_id, None)
+            fail(self._group, list(refused), self._refusal())
         return futures
 
     def infer(self, sample: Any, priority: int, timeout: float | None) -> asyncio.Future[Any]:
@@ -239,12 +242,18 @@ class Server:
     ) -> Any:
         """Waits for room off the event loop (the loop keeps serving meanwhile)."""
         room_deadline = self._room_deadline()
-        while not former.submit(request._request_id, addresses, priority, timeout_ns, length):
-            if not await request.loop.run_in_executor(
-                None, self._wait_for_room, former, room_deadline
-            ):
+        queued = False
+        try:
+            while not former.submit(request._request_id, addresses, priority, timeout_ns, length):
+                if not await request.loop.run_in_executor(
+                    None, self._wait_for_room, former, room_deadline
+                ):
+                    raise self._refusal()
+            queued = True
+        finally:
+            if not queued:  # refused, or the awaiting task was cancelled while waiting
                 self._table.pop(request._request_id, None)
-                raise self._refusal()
+                request.future.cancel()
         return await request.future
 
     def _check_all(
@@ -405,16 +414,25 @@ class Server:
 
     def _dispatch(self, batch: _core.Batch) -> None:
         requests, samples, states = claim(self._group, self._table, batch.ids, time.monotonic_ns())
-        assert self._schema is not None
-        if states is None:  # every request is live: the common case
-            leaves = self._schema.batch_leaves(batch, samples)
-            self._run(leaves, requests, batch.sequence, batch.collate_ns)
-            return
-        self._account(requests, states)
-        keep = [i for i, state in enumerate(states) if state == LIVE]
-        if keep:
-            leaves = self._schema.batch_leaves(batch, [samples[i] for i in keep], rows=keep)
-            self._run(leaves, [requests[i] for i in keep], None, batch.collate_ns)
+        live = (
+            requests
+            if states is None
+            else [r for r, s in zip(requests, states, strict=True) if s == LIVE]
+        )
+        try:
+            assert self._schema is not None
+            if states is None:  # every request is live: the common case
+                leaves = self._schema.batch_leaves(batch, samples)
+                self._run(leaves, requests, batch.sequence, batch.collate_ns)
+                return
+            self._account(requests, states)
+            keep = [i for i, state in enumerate(states) if state == LIVE]
+            if keep:
+                leaves = self._schema.batch_leaves(batch, [samples[i] for i in keep], rows=keep)
+                self._run(leaves, live, None, batch.collate_ns)
+        except BaseException as error:  # anything past the claim: these requests get it
+            _log.exception("dynbatch batch of %d requests failed outside the model", len(live))
+            fail(self._group, live, error)
 
     def _account(self, requests: list[Any], states: list[int]) -> None:
         """Ends the late requests of a batch and counts its cancelled ones."""
@@ -437,8 +455,11 @@ class Server:
         assert self._schema is not None and self._former is not None
         reservation = self._reservation(size)
         scheduler = self._scheduler
-        if not scheduler.acquire(self._task, self._task_priority, reservation):
-            fail(self._group, requests, ProcessorClosed("the scheduler was closed"))
+        if not scheduler.acquire(
+            self._task, self._task_priority, reservation, lambda: self._abandoned
+        ):
+            why = "closed without draining" if self._abandoned else "its scheduler was closed"
+            fail(self._group, requests, ProcessorClosed(f"the processor was {why}"))
             return
         failure: BaseException | None = None
         output: Any = None
@@ -468,7 +489,7 @@ class Server:
                 processor._policy.on_feedback(feedback)
             try:
                 results = split_outputs(output, size)
-            except ValueError as error:  # the model broke its contract for the whole batch
+            except Exception as error:  # the model broke its contract for the whole batch
                 fail(self._group, requests, error)
                 return
             complete(self._group, requests, results)
@@ -523,19 +544,26 @@ class Server:
     # --------------------------------------------------------------------- shutdown
 
     def close(self, drain: bool, timeout: float | None) -> None:
-        """Stops taking requests; finishes (drain) or fails (no drain) those waiting."""
+        """Stops taking requests; finishes (drain) or fails (no drain) those waiting.
+
+        ``timeout`` bounds the whole wait; past it (or without drain) whatever has not been
+        dispatched ends with ProcessorClosed. A batch already in the model finishes (it cannot
+        be interrupted); close() from a done-callback (the worker itself) does not wait."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         with self._start_lock:
             self._closing = True
         _live_servers.discard(self)
         former, worker = self._former, self._worker
         if former is None or worker is None:
             return
-        if drain:
+        on_worker = worker is threading.current_thread()
+        if drain and not on_worker:
             former.close_input()
-            worker.join(timeout)
-        former.close()  # without drain (or after the timeout): nothing more is formed
-        if worker is not threading.current_thread():
-            worker.join(None if drain else timeout)
+            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        self._abandoned = True  # a batch waiting for its scheduler grant gives up
+        former.close()  # nothing more is formed; undelivered batches are dropped
+        if not on_worker:
+            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         self._fail_waiting(ProcessorClosed("the processor was closed before this request ran"))
 
     def _fail_waiting(self, error: DynbatchError, cause: BaseException | None = None) -> None:

@@ -751,6 +751,25 @@ TEST_CASE(padded_batches_carry_lengths_and_a_rounded_padded_length) {
   CHECK_EQ(snapshot.padded_rows, 24u);
 }
 
+TEST_CASE(a_later_request_with_an_earlier_deadline_is_released_in_time) {
+  // The first request waits for a long max_delay; a second arrives with a short timeout: the
+  // batch must leave before that timeout, not at the first request's max_delay.
+  const SampleStore store(4);
+  Rig rig(fixed_size(8), serving(64, 2'000 * ms));
+  BatchFormer &former = *rig.former;
+  NextStatus status = NextStatus::timeout;
+  FormedBatch batch;
+  std::thread consumer([&] { status = former.next_batch(batch, now_ns() + hang_bound_ns); });
+  CHECK_EQ(push_with(former, store, 0, 1, {}), 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK_EQ(push_with(former, store, 1, 1, {0, 30 * ms}), 1u);
+  consumer.join();
+  REQUIRE(status == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 2u);
+  CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
+  CHECK(batch.expired_ids.empty());
+}
+
 TEST_CASE(batch_released_before_a_waiting_deadline) {
   const SampleStore store(4);
   Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever

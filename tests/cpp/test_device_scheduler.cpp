@@ -127,6 +127,34 @@ TEST_CASE(aging_gets_a_low_priority_task_through_a_saturating_one) {
   }
 }
 
+TEST_CASE(waiting_in_slices_keeps_the_batch_age) {
+  // A waiter that retries (as the bindings do every 100 ms) passes its first wait's time, so
+  // its rank keeps growing: it overtakes a newer, higher-priority waiter once aged enough.
+  DeviceScheduler scheduler(options(1, 10 * ms), telemetry_with(1000, 1000));
+  const GrantRequest holder{0, 0, 1};
+  REQUIRE(scheduler.try_acquire(holder));
+  const Nanoseconds since = now_ns() - 100 * ms; // waited 100 ms already: 10 levels
+  std::atomic<int> first{0};
+  std::thread old_low([&] {
+    REQUIRE(scheduler.acquire_until(GrantRequest{1, 0, 1}, now_ns() + 5'000 * ms, since));
+    int expected = 0;
+    first.compare_exchange_strong(expected, 1);
+    scheduler.release(GrantRequest{1, 0, 1});
+  });
+  REQUIRE(eventually([&] { return scheduler.state().waiting == 1; }));
+  std::thread new_high([&] {
+    REQUIRE(scheduler.acquire_until(GrantRequest{2, 5, 1}, now_ns() + 5'000 * ms));
+    int expected = 0;
+    first.compare_exchange_strong(expected, 2);
+    scheduler.release(GrantRequest{2, 5, 1});
+  });
+  REQUIRE(eventually([&] { return scheduler.state().waiting == 2; }));
+  scheduler.release(holder);
+  old_low.join();
+  new_high.join();
+  CHECK_EQ(first.load(), 1); // 0 + 10 levels beats 5 + 0
+}
+
 TEST_CASE(concurrent_batches_share_the_memory_budget) {
   DeviceScheduler scheduler(options(4), telemetry_with(1000, 1000));
   const GrantRequest a{1, 0, 600};
