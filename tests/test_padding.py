@@ -179,3 +179,14 @@ def test_max_tokens_caps_the_padded_size_of_every_batch() -> None:
         list(processor(sequences([3, 65])))
     with pytest.raises(ValueError, match="max_tokens needs collate='pad'"):
         ds.DynamicBatchProcessor(max_tokens=64)
+
+
+def test_collate_pads_like_pad_sequence() -> None:
+    samples = sequences([4, 9, 1, 0, 7], width=2)
+    batch = ds.collate(samples, pad_value=-1.0, pad_to_multiple_of=4)
+    expected = pad_sequence(samples, batch_first=True, padding_value=-1.0)
+    assert batch.data.shape == (5, 12, 2)
+    assert torch.equal(batch.data[:, :9], expected)
+    assert (batch.data[:, 9:] == -1).all()
+    assert batch.lengths.tolist() == [4, 9, 1, 0, 7]
+    assert batch.indices.tolist() == [0, 1, 2, 3, 4]

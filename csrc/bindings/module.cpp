@@ -262,19 +262,35 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "collate",
       [](const std::vector<LeafSpec> &leaves, const std::vector<std::uintptr_t> &addresses,
-         std::size_t batch_size, std::shared_ptr<StagingPool> pool) {
+         std::size_t batch_size, std::shared_ptr<StagingPool> pool,
+         const std::vector<std::uint32_t> &lengths, std::size_t pad_to_multiple_of) {
         auto layout = std::make_shared<const BatchLayout>(make_layout(leaves));
         const std::vector<const void *> sources = as_pointers(addresses);
         PyBatch out{FormedBatch{}, layout};
         out.batch.ids.resize(batch_size);
+        for (std::size_t i = 0; i < batch_size; ++i) {
+          out.batch.ids[i] = i;
+        }
+        if (layout->has_padded_leaves()) {
+          if (lengths.size() != batch_size || pad_to_multiple_of < 1) {
+            throw py::value_error("collate: padded leaves need one length per sample");
+          }
+          const std::size_t longest =
+              lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+          out.batch.lengths = lengths;
+          out.batch.padded_length =
+              (longest + pad_to_multiple_of - 1) / pad_to_multiple_of * pad_to_multiple_of;
+        }
         {
           py::gil_scoped_release release;
           const Nanoseconds start = now_ns();
-          out.batch.lease = pool->acquire(layout->batch_bytes(batch_size));
-          collate(*layout, sources, batch_size, out.batch.lease->data());
+          out.batch.lease = pool->acquire(layout->batch_bytes(batch_size, out.batch.padded_length));
+          collate(*layout, sources, batch_size, out.batch.lease->data(), out.batch.lengths,
+                  out.batch.padded_length);
           out.batch.collate_ns = now_ns() - start;
         }
         return out;
       },
-      py::arg("leaves"), py::arg("addresses"), py::arg("batch_size"), py::arg("pool"));
+      py::arg("leaves"), py::arg("addresses"), py::arg("batch_size"), py::arg("pool"),
+      py::arg("lengths") = std::vector<std::uint32_t>{}, py::arg("pad_to_multiple_of") = 1);
 }

@@ -222,5 +222,10 @@ class DeviceScheduler:
     def state(self) -> dict[str, Any]: ...
 
 def collate(
-    leaves: list[LeafDescriptor], addresses: list[int], batch_size: int, pool: StagingPool
+    leaves: list[LeafDescriptor],
+    addresses: list[int],
+    batch_size: int,
+    pool: StagingPool,
+    lengths: list[int] = ...,
+    pad_to_multiple_of: int = 1,
 ) -> Batch: ...

@@ -14,18 +14,29 @@ __all__ = ["collate"]
 _pool = _core.StagingPool(2)
 
 
-def collate(samples: Sequence[Any]) -> Any:
+def collate(
+    samples: Sequence[Any], *, pad_value: float | None = None, pad_to_multiple_of: int = 1
+) -> Any:
     """Stacks ``samples`` like ``torch.utils.data.default_collate``, copying each leaf once.
 
     Usable as a ``DataLoader`` ``collate_fn``. The result's tensors share one staging buffer
-    that returns to the pool when they are freed.
+    that returns to the pool when they are freed. With ``pad_value``, tensor leaves may
+    differ in their first dimension: they are padded (like ``pad_sequence(batch_first=True)``,
+    to a multiple of ``pad_to_multiple_of``) and the result is a ``PaddedBatch``.
     """
     if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
         raise TypeError(f"collate expects a sequence of samples, got {type(samples).__name__}")
     if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
-    schema = Schema(samples[0], 0)
+    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int):
+        raise TypeError("pad_to_multiple_of must be an int")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+    schema = Schema(samples[0], 0, pad_value=pad_value)
     addresses: list[int] = []
-    kept = [schema.admit(sample, index, addresses) for index, sample in enumerate(samples)]
-    batch = _core.collate(schema.core_descriptors(), addresses, len(samples), _pool)
+    lengths: list[int] = []
+    kept = [schema.admit(sample, index, addresses, lengths) for index, sample in enumerate(samples)]
+    batch = _core.collate(
+        schema.core_descriptors(), addresses, len(samples), _pool, lengths, pad_to_multiple_of
+    )
     return schema.structure(schema.batch_leaves(batch, kept))

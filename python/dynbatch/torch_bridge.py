@@ -137,7 +137,10 @@ class Schema:
         self.single_tensor = self.treedef.kind == "leaf" and specs[0].kind == TENSOR
         # A lone real tensor is by far the most common sample: it skips the generic walk
         # (complex ones may carry a lazy conjugate, which the generic walk resolves).
-        self.fast_path = self.single_tensor and not specs[0].dtype.is_complex and not self.padded
+        real = self.single_tensor and not specs[0].dtype.is_complex
+        self.fast_path = real and not self.padded
+        # A lone variable-length tensor skips the generic walk too.
+        self.padded_fast_path = real and bool(self.padded)
 
     def core_descriptors(self) -> list[_core.LeafDescriptor]:
         return [spec.core_descriptor() for spec in self.leaves if spec.kind == TENSOR]
@@ -158,6 +161,25 @@ class Schema:
                 and not sample.is_neg()
             ):
                 addresses.append(sample.data_ptr())
+                return sample
+        if self.padded_fast_path and type(sample) is torch.Tensor and lengths is not None:
+            spec = self.leaves[0]
+            shape = sample.shape
+            if (
+                sample.dtype is spec.dtype
+                and len(shape) == len(spec.shape)
+                and shape[1:] == spec.shape[1:]
+                and sample.is_cpu
+                and sample.is_contiguous()
+                and sample.layout is torch.strided
+                and not sample.is_neg()
+                and (
+                    not self.max_tokens
+                    or padded_length(shape[0], self.pad_multiple) <= self.max_tokens
+                )
+            ):
+                addresses.append(sample.data_ptr())
+                lengths.append(shape[0])
                 return sample
         leaves: list[Any] = []
         treedef = flatten(sample, leaves)
