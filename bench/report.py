@@ -43,6 +43,7 @@ PEERS = {
     "queue-": "queue.Queue",
     "collate-": "torch.stack",
     "iterate-": "plain-loop",
+    "pad-": "pad_sequence",
 }
 
 
