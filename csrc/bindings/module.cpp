@@ -286,7 +286,7 @@ PYBIND11_MODULE(_core, m) {
           const Nanoseconds start = now_ns();
           out.batch.lease = pool->acquire(layout->batch_bytes(batch_size, out.batch.padded_length));
           collate(*layout, sources, batch_size, out.batch.lease->data(), out.batch.lengths,
-                  out.batch.padded_length);
+                  out.batch.padded_length, &CopyWorkers::shared());
           out.batch.collate_ns = now_ns() - start;
         }
         return out;

@@ -312,7 +312,8 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   const Nanoseconds start = now_ns();
   stats_->record_dispatch(requests, start);
   batch.lease = pool_->acquire(layout_->batch_bytes(count, batch.padded_length));
-  collate(*layout_, sources, count, batch.lease->data(), batch.lengths, batch.padded_length);
+  collate(*layout_, sources, count, batch.lease->data(), batch.lengths, batch.padded_length,
+          &CopyWorkers::shared());
   batch.formed_ns = now_ns();
   batch.collate_ns = batch.formed_ns - start;
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;

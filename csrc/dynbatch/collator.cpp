@@ -89,24 +89,14 @@ std::size_t BatchLayout::batch_bytes(std::size_t batch_size, std::size_t padded_
   return leaf_offset(last, batch_size, padded_length) + leaf_bytes(last, batch_size, padded_length);
 }
 
-void collate(const BatchLayout &layout, std::span<const void *const> sources,
-             std::size_t batch_size, std::byte *destination, std::span<const std::uint32_t> lengths,
-             std::size_t padded_length) {
+namespace {
+
+// Samples [begin, end) of every leaf: the unit a copy is split into.
+void copy_samples(const BatchLayout &layout, std::span<const void *const> sources,
+                  std::size_t batch_size, std::byte *destination,
+                  std::span<const std::uint32_t> lengths, std::size_t padded_length,
+                  std::size_t begin, std::size_t end) {
   const std::size_t leaves = layout.leaf_count();
-  if (sources.size() != batch_size * leaves) {
-    throw std::invalid_argument("collate: expected " + std::to_string(batch_size * leaves) +
-                                " source pointers, got " + std::to_string(sources.size()));
-  }
-  if (layout.has_padded_leaves()) {
-    if (lengths.size() != batch_size) {
-      throw std::invalid_argument("collate: padded leaves need one length per sample");
-    }
-    for (const std::uint32_t length : lengths) {
-      if (length > padded_length) {
-        throw std::invalid_argument("collate: a length exceeds the padded length");
-      }
-    }
-  }
   for (std::size_t j = 0; j < leaves; ++j) {
     const LeafLayout &leaf = layout.leaf(j);
     const std::size_t bytes = leaf.bytes_per_sample;
@@ -115,14 +105,14 @@ void collate(const BatchLayout &layout, std::span<const void *const> sources,
     }
     std::byte *out = destination + layout.leaf_offset(j, batch_size, padded_length);
     if (!leaf.padded) {
-      for (std::size_t i = 0; i < batch_size; ++i) {
+      for (std::size_t i = begin; i < end; ++i) {
         std::memcpy(out + i * bytes, sources[i * leaves + j], bytes);
       }
       continue;
     }
     const std::size_t element = leaf.pad_element.size();
     const std::size_t sample_stride = bytes * padded_length;
-    for (std::size_t i = 0; i < batch_size; ++i) {
+    for (std::size_t i = begin; i < end; ++i) {
       std::byte *row = out + i * sample_stride;
       const std::size_t real = bytes * lengths[i];
       if (real > 0) {
@@ -141,6 +131,36 @@ void collate(const BatchLayout &layout, std::span<const void *const> sources,
         filled += step;
       }
     }
+  }
+}
+
+} // namespace
+
+void collate(const BatchLayout &layout, std::span<const void *const> sources,
+             std::size_t batch_size, std::byte *destination, std::span<const std::uint32_t> lengths,
+             std::size_t padded_length, CopyWorkers *workers) {
+  const std::size_t leaves = layout.leaf_count();
+  if (sources.size() != batch_size * leaves) {
+    throw std::invalid_argument("collate: expected " + std::to_string(batch_size * leaves) +
+                                " source pointers, got " + std::to_string(sources.size()));
+  }
+  if (layout.has_padded_leaves()) {
+    if (lengths.size() != batch_size) {
+      throw std::invalid_argument("collate: padded leaves need one length per sample");
+    }
+    for (const std::uint32_t length : lengths) {
+      if (length > padded_length) {
+        throw std::invalid_argument("collate: a length exceeds the padded length");
+      }
+    }
+  }
+  const auto copy = [&](std::size_t begin, std::size_t end) {
+    copy_samples(layout, sources, batch_size, destination, lengths, padded_length, begin, end);
+  };
+  if (workers != nullptr && layout.batch_bytes(batch_size, padded_length) >= parallel_copy_bytes) {
+    workers->parallel_for(batch_size, copy);
+  } else {
+    copy(0, batch_size);
   }
 }
 

@@ -6,7 +6,8 @@
 //   shape and dtype); it is shared read-only between threads.
 // - collate() writes leaf j of sample i at leaf_offset(j, n) + i * bytes_per_sample(j): each
 //   leaf becomes one contiguous [n, *sample_shape] block. It runs without any lock or GIL and
-//   only reads the sources, which the caller keeps alive until it returns.
+//   only reads the sources, which the caller keeps alive until it returns; a large batch may be
+//   split between the caller and CopyWorkers threads.
 // - A padded leaf (variable first dimension; sample_shape[0] is -1 and bytes_per_sample counts
 //   one row, i.e. one step of that dimension) becomes [n, L, *sample_shape[1:]]: sample i's
 //   lengths[i] rows, then L - lengths[i] copies of `pad_element`. Every padded leaf of a sample
@@ -17,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "dynbatch/copy_workers.hpp"
 #include "dynbatch/dlpack_abi.hpp"
 
 namespace dynbatch {
@@ -58,11 +60,16 @@ private:
   std::uint64_t shape_key_ = 0;
 };
 
+// A batch at least this large is copied by `workers` and the caller together: one thread
+// cannot saturate memory bandwidth, and below this the hand-off costs more than it saves.
+inline constexpr std::size_t parallel_copy_bytes = std::size_t{4} << 20;
+
 // sources holds batch_size rows of leaf_count() pointers, sample-major. With padded leaves,
 // `lengths` holds each sample's length and `padded_length` (>= every length) the rows of the
-// batch; without, both are ignored.
+// batch; without, both are ignored. With `workers`, a large batch is split between threads.
 void collate(const BatchLayout &layout, std::span<const void *const> sources,
              std::size_t batch_size, std::byte *destination,
-             std::span<const std::uint32_t> lengths = {}, std::size_t padded_length = 0);
+             std::span<const std::uint32_t> lengths = {}, std::size_t padded_length = 0,
+             CopyWorkers *workers = nullptr);
 
 } // namespace dynbatch
