@@ -44,6 +44,7 @@ PEERS = {
     "collate-": "torch.stack",
     "iterate-": "plain-loop",
     "pad-": "pad_sequence",
+    "overlap-": "DataLoader",
 }
 
 
