@@ -15,7 +15,7 @@ read as ratios: ``python bench/report.py`` prints them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,3 +84,17 @@ def measure(benchmark: Any, bench_size: BenchSize) -> Callable[..., Any]:
         return benchmark(fn, *args)
 
     return run
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Runs the benchmark with ``torch.set_num_threads(request.param)`` (indirect param)."""
+    import torch
+
+    count: int = request.param
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)

@@ -14,7 +14,7 @@ The core copies on one thread whatever ``torch.set_num_threads`` says.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -36,17 +36,6 @@ def _pool_stats() -> dict[str, int] | None:
     """The shared pool's counters (private; None if the layout of the package changed)."""
     pool = getattr(sys.modules.get("dynbatch.collate"), "_pool", None)
     return pool.stats() if pool is not None else None
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    count: int = request.param
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        torch.set_num_threads(before)
 
 
 _samples_cache: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}

@@ -11,7 +11,7 @@ second core then stays free for the core's copy). Every output row is checked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,17 +25,6 @@ BATCH = 32
 
 def model(batch: torch.Tensor) -> torch.Tensor:
     return (batch * batch).sum((1, 2, 3))
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    count: int = request.param
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        torch.set_num_threads(before)
 
 
 def _dataset(count: int, shape: tuple[int, ...]) -> list[torch.Tensor]:

@@ -452,6 +452,33 @@ class DynamicBatchProcessor:
             f"min_batch_size={self.min_batch_size}, prefetch={self.prefetch}{model})"
         )
 
+    def _schema_for(self, first: Any) -> Schema:
+        """The checks every later sample must pass, from the first one."""
+        return Schema(
+            first,
+            0,
+            pad_value=self._pad_value,
+            pad_multiple=self._pad_multiple,
+            max_tokens=self._max_tokens,
+        )
+
+    def _former_for(self, schema: Schema, capacity: int, **options: Any) -> _core.BatchFormer:
+        """A core former for ``schema``'s samples with this processor's sizing and padding;
+        ``options`` (serving: max_delay_ms, aging_ms) go to the core as they are."""
+        return _core.BatchFormer(
+            schema.core_descriptors(),
+            capacity,
+            self.prefetch,
+            self._pool,
+            self._policy,
+            self._telemetry,
+            self._recorder,
+            pad_to_multiple_of=self._pad_multiple,
+            max_tokens=self._max_tokens,
+            bucket_window=self._bucket_window,
+            **options,
+        )
+
     def _fitting_size(self, bucket: int, sample_bytes: int) -> int:
         """The largest batch the sizing allows now (the OOM and memory ceilings; below
         min_batch_size if need be)."""
@@ -663,25 +690,8 @@ class BatchIterator(Iterator[Any]):
             self.close()
             return False
         processor = self._processor
-        self._schema = Schema(
-            first,
-            0,
-            pad_value=processor._pad_value,
-            pad_multiple=processor._pad_multiple,
-            max_tokens=processor._max_tokens,
-        )
-        self._former = _core.BatchFormer(
-            self._schema.core_descriptors(),
-            self._read_ahead,
-            processor.prefetch,
-            processor._pool,
-            processor._policy,
-            processor._telemetry,
-            processor._recorder,
-            pad_to_multiple_of=processor._pad_multiple,
-            max_tokens=processor._max_tokens,
-            bucket_window=processor._bucket_window,
-        )
+        self._schema = processor._schema_for(first)
+        self._former = processor._former_for(self._schema, self._read_ahead)
         addresses: list[int] = []
         lengths: list[int] = []
         self._kept[0] = self._schema.admit(first, 0, addresses, lengths)

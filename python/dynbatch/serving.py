@@ -304,28 +304,14 @@ class Server:
                 return self._former
             processor = self._processor
             try:
-                schema = Schema(
-                    first,
-                    0,
-                    pad_value=processor._pad_value,
-                    pad_multiple=processor._pad_multiple,
-                    max_tokens=processor._max_tokens,
-                )
+                schema = processor._schema_for(first)
             except InvalidSampleError as error:
                 raise type(error)(error.index, error.path, error.problem, noun="request") from None
-            former = _core.BatchFormer(
-                schema.core_descriptors(),
+            former = processor._former_for(
+                schema,
                 self._max_queue_size,
-                processor.prefetch,
-                processor._pool,
-                processor._policy,
-                processor._telemetry,
-                processor._recorder,
                 max_delay_ms=self._max_delay_ms,
                 aging_ms=self._aging_ms,
-                pad_to_multiple_of=processor._pad_multiple,
-                max_tokens=processor._max_tokens,
-                bucket_window=processor._bucket_window,
             )
             self._schema = schema
             self._lone_tensor = schema.leaves[0] if schema.fast_path else None
