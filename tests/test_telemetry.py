@@ -286,3 +286,18 @@ def test_pci_bus_id_maps_to_nvml_numbering(fake_nvml: FakeLibrary) -> None:
     assert _core.nvml_index_of_pci_bus_id("00000000:5E:00.0", library=library) == 1
     assert _core.nvml_index_of_pci_bus_id("00000000:99:00.0", library=library) == -1
     assert _core.nvml_index_of_pci_bus_id("00000000:3B:00.0", library="/nonexistent.so") == -1
+
+
+def test_doctor_shows_each_gpu_nvml_reports(fake_nvml: FakeLibrary) -> None:
+    library = fake_nvml("fake_nvml")
+    result = subprocess.run(
+        [sys.executable, "-m", "dynbatch", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DYNBATCH_NVML_LIBRARY": str(library)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"NVML: 2 device(s) via {library}" in result.stdout
+    assert "  NVML 0 Fake GPU 0: " in result.stdout and "of 16,384 MiB" in result.stdout
+    assert "  NVML 1 Fake GPU 1: " in result.stdout and "of 81,920 MiB" in result.stdout
