@@ -29,7 +29,6 @@ public:
   CopyWorkers(const CopyWorkers &) = delete;
   CopyWorkers &operator=(const CopyWorkers &) = delete;
 
-  std::size_t helpers() const noexcept { return threads_.size(); }
   void parallel_for(std::size_t count, const Body &body);
 
   static CopyWorkers &shared();

@@ -25,8 +25,6 @@ public:
     total_ += count;
   }
 
-  std::uint64_t count() const noexcept { return total_; }
-
   // The upper edge of the bucket holding the nearest-rank percentile; 0 when empty.
   Nanoseconds percentile(double fraction) const noexcept {
     if (total_ == 0) {
