@@ -53,6 +53,23 @@ py::dict state_to_dict(const SizingState &state) {
   return out;
 }
 
+// Prometheus-style cumulative buckets at every power of two from ~1 us to ~69 s (exact: octave
+// edges are bucket edges), with the count and the sum.
+py::dict histogram_buckets(const LatencyHistogram &histogram) {
+  constexpr std::size_t first_exponent = 10;
+  constexpr std::size_t last_exponent = 36;
+  py::list buckets;
+  for (std::size_t exponent = first_exponent; exponent <= last_exponent; ++exponent) {
+    buckets.append(
+        py::make_tuple(std::uint64_t{1} << exponent, histogram.count_below_power_of_two(exponent)));
+  }
+  py::dict out;
+  out["buckets"] = buckets; // (upper edge ns, values below it)
+  out["count"] = histogram.total();
+  out["sum_ns"] = histogram.sum();
+  return out;
+}
+
 } // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -234,9 +251,11 @@ PYBIND11_MODULE(_core, m) {
                entry["failed"] = stats.failed;
                entry["queue_wait_p50_ns"] = stats.queue_wait.percentile(0.5);
                entry["queue_wait_p99_ns"] = stats.queue_wait.percentile(0.99);
+               entry["queue_wait"] = histogram_buckets(stats.queue_wait);
                priorities[py::int_(priority)] = entry;
              }
              out["priorities"] = priorities;
+             out["compute_time"] = histogram_buckets(snapshot.compute_time);
              return out;
            })
       .def(

@@ -4,7 +4,8 @@
 //
 // Contract: not thread-safe (its owner locks). Values are bucketed with 8 buckets per power of
 // two, so a percentile is within 9% of the exact one; anything beyond 2^42 ns (~73 minutes)
-// lands in the last bucket. Memory is fixed: sub_buckets * octaves counters.
+// lands in the last bucket. Octave edges are bucket edges, so the count below a power of two
+// is exact (Prometheus buckets). Memory is fixed: sub_buckets * octaves counters.
 
 #include <array>
 #include <bit>
@@ -23,6 +24,22 @@ public:
   void add(Nanoseconds value, std::uint64_t count = 1) noexcept {
     counts_[bucket_of(value)] += count;
     total_ += count;
+    sum_ += static_cast<double>(value) * static_cast<double>(count);
+  }
+
+  std::uint64_t total() const noexcept { return total_; }
+  double sum() const noexcept { return sum_; } // of the values added, in ns
+
+  // How many values were below 2^exponent ns (every value, past the last octave).
+  std::uint64_t count_below_power_of_two(std::size_t exponent) const noexcept {
+    if (exponent >= octaves) {
+      return total_;
+    }
+    std::uint64_t below = 0;
+    for (std::size_t bucket = 0; bucket < exponent * sub_buckets; ++bucket) {
+      below += counts_[bucket];
+    }
+    return below;
   }
 
   // The upper edge of the bucket holding the nearest-rank percentile; 0 when empty.
@@ -64,6 +81,7 @@ private:
 
   std::array<std::uint64_t, octaves * sub_buckets> counts_{};
   std::uint64_t total_ = 0;
+  double sum_ = 0.0;
 };
 
 } // namespace dynbatch

@@ -36,6 +36,7 @@ void StatsRecorder::record_batch(const BatchRecord &record) {
 void StatsRecorder::record_compute(std::uint64_t sequence, Nanoseconds compute_ns) {
   std::lock_guard lock(mutex_);
   totals_.compute_ns += compute_ns;
+  totals_.compute_time.add(compute_ns);
   // The batch is almost always the newest record: search backwards.
   for (std::size_t back = 1; back <= ring_.size(); ++back) {
     BatchRecord &record = ring_[(ring_next_ + ring_.size() - back) % ring_.size()];

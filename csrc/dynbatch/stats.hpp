@@ -62,7 +62,8 @@ struct StatsSnapshot {
   std::map<std::size_t, std::uint64_t> histogram;
   std::array<std::uint64_t, release_reason_count> released_by{}; // indexed by ReleaseReason
   std::map<std::int32_t, PriorityStats> priorities;              // one entry per priority seen
-  std::vector<BatchRecord> recent;                               // oldest first
+  LatencyHistogram compute_time;   // the caller's (or model's) time per batch
+  std::vector<BatchRecord> recent; // oldest first
 };
 
 class StatsRecorder {
