@@ -1,5 +1,6 @@
 #include "dynbatch/stats.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace dynbatch {
@@ -40,8 +41,8 @@ void StatsRecorder::record_compute(std::uint64_t sequence, Nanoseconds compute_n
   // The batch is almost always the newest record: search backwards.
   for (std::size_t back = 1; back <= ring_.size(); ++back) {
     BatchRecord &record = ring_[(ring_next_ + ring_.size() - back) % ring_.size()];
-    if (record.sequence == sequence) {
-      record.compute_ns = compute_ns;
+    if (record.sequence == sequence) { // parts of a split batch add up
+      record.compute_ns = std::max<Nanoseconds>(record.compute_ns, 0) + compute_ns;
       return;
     }
   }

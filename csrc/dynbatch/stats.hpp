@@ -71,6 +71,7 @@ public:
   explicit StatsRecorder(std::size_t ring_capacity = 4096);
 
   void record_batch(const BatchRecord &record);
+  // The caller's time on batch `sequence`, or on one part of it (parts add up).
   void record_compute(std::uint64_t sequence, Nanoseconds compute_ns);
   void add_active_time(Nanoseconds active_ns);
   // The requests of one batch, taken at `taken_ns`: their queue waits, per priority.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _core
 from .info import build_info
 from .processor import DynamicBatchProcessor
+from .stats import Stats
 
 __all__ = ["run_demo"]
 
@@ -36,6 +37,7 @@ class _Row:
     memory_total_bytes: int
     sizes: str
     learned: str = ""
+    stats: Stats | None = field(default=None, repr=False)
 
 
 def _run_processor(
@@ -64,6 +66,7 @@ def _run_processor(
         stats.memory_total_bytes,
         ", ".join(f"{size}x{count}" for size, count in top),
         learned,
+        stats,
     )
 
 
@@ -100,7 +103,13 @@ def _table(rows: Iterable[_Row], baseline: float) -> str:
     return "\n".join(lines)
 
 
-def run_demo(samples: int, width: int, max_batch_size: int, echo: Callable[[str], None]) -> None:
+def run_demo(
+    samples: int,
+    width: int,
+    max_batch_size: int,
+    echo: Callable[[str], None],
+    plot_path: str | None = None,
+) -> None:
     info = build_info()
     echo(
         f"dynbatch {info['version']} (CUDA compiled: {info['cuda_compiled']}, "
@@ -138,6 +147,11 @@ def run_demo(samples: int, width: int, max_batch_size: int, echo: Callable[[str]
         "\nPeak RSS is the whole process (host memory here: no GPU), sampled every 20-50 ms "
         "by the core's telemetry thread; 'of memory' is its share of the machine's total."
     )
+    if plot_path is not None:
+        from .plots import plot_runs
+
+        plot_runs({row.name: row.stats for row in rows if row.stats is not None}, plot_path)
+        echo(f"figure: {plot_path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
     parser.add_argument("--max-batch-size", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="save the runs over time as a figure (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.width = 600, 128
-    run_demo(args.samples, args.width, args.max_batch_size, print)
+    run_demo(args.samples, args.width, args.max_batch_size, print, args.plot)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
+
+from .logs import logger as _log
 
 __all__ = [
     "AsyncRequest",
@@ -29,7 +30,6 @@ __all__ = [
     "fail",
 ]
 
-_log = logging.getLogger("dynbatch")
 
 # The state names concurrent.futures uses (its waiters and helpers read them).
 PENDING = "PENDING"

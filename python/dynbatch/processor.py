@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import weakref
 from collections import deque
@@ -15,7 +16,9 @@ import torch
 from . import _core
 from .devices import default_telemetry
 from .errors import DynbatchError, ProcessorClosed
+from .logs import logger
 from .memory import MemoryMonitor, default_memory_monitor
+from .progress import ProgressBar, total_of
 from .scheduler import Scheduler
 from .serving import Server
 from .stats import Stats
@@ -31,6 +34,7 @@ _PUSH_CHUNK = 16
 _GPU_UTILIZATION_TARGET = 0.8
 # Samples read ahead are tracked in fixed tables: this bounds their size (and rows fit 32 bits).
 _MAX_READ_AHEAD = 2**22
+_OOM_EVENTS_KEPT = 1024
 
 
 def _check_fraction(name: str, value: object, *, inclusive: bool) -> None:
@@ -269,6 +273,9 @@ class DynamicBatchProcessor:
         self._last_iterator: weakref.ref[BatchIterator] | None = None
         self._split_batches = 0
         self._oom_seen = False  # from then on, batches are checked against the ceilings
+        self._oom_times_ns: deque[int] = deque(maxlen=_OOM_EVENTS_KEPT)  # core clock, for plots
+        self._last_target = 0
+        self._latency_slo_ms = None if latency_slo_ms is None else float(latency_slo_ms)
         self._closed = False
         self.model = model
         self._server: Server | None = None
@@ -285,8 +292,11 @@ class DynamicBatchProcessor:
                 task_priority=task_priority,
             )
 
-    def __call__(self, data: Iterable[Any], /) -> BatchIterator:
-        """Batches of ``data`` (any iterable of samples), as an iterator."""
+    def __call__(self, data: Iterable[Any], /, *, progress: bool = False) -> BatchIterator:
+        """Batches of ``data`` (any iterable of samples), as an iterator.
+
+        ``progress=True`` shows a tqdm bar (samples, samples/s, batch size, memory in use;
+        the total from ``len(data)`` when it has one); it needs tqdm."""
         if self._closed:
             raise RuntimeError("this DynamicBatchProcessor is closed")
         try:
@@ -296,23 +306,27 @@ class DynamicBatchProcessor:
                 "DynamicBatchProcessor expects an iterable of samples (a list, a generator...), "
                 f"got {type(data).__name__}"
             ) from None
-        iterator = BatchIterator(self, source)
+        bar = ProgressBar(total_of(data), self._telemetry) if progress else None
+        iterator = BatchIterator(self, source, bar)
         self._iterators.add(iterator)
         return iterator
 
-    def map(self, fn: Callable[[Any], Any], data: Iterable[Any], /) -> list[Any]:
+    def map(
+        self, fn: Callable[[Any], Any], data: Iterable[Any], /, *, progress: bool = False
+    ) -> list[Any]:
         """``fn`` on every batch of ``data``; one result per sample, in input order.
 
         ``fn``'s output (a tensor, or dicts/tuples/lists of tensors) is split along its first
         dimension, which must equal the batch size. A batch whose ``fn`` runs out of memory is
         split in halves and retried, and the size ceiling is lowered; each sample's result
         comes from exactly one successful call. Any other exception propagates.
+        ``progress=True`` shows a tqdm bar, as for ``processor(data, progress=True)``.
         """
         if not callable(fn):
             raise TypeError(f"map needs a callable model, got {type(fn).__name__}")
         results: list[Any] = []
         order: list[int] = []  # the samples' input positions, batch after batch
-        iterator = self(data)
+        iterator = self(data, progress=progress)
         with contextlib.closing(iterator):
             for batch in iterator:
                 size = iterator.batch_size
@@ -387,6 +401,36 @@ class DynamicBatchProcessor:
             raise RuntimeError("report_oom() needs a batch from a live iteration to report")
         iterator.report_oom()
 
+    def _note_oom(self, size: int, retry_size: int | None) -> None:
+        """Records an out-of-memory error (for plots) and logs the recovery."""
+        self._oom_times_ns.append(_core.now_ns())
+        if retry_size is not None:
+            logger.warning(
+                "batch of %d ran out of memory: retrying in parts of %d (size ceiling now %d)",
+                size,
+                retry_size,
+                int(self._policy.state()["oom_ceiling"]),
+            )
+
+    def _note_target(self, target: int) -> None:
+        """Logs a change of the target batch size (once per batch at most, never per sample)."""
+        if target == self._last_target:
+            return
+        previous, self._last_target = self._last_target, target
+        if logger.isEnabledFor(logging.DEBUG):
+            state = self._policy.state()
+            logger.debug(
+                "target batch size %d -> %d (knee %d, memory ceiling %d, OOM ceiling %d, "
+                "SLO ceiling %d%s)",
+                previous,
+                target,
+                state["knee"],
+                state["memory_ceiling"],
+                state["oom_ceiling"],
+                state["slo_ceiling"],
+                ", exploring" if state["exploring"] else "",
+            )
+
     def stats(self) -> Stats:
         """Counters, batch-size histogram, throughput, latency, memory and the learned costs."""
         live_ns = sum(it.active_ns() for it in list(self._iterators))
@@ -403,14 +447,18 @@ class DynamicBatchProcessor:
             self._split_batches,
             isolated_errors=0 if server is None else server.isolated_errors,
             queued=0 if server is None else server.queued(),
+            oom_times_ns=list(self._oom_times_ns),
+            latency_slo_ms=self._latency_slo_ms,
         )
 
     def _telemetry_reading(self) -> dict[str, Any]:
+        latest = self._telemetry.latest()
         return {
             "source": self._telemetry.source,
             "peak_rss_bytes": self._telemetry.peak_rss_bytes,
             "min_available_bytes": self._telemetry.min_available_bytes,
-            "total_bytes": self._telemetry.latest()["memory_total_bytes"],
+            "available_bytes": latest["memory_available_bytes"],
+            "total_bytes": latest["memory_total_bytes"],
         }
 
     def reset_stats(self) -> None:
@@ -419,6 +467,7 @@ class DynamicBatchProcessor:
         if not self._closed:
             self._telemetry.reset_peak()
         self._split_batches = 0
+        self._oom_times_ns.clear()
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops every live iteration, the serving worker and the telemetry thread.
@@ -507,9 +556,15 @@ class BatchIterator(Iterator[Any]):
     collated batch, no copy.
     """
 
-    def __init__(self, processor: DynamicBatchProcessor, source: Iterator[Any]) -> None:
+    def __init__(
+        self,
+        processor: DynamicBatchProcessor,
+        source: Iterator[Any],
+        progress: ProgressBar | None = None,
+    ) -> None:
         self._processor = processor
         self._source = source
+        self._progress = progress
         # Bucketing chooses among the next bucket_window samples: read at least that far.
         self._read_ahead = max(
             (processor.prefetch + 1) * processor.max_batch_size, processor._bucket_window
@@ -588,6 +643,7 @@ class BatchIterator(Iterator[Any]):
             _core.BatchFeedback(part.size, out_of_memory=True, bucket=self._former.bucket)
         )
         if part.size == 1:
+            processor._note_oom(1, None)
             error = DynbatchError(
                 f"sample {part.ids[0]} alone does not fit in memory; it cannot be split further"
             )
@@ -598,6 +654,7 @@ class BatchIterator(Iterator[Any]):
         # Halves, or smaller when the lowered ceilings (the OOM one, or memory that another
         # process took meanwhile) say a half would not fit either.
         chunk = min(-(-part.size // 2), self._fitting_size())
+        processor._note_oom(part.size, chunk)
         self._parts.extendleft(reversed(part.split(chunk)))
 
     def active_ns(self) -> int:
@@ -617,6 +674,9 @@ class BatchIterator(Iterator[Any]):
             self._release()
 
     def _release(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         self._former = None
         self._kept.clear()
         self._parts.clear()
@@ -646,10 +706,9 @@ class BatchIterator(Iterator[Any]):
             reclaimable_bytes=reclaimable_bytes,
             bucket=self._former.bucket,
         )
-        if part.sequence is not None:
-            self._former.report_feedback(part.sequence, feedback)
-        else:
-            self._processor._policy.on_feedback(feedback)
+        self._former.report_feedback(part.sequence, feedback)
+        if self._progress is not None:
+            self._progress.done(part.size)
 
     def _fitting_size(self) -> int:
         """The processor's fitting size for this stream's shape (after an OOM only)."""
@@ -773,6 +832,7 @@ class BatchIterator(Iterator[Any]):
                 f"dynbatch core delivered samples {ids[0]}..{ids[-1]}, "
                 f"expected {self._delivered}..{self._delivered + size - 1}"
             )
+        self._processor._note_target(batch.target)
         pop = self._kept.pop
         kept = [pop(i) for i in ids]
         self._delivered += size
@@ -782,12 +842,12 @@ class BatchIterator(Iterator[Any]):
 
 class _Part:
     """A batch as flat leaves, or a slice of one; ``ids`` are its samples' input positions;
-    ``sequence`` is the core's batch number for a whole batch, None for a slice."""
+    ``sequence`` is the core's number of the batch (a slice's times add to its batch's)."""
 
     __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
 
     def __init__(
-        self, leaves: list[Any], ids: list[int], sequence: int | None, collate_ns: int
+        self, leaves: list[Any], ids: list[int], sequence: int, collate_ns: int
     ) -> None:
         self.leaves = leaves
         self.ids = ids
@@ -801,7 +861,7 @@ class _Part:
             _Part(
                 [leaf[start : start + chunk] for leaf in self.leaves],
                 self.ids[start : start + chunk],
-                None,
+                self.sequence,
                 0,
             )
             for start in range(0, self.size, chunk)

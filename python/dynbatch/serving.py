@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
-import logging
 import math
 import threading
 import time
@@ -46,6 +45,8 @@ from .futures import (
     complete,
     fail,
 )
+from .logs import Throttled
+from .logs import logger as _log
 from .scheduler import Scheduler
 from .torch_bridge import LeafSpec, Schema, split_outputs
 
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Server"]
 
-_log = logging.getLogger("dynbatch")
 _INT32 = (-(2**31), 2**31 - 1)
 _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
@@ -128,6 +128,8 @@ class Server:
         self._abandoned = False  # closed without draining: waiting batches give up
         self._started_ns = 0
         self.isolated_errors = 0
+        self._shed_full = Throttled("requests refused: the queue was full (max_queue_size)")
+        self._shed_late = Throttled("requests timed out before dispatch")
         _live_servers.add(self)
 
     # ----------------------------------------------------------------- request path
@@ -204,7 +206,7 @@ class Server:
             refused = futures[accepted:]  # not from the table: close() may have emptied it
             for request_id in ids[accepted:]:
                 table.pop(request_id, None)
-            fail(self._group, list(refused), self._refusal())
+            fail(self._group, list(refused), self._refusal(len(refused)))
         return futures
 
     def infer(self, sample: Any, priority: int, timeout: float | None) -> asyncio.Future[Any]:
@@ -351,7 +353,7 @@ class Server:
             return False
         return bool(former.wait_for_room(remaining_ns / 1e9)) and not self._closing
 
-    def _refusal(self) -> DynbatchError:
+    def _refusal(self, count: int = 1) -> DynbatchError:
         if self._fatal is not None:
             error = ProcessorClosed(f"the processor stopped after an internal error: {self._fatal}")
             error.__cause__ = self._fatal
@@ -363,6 +365,7 @@ class Server:
             if self._block_timeout_ns >= 0
             else ""
         )
+        self._shed_full.add(count)
         return QueueFull(
             f"{self._max_queue_size} requests are already waiting (max_queue_size){waited}"
         )
@@ -393,12 +396,14 @@ class Server:
         self._end_late(late)
 
     def _end_late(self, late: list[Any]) -> None:
+        self._shed_late.add(len(late))
         errors: list[BaseException] = [
             RequestTimeout(f"request {r._request_id} timed out before dispatch") for r in late
         ]
         fail(self._group, late, errors)
 
     def _dispatch(self, batch: _core.Batch) -> None:
+        self._processor._note_target(batch.target)
         requests, samples, states = claim(self._group, self._table, batch.ids, time.monotonic_ns())
         live = (
             requests
@@ -415,7 +420,7 @@ class Server:
             keep = [i for i, state in enumerate(states) if state == LIVE]
             if keep:
                 leaves = self._schema.batch_leaves(batch, [samples[i] for i in keep], rows=keep)
-                self._run(leaves, live, None, batch.collate_ns)
+                self._run(leaves, live, batch.sequence, batch.collate_ns)
         except BaseException as error:  # anything past the claim: these requests get it
             _log.exception("dynbatch batch of %d requests failed outside the model", len(live))
             fail(self._group, live, error)
@@ -432,10 +437,10 @@ class Server:
             self._processor._recorder.record_outcome(priority, "cancelled", count)
 
     def _run(
-        self, leaves: list[Any], requests: list[Any], sequence: int | None, collate_ns: int
+        self, leaves: list[Any], requests: list[Any], sequence: int, collate_ns: int
     ) -> None:
-        """Runs the model on one batch (or part) and ends its requests; splits on OOM,
-        bisects on other errors when isolating them."""
+        """Runs the model on one batch (or part: its times add to batch ``sequence``'s) and
+        ends its requests; splits on OOM, bisects on other errors when isolating them."""
         processor = self._processor
         size = len(requests)
         assert self._schema is not None and self._former is not None
@@ -469,10 +474,7 @@ class Server:
                 reclaimable_bytes=reclaimable_bytes,
                 bucket=self._former.bucket,
             )
-            if sequence is not None:
-                self._former.report_feedback(sequence, feedback)
-            else:
-                processor._policy.on_feedback(feedback)
+            self._former.report_feedback(sequence, feedback)
             try:
                 results = split_outputs(output, size)
             except Exception as error:  # the model broke its contract for the whole batch
@@ -481,12 +483,12 @@ class Server:
             complete(self._group, requests, results)
             return
         if isinstance(failure, processor._oom_types):
-            self._split_after_oom(leaves, requests, failure)
+            self._split_after_oom(leaves, requests, sequence, failure)
             return
         if self._isolate and size > 1 and isinstance(failure, Exception):
             half = -(-size // 2)
-            self._run([leaf[:half] for leaf in leaves], requests[:half], None, 0)
-            self._run([leaf[half:] for leaf in leaves], requests[half:], None, 0)
+            self._run([leaf[:half] for leaf in leaves], requests[:half], sequence, 0)
+            self._run([leaf[half:] for leaf in leaves], requests[half:], sequence, 0)
             return
         ended = fail(self._group, requests, failure)
         if self._isolate and size == 1 and ended:
@@ -495,7 +497,7 @@ class Server:
             _log.warning("request %d failed alone: %r", requests[0]._request_id, failure)
 
     def _split_after_oom(
-        self, leaves: list[Any], requests: list[Any], error: BaseException
+        self, leaves: list[Any], requests: list[Any], sequence: int, error: BaseException
     ) -> None:
         processor = self._processor
         assert self._former is not None
@@ -504,6 +506,7 @@ class Server:
             _core.BatchFeedback(size, out_of_memory=True, bucket=self._former.bucket)
         )
         if size == 1:
+            processor._note_oom(size, None)
             alone = DynbatchError(
                 f"request {requests[0]._request_id} alone does not fit in memory; "
                 "it cannot be split further"
@@ -512,12 +515,12 @@ class Server:
             fail(self._group, requests, alone)
             return
         processor._split_batches += 1
-        _log.warning("batch of %d ran out of memory: retrying in parts", size)
         fitting = processor._fitting_size(self._former.bucket, self._former.sample_bytes)
         chunk = max(1, min(-(-size // 2), fitting))
+        processor._note_oom(size, chunk)
         for start in range(0, size, chunk):
             part = [leaf[start : start + chunk] for leaf in leaves]
-            self._run(part, requests[start : start + chunk], None, 0)
+            self._run(part, requests[start : start + chunk], sequence, 0)
 
     def _reservation(self, size: int) -> int:
         """The batch's predicted peak memory, for the scheduler; exclusive while unknown."""
@@ -556,6 +559,8 @@ class Server:
         with self._group.condition:
             waiting = list(self._table.values())
             self._table.clear()
+        if waiting:
+            _log.warning("%d requests not run: %s", len(waiting), error)
         if cause is not None:
             error.__cause__ = cause
         fail(self._group, waiting, error)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Stats"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["BatchPoint", "DurationHistogram", "Stats"]
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -20,6 +24,40 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def _mib(value: float) -> str:
     return f"{value / 2**20:,.1f} MiB"
+
+
+@dataclass(frozen=True)
+class DurationHistogram:
+    """Durations as Prometheus keeps them: how many were below each upper edge (cumulative,
+    exact at these powers of two from ~1 us to ~69 s), their count and their sum."""
+
+    upper_edges_seconds: tuple[float, ...]
+    cumulative_counts: tuple[int, ...]
+    count: int
+    sum_seconds: float
+
+    @classmethod
+    def from_core(cls, histogram: Mapping[str, Any]) -> DurationHistogram:
+        buckets = histogram["buckets"]
+        return cls(
+            tuple(int(edge) / 1e9 for edge, _ in buckets),
+            tuple(int(below) for _, below in buckets),
+            int(histogram["count"]),
+            float(histogram["sum_ns"]) / 1e9,
+        )
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    """One batch of the recent window, for plots: when it reached the caller (seconds since
+    the window's first batch), its size and target, the caller's time on it (-1: not
+    reported) and the memory in use (total - available) when it was formed."""
+
+    seconds: float
+    size: int
+    target: int
+    compute_ms: float
+    memory_used_bytes: int
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,16 @@ class Stats:
     queued: int = 0  # requests waiting right now
     # collate="pad": real rows / rows after padding, over every padded batch (1.0: none).
     padding_efficiency: float = 1.0
+    memory_available_bytes: int = 0  # the latest reading
+    # Prometheus-style histograms (totals, not the window): the caller's (or model's) time per
+    # batch, and each priority's queue wait (enqueue to dispatch).
+    compute_histogram: DurationHistogram | None = None
+    queue_wait_histograms: dict[int, DurationHistogram] = field(default_factory=dict)
+    # For plots: the recent window's batches, out-of-memory errors (seconds on the same
+    # time line; earlier ones are dropped) and the SLO that batches are checked against.
+    timeline: list[BatchPoint] = field(default_factory=list)
+    oom_seconds: list[float] = field(default_factory=list)
+    latency_slo_ms: float | None = None
 
     @classmethod
     def from_core(
@@ -84,8 +132,12 @@ class Stats:
         *,
         isolated_errors: int = 0,
         queued: int = 0,
+        oom_times_ns: list[int] | None = None,
+        latency_slo_ms: float | None = None,
     ) -> Stats:
         records = snapshot["recent"]
+        total_bytes = int(telemetry["total_bytes"])
+        origin_ns = int(records[0][5]) if records else 0
         # record: (sequence, size, target, first_enqueue, formed, delivered, collate, compute, mem)
         latencies = [(r[5] - r[3]) / 1e6 for r in records]
         computes = [r[7] / 1e6 for r in records if r[7] >= 0]
@@ -146,10 +198,45 @@ class Stats:
                 if int(snapshot["padded_rows"])
                 else 1.0
             ),
+            memory_available_bytes=int(telemetry.get("available_bytes", 0)),
+            compute_histogram=DurationHistogram.from_core(snapshot["compute_time"]),
+            queue_wait_histograms={
+                int(priority): DurationHistogram.from_core(entry["queue_wait"])
+                for priority, entry in sorted(snapshot["priorities"].items())
+            },
+            timeline=[
+                BatchPoint(
+                    (int(r[5]) - origin_ns) / 1e9,
+                    int(r[1]),
+                    int(r[2]),
+                    int(r[7]) / 1e6 if int(r[7]) >= 0 else -1.0,
+                    max(0, total_bytes - int(r[8])) if int(r[8]) else 0,
+                )
+                for r in records
+            ],
+            oom_seconds=[
+                (t - origin_ns) / 1e9 for t in (oom_times_ns or []) if records and t >= origin_ns
+            ],
+            latency_slo_ms=latency_slo_ms,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_prometheus(self, labels: Mapping[str, str] | None = None) -> str:
+        """These stats in the Prometheus text exposition format (version 0.0.4), every sample
+        carrying ``labels`` (e.g. ``{"task": "classifier"}``). Serve it on ``/metrics``."""
+        from .metrics import render_prometheus
+
+        return render_prometheus(self, labels or {})
+
+    def plot(self, path: str | None = None, *, title: str = "dynbatch") -> Figure:
+        """Batch size, throughput and memory over the recent window, with out-of-memory
+        errors and SLO misses marked; saved to ``path`` (PNG, SVG, PDF... by its suffix) when
+        given. Needs matplotlib (``pip install "dynbatch[plot]"``)."""
+        from .plots import plot_runs
+
+        return plot_runs({title: self}, path)
 
     def __str__(self) -> str:
         histogram = ", ".join(f"{size}:{count}" for size, count in self.histogram.items())
