@@ -846,9 +846,7 @@ class _Part:
 
     __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
 
-    def __init__(
-        self, leaves: list[Any], ids: list[int], sequence: int, collate_ns: int
-    ) -> None:
+    def __init__(self, leaves: list[Any], ids: list[int], sequence: int, collate_ns: int) -> None:
         self.leaves = leaves
         self.ids = ids
         self.size = len(ids)

@@ -436,9 +436,7 @@ class Server:
         for priority, count in Counter(r._priority for r in cancelled).items():
             self._processor._recorder.record_outcome(priority, "cancelled", count)
 
-    def _run(
-        self, leaves: list[Any], requests: list[Any], sequence: int, collate_ns: int
-    ) -> None:
+    def _run(self, leaves: list[Any], requests: list[Any], sequence: int, collate_ns: int) -> None:
         """Runs the model on one batch (or part: its times add to batch ``sequence``'s) and
         ends its requests; splits on OOM, bisects on other errors when isolating them."""
         processor = self._processor
