@@ -1,10 +1,10 @@
 """dynbatch: dynamic batching for PyTorch with a compiled C++/CUDA core.
 
-import dynbatch as ds
-processor = ds.DynamicBatchProcessor(max_batch_size=64, min_batch_size=8)
-for batch in processor(samples):
-    output = model(batch)
-print(processor.stats())
+    import dynbatch as ds
+    processor = ds.DynamicBatchProcessor(max_batch_size=64, min_batch_size=8)
+    for batch in processor(samples):
+        output = model(batch)
+    print(processor.stats())
 
 Serving: ``ds.DynamicBatchProcessor(model=model)`` then ``processor.submit(sample)`` (a
 Future), ``processor.submit_many(samples)`` or ``await processor.infer(sample)``.

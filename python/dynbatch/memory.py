@@ -14,9 +14,12 @@ class MemoryMonitor(Protocol):
     """Brackets the caller's work on one batch. ``end`` returns (peak bytes above the level
     at ``begin``, reclaimable bytes); 0 means unknown."""
 
-    def begin(self) -> None: ...
+    def begin(self) -> None:
+        """Called when the batch is handed to the caller (or the model)."""
 
-    def end(self) -> tuple[int, int]: ...
+    def end(self) -> tuple[int, int]:
+        """Called when the caller is done with it: (peak bytes, reclaimable bytes)."""
+        ...
 
 
 class NoMemoryMonitor:
@@ -24,9 +27,10 @@ class NoMemoryMonitor:
     and sizing relies on the staged bytes against host headroom."""
 
     def begin(self) -> None:
-        return None
+        """Nothing to measure."""
 
     def end(self) -> tuple[int, int]:
+        """(0, 0): unknown."""
         return (0, 0)
 
 
@@ -43,10 +47,12 @@ class CudaMemoryMonitor:
         self._start = 0
 
     def begin(self) -> None:
+        """Resets the device's peak and notes what is allocated now."""
         torch.cuda.reset_peak_memory_stats(self._device)
         self._start = torch.cuda.memory_allocated(self._device)
 
     def end(self) -> tuple[int, int]:
+        """(the batch's peak above the start, bytes reserved by torch but unallocated)."""
         peak = torch.cuda.max_memory_allocated(self._device) - self._start
         reserved = torch.cuda.memory_reserved(self._device)
         allocated = torch.cuda.memory_allocated(self._device)
@@ -54,6 +60,7 @@ class CudaMemoryMonitor:
 
 
 def default_memory_monitor() -> MemoryMonitor:
+    """torch's allocator on the current CUDA device when CUDA is available, else none."""
     if torch.cuda.is_available():
         return CudaMemoryMonitor(torch.cuda.current_device())
     return NoMemoryMonitor()

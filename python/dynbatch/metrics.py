@@ -271,6 +271,8 @@ class Collector:
             self._registry = None
 
     def collect(self) -> Iterator[Any]:
+        """The metric families of every live processor (prometheus_client calls this at each
+        scrape)."""
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

@@ -39,6 +39,7 @@ class PaddedBatch:
 
     @property
     def padded_length(self) -> int:
+        """``L``: the length every padded leaf of this batch was padded to."""
         return int(self.mask.shape[1])
 
     def __repr__(self) -> str:

@@ -438,7 +438,7 @@ class DynamicBatchProcessor:
         if server is not None:
             live_ns += server.active_ns()
         telemetry = self._final_telemetry or self._telemetry_reading()
-        return Stats.from_core(
+        return Stats._from_core(
             self._recorder.snapshot(),
             live_ns,
             self._policy.state(),

@@ -98,6 +98,7 @@ class Scheduler:
 
     @staticmethod
     def new_task_id() -> int:
+        """A fresh task id, for work of your own that takes grants with ``acquire``."""
         return next(_task_ids)
 
     def acquire(
@@ -120,6 +121,7 @@ class Scheduler:
         return False
 
     def release(self, task: int, task_priority: int, reservation_bytes: int) -> None:
+        """Ends a grant from ``acquire`` (the same arguments), once the batch is done."""
         self._core.release(task, task_priority, reservation_bytes)
 
     def state(self) -> dict[str, Any]:

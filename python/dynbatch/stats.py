@@ -37,7 +37,7 @@ class DurationHistogram:
     sum_seconds: float
 
     @classmethod
-    def from_core(cls, histogram: Mapping[str, Any]) -> DurationHistogram:
+    def _from_core(cls, histogram: Mapping[str, Any]) -> DurationHistogram:
         buckets = histogram["buckets"]
         return cls(
             tuple(int(edge) / 1e9 for edge, _ in buckets),
@@ -121,7 +121,7 @@ class Stats:
     latency_slo_ms: float | None = None
 
     @classmethod
-    def from_core(
+    def _from_core(
         cls,
         snapshot: dict[str, Any],
         live_active_ns: int,
@@ -199,9 +199,9 @@ class Stats:
                 else 1.0
             ),
             memory_available_bytes=int(telemetry.get("available_bytes", 0)),
-            compute_histogram=DurationHistogram.from_core(snapshot["compute_time"]),
+            compute_histogram=DurationHistogram._from_core(snapshot["compute_time"]),
             queue_wait_histograms={
-                int(priority): DurationHistogram.from_core(entry["queue_wait"])
+                int(priority): DurationHistogram._from_core(entry["queue_wait"])
                 for priority, entry in sorted(snapshot["priorities"].items())
             },
             timeline=[
@@ -221,6 +221,7 @@ class Stats:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python values (JSON-ready), nested dataclasses included."""
         return asdict(self)
 
     def to_prometheus(self, labels: Mapping[str, str] | None = None) -> str:
