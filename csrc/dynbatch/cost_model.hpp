@@ -29,6 +29,7 @@ public:
   // True with two or more distinct x; before that the fit is the line through the origin and
   // the one point (y proportional to x).
   bool has_line() const noexcept { return points_.size() >= 2; }
+  std::size_t distinct_x() const noexcept { return points_.size(); }
   double intercept() const noexcept { return intercept_; }
   double slope() const noexcept { return slope_; }
   // The smallest x whose x / y is within `tolerance` of the largest x / y among the points (for

@@ -9,23 +9,19 @@ namespace dynbatch {
 namespace {
 constexpr double boost_step = 1.25;
 constexpr double max_boost = 8.0;
-// Batches a probe above the knee may take to reach its size (prefetched batches were formed
-// before it was asked for) before it is given up.
-constexpr std::size_t knee_probe_patience = 4;
+constexpr std::size_t knee_evidence = 3; // distinct sizes measured before exploring may stop
 } // namespace
 
 SizingController::SizingController(const ControllerOptions &options)
     : options_(options), explore_size_(options.min_batch_size),
-      oom_ceiling_(options.max_batch_size), probe_wait_(options.probe_after),
-      knee_probe_wait_(options.probe_after) {
+      oom_ceiling_(options.max_batch_size), probe_wait_(options.probe_after) {
   if (options.min_batch_size < 1 || options.max_batch_size < options.min_batch_size) {
     throw std::invalid_argument("SizingController: need 1 <= min_batch_size <= max_batch_size");
   }
   if (!(options.knee_tolerance > 0.0 && options.knee_tolerance < 1.0)) {
     throw std::invalid_argument("SizingController: knee_tolerance must be in (0, 1)");
   }
-  if (options.latency_slo_ns < 0 || options.max_buckets < 1 || options.probe_after < 1 ||
-      options.max_knee_probe_wait < options.probe_after) {
+  if (options.latency_slo_ns < 0 || options.max_buckets < 1 || options.probe_after < 1) {
     throw std::invalid_argument("SizingController: invalid options");
   }
 }
@@ -105,8 +101,7 @@ std::size_t SizingController::next_batch_size(const SizingInputs &inputs) {
 std::size_t SizingController::decide(const Ceilings &limit) const {
   const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
   const std::size_t wanted =
-      exploring_ ? explore_size_
-                 : std::max(clamp(static_cast<double>(limit.knee) * boost_), knee_probe_size_);
+      exploring_ ? explore_size_ : clamp(static_cast<double>(limit.knee) * boost_);
   return std::max(options_.min_batch_size, std::min(wanted, hard));
 }
 
@@ -132,7 +127,6 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
     good_batches_at_ceiling_ = 0;
     exploring_ = false;
     boost_ = 1.0;
-    knee_probe_size_ = 0;
     return;
   }
   if (failed_size_ == 0 || size < failed_size_) {
@@ -151,15 +145,15 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
   const Ceilings limit = ceilings(entry, last_inputs_);
   const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
   if (exploring_ && size >= std::min(explore_size_, hard)) {
-    const bool knee_found = entry.model.latency_ns.has_line() && explore_size_ >= limit.knee;
+    // Three sizes at least: with two, one noisy batch (one that ran while another thread held
+    // the GIL) can put the knee at the smallest size, and nothing bigger is ever measured.
+    const bool knee_found =
+        entry.model.latency_ns.distinct_x() >= knee_evidence && explore_size_ >= limit.knee;
     if (knee_found || explore_size_ >= hard) {
       exploring_ = false;
     } else {
       explore_size_ = clamp(static_cast<double>(explore_size_) * 2.0);
     }
-  }
-  if (!exploring_) {
-    probe_above_knee(size, limit, hard);
   }
   if (oom_ceiling_ < options_.max_batch_size && size >= oom_ceiling_ &&
       ++good_batches_at_ceiling_ >= probe_wait_) {
@@ -181,33 +175,6 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
       boost_ = std::max(1.0, boost_ / boost_step);
     }
   }
-}
-
-void SizingController::probe_above_knee(std::size_t size, const Ceilings &limit, std::size_t hard) {
-  ++batches_since_knee_probe_;
-  if (knee_probe_size_ != 0) {
-    // Done when the probe ran, or given up after a few batches that could not reach it (too
-    // few requests waiting): either way, wait longer unless the knee moved up.
-    if (size < knee_probe_size_ && batches_since_knee_probe_ < knee_probe_patience) {
-      return;
-    }
-    knee_probe_wait_ = limit.knee > knee_before_probe_
-                           ? options_.probe_after
-                           : std::min(knee_probe_wait_ * 2, options_.max_knee_probe_wait);
-    knee_probe_size_ = 0;
-    batches_since_knee_probe_ = 0;
-    return;
-  }
-  const std::size_t at_knee = clamp(static_cast<double>(limit.knee) * boost_);
-  if (batches_since_knee_probe_ < knee_probe_wait_ || size < at_knee) {
-    return; // not due, or the batches do not even reach the knee (little demand)
-  }
-  const std::size_t probe = std::min(hard, clamp(2.0 * static_cast<double>(at_knee)));
-  if (probe > at_knee) {
-    knee_probe_size_ = probe;
-    knee_before_probe_ = limit.knee;
-  }
-  batches_since_knee_probe_ = 0;
 }
 
 SizingState SizingController::state() const {

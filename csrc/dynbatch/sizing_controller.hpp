@@ -15,13 +15,9 @@
 //     throughput is within tol of the best measured (a noisy fit must not undo what was
 //     measured); with `utilization_target` set, a
 //     device that stays below it lets the size grow past the knee while memory allows.
-//     A knee learned from noisy batches can sit far too low, and the sizes it picks would
-//     never measure anything bigger: so after `probe_after` batches at it, one batch probes
-//     twice the knee (within the limits). A probe that moves the knee up resets the wait; one
-//     that does not doubles it, up to `max_knee_probe_wait` batches, so a right knee is
-//     probed rarely.
 // It explores first: from min it doubles after each batch of the current size, until the
-// latency line puts the knee at or below that size or a memory/SLO/OOM limit stops it.
+// latency line, fitted through three sizes at least, puts the knee at or below that size or a
+// memory/SLO/OOM limit stops it.
 
 #include <cstddef>
 #include <cstdint>
@@ -44,7 +40,6 @@ struct ControllerOptions {
   std::size_t history = 64;             // observations before an unrevisited size is forgotten
   std::size_t probe_after = 16;
   double probe_step = 0.1;
-  std::size_t max_knee_probe_wait = 1024;
   std::size_t max_buckets = 16;
 };
 
@@ -70,7 +65,6 @@ private:
   Bucket &bucket(std::uint64_t key);
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
   std::size_t decide(const Ceilings &limit) const;
-  void probe_above_knee(std::size_t size, const Ceilings &limit, std::size_t hard);
   std::size_t clamp(double size) const;
 
   const ControllerOptions options_;
@@ -88,11 +82,7 @@ private:
   std::size_t probe_wait_;
   std::uint64_t ooms_ = 0;
   std::uint64_t reclaimable_bytes_ = 0;
-  double boost_ = 1.0;              // growth past the knee while utilization stays low
-  std::size_t knee_probe_size_ = 0; // asked for while a probe above the knee is due; 0: none
-  std::size_t knee_before_probe_ = 0;
-  std::size_t knee_probe_wait_;
-  std::size_t batches_since_knee_probe_ = 0;
+  double boost_ = 1.0; // growth past the knee while utilization stays low
   double last_utilization_ = 0.0;
   SizingInputs last_inputs_;
 };
