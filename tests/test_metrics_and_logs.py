@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import sys
 import threading
 import time
@@ -120,6 +121,37 @@ def test_prometheus_text_has_per_priority_waits_timeouts_and_cancellations() -> 
     assert sum(s.value for s in released.samples) == bp.stats().batches
 
 
+@pytest.mark.parametrize(
+    ("labels", "error", "names"),
+    [
+        ({"task-name": "a"}, ValueError, "'task-name' is not a Prometheus label name"),
+        ({"__reserved": "a"}, ValueError, "'__reserved' is not a Prometheus label name"),
+        ({"le": "x"}, ValueError, "'le' is one of dynbatch's own labels"),
+        ({"gpu": 0}, TypeError, r"labels\['gpu'\] must be a str, got int"),
+        (["task"], TypeError, "labels must be a mapping"),
+    ],
+)
+def test_bad_prometheus_labels_are_named(labels: Any, error: type[Exception], names: str) -> None:
+    stats = ds.DynamicBatchProcessor().stats()
+    with pytest.raises(error, match=names):
+        stats.to_prometheus(labels)
+
+
+def test_collector_names_what_it_cannot_take() -> None:
+    with pytest.raises(TypeError, match="a mapping of task names"):
+        ds_metrics().Collector([ds.DynamicBatchProcessor()], registry=None)
+    with pytest.raises(TypeError, match="got 'x': int"):
+        ds_metrics().Collector({"x": 3}, registry=None)
+
+
+def test_stats_repr_leaves_out_the_timeline() -> None:
+    bp = ds.DynamicBatchProcessor(max_batch_size=4)
+    list(bp([torch.zeros(2)] * 4000))
+    stats = bp.stats()
+    assert len(stats.timeline) == stats.batches > 1000
+    assert "BatchPoint" not in repr(stats) and len(repr(stats)) < 5000
+
+
 def test_collector_reports_each_processor_under_its_task_label() -> None:
     registry = prometheus_client.CollectorRegistry()
     first, second = run_with_oom(), ds.DynamicBatchProcessor(max_batch_size=8)
@@ -174,6 +206,12 @@ def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "dynbatch" and r.levelno == level]
 
 
+def counted(caplog: pytest.LogCaptureFixture, what: str) -> int:
+    """The events that the throttled WARNING lines containing ``what`` report, summed."""
+    lines = [m for m in messages(caplog, logging.WARNING) if what in m]
+    return sum(int(re.search(r": (\d+)(?: in the last|$| \(latest)", m).group(1)) for m in lines)
+
+
 def test_sizing_decisions_at_debug_and_oom_recoveries_at_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -205,8 +243,22 @@ def test_serving_logs_isolated_errors_and_shed_requests_but_nothing_per_request(
     assert len(records) <= batches + 2  # sizing changes per batch at most, one error
     warnings = messages(caplog, logging.WARNING)
     assert [m for m in warnings if "failed alone" in m] == [
-        next(m for m in warnings if "request 7 failed alone" in m)
+        "requests failed alone (isolated model errors): 1 "
+        "(latest: request 7: ValueError('poisoned tags [7]'))"
     ]
+
+
+def test_many_failing_requests_give_one_line_per_second_not_one_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dynbatch")
+    model = RecordingModel(poison=set(range(0, 400, 2)))  # every other request fails
+    with ds.DynamicBatchProcessor(model=model, max_batch_size=16, max_delay_ms=1.0) as bp:
+        futures = [bp.submit(tag(i)) for i in range(400)]
+        failed = sum(1 for f in futures if f.exception(10) is not None)
+    assert failed == 200
+    assert wait_until(lambda: counted(caplog, "failed alone") == 200, timeout_s=5)
+    assert len([m for m in messages(caplog, logging.WARNING) if "failed alone" in m]) <= 3
 
 
 def test_shed_requests_are_logged_at_most_once_per_second_with_a_count(
@@ -230,8 +282,10 @@ def test_shed_requests_are_logged_at_most_once_per_second_with_a_count(
             future.result(10)
     assert refused >= 490  # the queue holds 4 (or 5 while the former moves one aside)
     shed = [m for m in messages(caplog, logging.WARNING) if "queue was full" in m]
-    assert 1 <= len(shed) <= 2  # throttled: ~0.1 s of refusals
-    assert shed[0].endswith("1 in the last 1.0 s")
+    assert shed[0].endswith("(max_queue_size): 1")  # the first at once
+    # The rest of the burst, by the timer one interval later: every refusal is counted.
+    assert wait_until(lambda: counted(caplog, "queue was full") == refused, timeout_s=5)
+    assert len([m for m in messages(caplog, logging.WARNING) if "queue was full" in m]) == 2
 
 
 def test_timeouts_are_logged_as_shed_requests(caplog: pytest.LogCaptureFixture) -> None:

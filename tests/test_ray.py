@@ -162,6 +162,34 @@ def test_predictor_keeps_columns_and_order_without_ray_data() -> None:
         predictor.close()
 
 
+def bfloat16_model() -> Any:
+    return lambda batch: (batch * 2).to(torch.bfloat16)
+
+
+def test_outputs_in_dtypes_numpy_lacks_come_back_as_float32() -> None:
+    predictor = Predictor(bfloat16_model, max_batch_size=8)
+    try:
+        result = predictor({"data": np.ones((10, 4), dtype=np.float32)})
+        assert result["output"].dtype == np.float32
+        np.testing.assert_array_equal(result["output"], np.full((10, 4), 2.0))
+    finally:
+        predictor.close()
+
+
+def test_replica_replies_own_their_rows_namedtuples_included() -> None:
+    from collections import namedtuple
+
+    from dynbatch.ray import _owned
+
+    Out = namedtuple("Out", ["scores", "label"])
+    batch = torch.arange(12.0).reshape(4, 3)
+    reply = _owned({"out": Out(batch[1], batch[2, 0]), "rows": [batch[3]]})
+    assert isinstance(reply["out"], Out)
+    assert torch.equal(reply["out"].scores, batch[1])
+    assert reply["out"].scores.untyped_storage().nbytes() == 3 * 4  # its own row, not the batch
+    assert reply["rows"][0].untyped_storage().nbytes() == 3 * 4
+
+
 def test_outputs_of_different_shapes_become_an_object_column() -> None:
     rows = np.empty(3, dtype=object)
     for i, length in enumerate((2, 5, 3)):

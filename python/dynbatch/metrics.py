@@ -13,6 +13,7 @@ itself and what a ``prometheus_client`` registry scrapes never differ. Every fam
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ __all__ = ["Collector", "Family", "families", "render_prometheus"]
 
 # Batch sizes are counted exactly; Prometheus buckets them at powers of two up to 2^16.
 _BATCH_SIZE_EDGES = tuple(2**k for k in range(17))
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_OWN_LABELS = ("le", "priority", "reason", "limit")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ def families(stats: Stats, labels: Mapping[str, str]) -> list[Family]:
         Family(
             "dynbatch_compute_seconds",
             "histogram",
-            "The caller's (or model's) time per batch.",
+            "The caller's (or model's) time per call: a batch, or each part of a batch split "
+            "after an out-of-memory error or to isolate a failing request.",
             []
             if stats.compute_histogram is None
             else [(base, _durations(stats.compute_histogram))],
@@ -228,8 +232,26 @@ def _lines(family: Family) -> Iterator[str]:
             yield f"{name}{_labels(labels)} {_number(value)}"
 
 
+def check_labels(labels: Mapping[str, str], argument: str = "labels") -> dict[str, str]:
+    """``labels`` as a dict, or an error naming the label that Prometheus would reject or that
+    would collide with one of dynbatch's own."""
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"{argument} must be a mapping of str to str, got {type(labels).__name__}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key) or key.startswith("__"):
+            raise ValueError(
+                f"{argument}: {key!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+            )
+        if key in _OWN_LABELS:
+            raise ValueError(f"{argument}: {key!r} is one of dynbatch's own labels {_OWN_LABELS}")
+        if not isinstance(value, str):
+            raise TypeError(f"{argument}[{key!r}] must be a str, got {type(value).__name__}")
+    return dict(labels)
+
+
 def render_prometheus(stats: Stats, labels: Mapping[str, str]) -> str:
     """The text exposition format (0.0.4) of ``families(stats, labels)``."""
+    labels = check_labels(labels)
     return "\n".join(line for family in families(stats, labels) for line in _lines(family)) + "\n"
 
 
@@ -256,9 +278,17 @@ class Collector:
                 "dynbatch.metrics.Collector needs prometheus_client: "
                 'pip install "dynbatch[metrics]" (or pip install prometheus-client)'
             ) from None
+        from .processor import DynamicBatchProcessor
+
         named = processors if isinstance(processors, Mapping) else {"default": processors}
         if not named:
             raise ValueError("Collector needs at least one processor")
+        for task, processor in named.items():
+            if not isinstance(task, str) or not isinstance(processor, DynamicBatchProcessor):
+                raise TypeError(
+                    "Collector takes a DynamicBatchProcessor or a mapping of task names (str) "
+                    f"to them, got {task!r}: {type(processor).__name__}"
+                )
         self._processors = {task: weakref.ref(p) for task, p in named.items()}
         self._registry = prometheus_client.REGISTRY if registry == "default" else registry
         if self._registry is not None:

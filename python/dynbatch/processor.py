@@ -420,8 +420,7 @@ class DynamicBatchProcessor:
         if logger.isEnabledFor(logging.DEBUG):
             state = self._policy.state()
             logger.debug(
-                "target batch size %d -> %d (knee %d, memory ceiling %d, OOM ceiling %d, "
-                "SLO ceiling %d%s)",
+                "target batch size %d -> %d (limits now: knee %d, memory %d, OOM %d, SLO %d%s)",
                 previous,
                 target,
                 state["knee"],

@@ -95,12 +95,20 @@ def _to_column(results: list[Any], name: str) -> np.ndarray:
                 f"got {type(result).__name__} per row"
             )
     if results and len({result.shape for result in results}) == 1:
-        stacked: np.ndarray = torch.stack(results).cpu().numpy()
-        return stacked
+        return _numpy(torch.stack(results))
     column = np.empty(len(results), dtype=object)
     for index, result in enumerate(results):  # item by item: numpy would broadcast a list
-        column[index] = result.cpu().numpy()
+        column[index] = _numpy(result)
     return column
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """On the CPU as numpy; dtypes numpy lacks (bfloat16, float8...) as float32."""
+    tensor = tensor.detach().cpu()
+    try:
+        return tensor.numpy()
+    except TypeError:
+        return tensor.float().numpy()
 
 
 class Predictor:
@@ -203,7 +211,10 @@ def _owned(output: Any) -> Any:
     if isinstance(output, Mapping):
         return {key: _owned(value) for key, value in output.items()}
     if isinstance(output, (list, tuple)):
-        return type(output)(_owned(value) for value in output)
+        items = [_owned(value) for value in output]
+        if hasattr(output, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(output)(*items)
+        return type(output)(items)
     return output
 
 

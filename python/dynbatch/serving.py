@@ -130,6 +130,7 @@ class Server:
         self.isolated_errors = 0
         self._shed_full = Throttled("requests refused: the queue was full (max_queue_size)")
         self._shed_late = Throttled("requests timed out before dispatch")
+        self._failed_alone = Throttled("requests failed alone (isolated model errors)")
         _live_servers.add(self)
 
     # ----------------------------------------------------------------- request path
@@ -492,7 +493,7 @@ class Server:
         if self._isolate and size == 1 and ended:
             self.isolated_errors += 1
             self._processor._recorder.record_outcome(requests[0]._priority, "failed", 1)
-            _log.warning("request %d failed alone: %r", requests[0]._request_id, failure)
+            self._failed_alone.add(1, f"request {requests[0]._request_id}: {failure!r}")
 
     def _split_after_oom(
         self, leaves: list[Any], requests: list[Any], sequence: int, error: BaseException

@@ -50,8 +50,9 @@ class DurationHistogram:
 @dataclass(frozen=True)
 class BatchPoint:
     """One batch of the recent window, for plots: when it reached the caller (seconds since
-    the window's first batch), its size and target, the caller's time on it (-1: not
-    reported) and the memory in use (total - available) when it was formed."""
+    the window's first batch), its size and target, the caller's time on it (all its parts
+    together when it was split; -1: not reported) and the memory in use (total - available)
+    when it was formed."""
 
     seconds: float
     size: int
@@ -111,13 +112,14 @@ class Stats:
     padding_efficiency: float = 1.0
     memory_available_bytes: int = 0  # the latest reading
     # Prometheus-style histograms (totals, not the window): the caller's (or model's) time per
-    # batch, and each priority's queue wait (enqueue to dispatch).
-    compute_histogram: DurationHistogram | None = None
-    queue_wait_histograms: dict[int, DurationHistogram] = field(default_factory=dict)
+    # call (a batch, or each part of a split one), and each priority's queue wait.
+    compute_histogram: DurationHistogram | None = field(default=None, repr=False)
+    queue_wait_histograms: dict[int, DurationHistogram] = field(default_factory=dict, repr=False)
     # For plots: the recent window's batches, out-of-memory errors (seconds on the same
     # time line; earlier ones are dropped) and the SLO that batches are checked against.
-    timeline: list[BatchPoint] = field(default_factory=list)
-    oom_seconds: list[float] = field(default_factory=list)
+    # Left out of repr(): thousands of points.
+    timeline: list[BatchPoint] = field(default_factory=list, repr=False)
+    oom_seconds: list[float] = field(default_factory=list, repr=False)
     latency_slo_ms: float | None = None
 
     @classmethod
