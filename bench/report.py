@@ -45,6 +45,8 @@ PEERS = {
     "iterate-": "plain-loop",
     "pad-": "pad_sequence",
     "overlap-": "DataLoader",
+    "observe-progress-": "no-bar",
+    "observe-scrape": "stats()",
 }
 
 
