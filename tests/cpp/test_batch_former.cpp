@@ -753,34 +753,52 @@ TEST_CASE(padded_batches_carry_lengths_and_a_rounded_padded_length) {
 
 TEST_CASE(a_later_request_with_an_earlier_deadline_is_released_in_time) {
   // The first request waits for a long max_delay; a second arrives with a short timeout: the
-  // batch must leave before that timeout, not at the first request's max_delay.
+  // batch must leave before that timeout, not at the first request's max_delay. As in
+  // batch_released_before_a_waiting_deadline, a late wake-up (sanitizers, a loaded machine)
+  // may expire the second request instead: one of three tries must be in time.
   const SampleStore store(4);
-  Rig rig(fixed_size(8), serving(64, 2'000 * ms));
-  BatchFormer &former = *rig.former;
-  NextStatus status = NextStatus::timeout;
-  FormedBatch batch;
-  std::thread consumer([&] { status = former.next_batch(batch, now_ns() + hang_bound_ns); });
-  CHECK_EQ(push_with(former, store, 0, 1, {}), 1u);
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  CHECK_EQ(push_with(former, store, 1, 1, {0, 30 * ms}), 1u);
-  consumer.join();
-  REQUIRE(status == NextStatus::batch);
-  CHECK_EQ(batch.ids.size(), 2u);
-  CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
-  CHECK(batch.expired_ids.empty());
+  bool in_time = false;
+  for (int attempt = 0; attempt < 3 && !in_time; ++attempt) {
+    Rig rig(fixed_size(8), serving(64, 2'000 * ms));
+    BatchFormer &former = *rig.former;
+    NextStatus status = NextStatus::timeout;
+    FormedBatch batch;
+    const Nanoseconds started = now_ns();
+    std::thread consumer([&] { status = former.next_batch(batch, now_ns() + hang_bound_ns); });
+    CHECK_EQ(push_with(former, store, 0, 1, {}), 1u);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK_EQ(push_with(former, store, 1, 1, {0, 30 * ms}), 1u);
+    consumer.join();
+    CHECK_LT(now_ns() - started, 1'000 * ms); // never the first request's max_delay
+    in_time = status == NextStatus::batch && batch.ids.size() == 2 &&
+              batch.reason == dynbatch::ReleaseReason::deadline && batch.expired_ids.empty();
+  }
+  CHECK(in_time);
 }
 
 TEST_CASE(batch_released_before_a_waiting_deadline) {
+  // The release comes 1 ms before the deadline; a former thread that wakes later than that
+  // (seen under AddressSanitizer on a loaded 2-core machine) finds the requests expired. A
+  // former that never released on a deadline would find them expired every time: so up to
+  // three tries, one of which must be released in time.
   const SampleStore store(4);
-  Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
-  const Nanoseconds pushed = now_ns();
-  CHECK_EQ(push_with(*rig.former, store, 0, 2, {0, 40 * ms}), 2u);
-  FormedBatch batch;
-  REQUIRE(rig.former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
-  CHECK_EQ(batch.ids.size(), 2u);
-  CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
-  CHECK(batch.expired_ids.empty());
-  CHECK_GE(now_ns() - pushed, 30 * ms); // not before it had to
+  NextStatus status = NextStatus::timeout;
+  for (int attempt = 0; attempt < 3 && status != NextStatus::batch; ++attempt) {
+    Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
+    const Nanoseconds pushed = now_ns();
+    CHECK_EQ(push_with(*rig.former, store, 0, 2, {0, 40 * ms}), 2u);
+    FormedBatch batch;
+    status = rig.former->next_batch(batch, now_ns() + hang_bound_ns);
+    CHECK_GE(now_ns() - pushed, 30 * ms); // not before it had to
+    if (status == NextStatus::batch) {
+      CHECK_EQ(batch.ids.size(), 2u);
+      CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
+      CHECK(batch.expired_ids.empty());
+    } else {
+      CHECK(status == NextStatus::expired); // late, never wrong
+    }
+  }
+  CHECK(status == NextStatus::batch);
 }
 
 TEST_CASE(requests_past_their_deadline_expire_once_and_are_never_formed) {
