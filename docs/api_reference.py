@@ -26,8 +26,6 @@ MODULES = [
     "dynbatch.ray",
     "dynbatch.memory",
 ]
-# Names some modules export for the package's own use, not for users.
-INTERNAL = {"dynbatch.metrics": {"Family", "families", "render_prometheus"}}
 HEADER = """# API reference
 
 Generated from the docstrings by `python docs/api_reference.py`; a test fails when this file
@@ -169,9 +167,8 @@ def _module(module_name: str) -> Iterator[str]:
     module = importlib.import_module(module_name)
     yield f"## `{module_name}`\n"
     yield _docstring(module_name, module) + "\n"
-    internal = INTERNAL.get(module_name, set())
     for name in module.__all__:
-        if name.startswith("_") or name in internal:
+        if name.startswith("_"):
             continue
         obj = getattr(module, name)
         if inspect.isclass(obj):

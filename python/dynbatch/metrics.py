@@ -24,7 +24,7 @@ from .stats import DurationHistogram, Stats
 if TYPE_CHECKING:
     from .processor import DynamicBatchProcessor
 
-__all__ = ["Collector", "Family", "families", "render_prometheus"]
+__all__ = ["Collector"]  # Stats.to_prometheus() is the other way in
 
 # Batch sizes are counted exactly; Prometheus buckets them at powers of two up to 2^16.
 _BATCH_SIZE_EDGES = tuple(2**k for k in range(17))
