@@ -134,10 +134,14 @@ def _entry(level: str, title: str, signature: str) -> Iterator[str]:
 
 
 def _members(cls: type) -> Iterator[tuple[str, Any]]:
-    """Public methods and properties defined by ``cls`` itself (``__call__`` included)."""
-    for name, member in vars(cls).items():
-        if name.startswith("_") and name != "__call__":
+    """Public methods and properties of ``cls`` and of its dynbatch base classes (``__call__``
+    included), the class's own first."""
+    seen: set[str] = set()
+    own = [c for c in cls.__mro__ if c.__module__.startswith("dynbatch")]
+    for name, member in ((n, m) for c in own for n, m in vars(c).items()):
+        if (name.startswith("_") and name != "__call__") or name in seen:
             continue
+        seen.add(name)
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
         if inspect.isfunction(member) or isinstance(member, property):

@@ -144,7 +144,7 @@ def test_abandoned_iterations_leak_no_thread_or_buffer() -> None:
             del iterator  # abandoned mid-way, never closed explicitly
     gc.collect()
     assert os_thread_count() == threads_before
-    pool = processor._pool.stats()
+    pool = processor._engine.pool.stats()
     assert pool["slots_in_use"] == 0 and pool["one_off_in_use"] == 0
     assert pool["pooled_slots"] == processor.prefetch + 2
     assert torch.equal(torch.cat(list(processor(data))), torch.stack(data))

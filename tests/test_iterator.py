@@ -127,7 +127,7 @@ def test_next_batch_is_prepared_while_the_caller_works() -> None:
     pause_s = 0.05
     for _ in processor(tagged(64)):
         time.sleep(pause_s)
-    records = processor._recorder.snapshot()["recent"]
+    records = processor._engine.recorder.snapshot()["recent"]
     # (sequence, size, target, first_enqueue, formed, delivered, collate, compute, memory)
     for previous, record in itertools.pairwise(records):
         formed_ns, delivered_ns = record[4], record[5]

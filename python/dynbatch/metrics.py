@@ -17,12 +17,9 @@ import re
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-from .stats import DurationHistogram, Stats
-
-if TYPE_CHECKING:
-    from .processor import DynamicBatchProcessor
+from .stats_data import DurationHistogram, StatsRecord
 
 __all__ = ["Collector"]  # Stats.to_prometheus() is the other way in
 
@@ -30,6 +27,12 @@ __all__ = ["Collector"]  # Stats.to_prometheus() is the other way in
 _BATCH_SIZE_EDGES = tuple(2**k for k in range(17))
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _OWN_LABELS = ("le", "priority", "reason", "limit")
+
+
+class _HasStats(Protocol):
+    """What a Collector reads: a processor, duck-typed so this module stays below it."""
+
+    def stats(self) -> StatsRecord: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def _durations(histogram: DurationHistogram) -> HistogramValue:
     )
 
 
-def families(stats: Stats, labels: Mapping[str, str]) -> list[Family]:
+def families(stats: StatsRecord, labels: Mapping[str, str]) -> list[Family]:
     """The metric families of one processor's stats, each sample carrying ``labels``."""
     base = dict(labels)
 
@@ -249,7 +252,7 @@ def check_labels(labels: Mapping[str, str], argument: str = "labels") -> dict[st
     return dict(labels)
 
 
-def render_prometheus(stats: Stats, labels: Mapping[str, str]) -> str:
+def render_prometheus(stats: StatsRecord, labels: Mapping[str, str]) -> str:
     """The text exposition format (0.0.4) of ``families(stats, labels)``."""
     labels = check_labels(labels)
     return "\n".join(line for family in families(stats, labels) for line in _lines(family)) + "\n"
@@ -267,7 +270,7 @@ class Collector:
 
     def __init__(
         self,
-        processors: DynamicBatchProcessor | Mapping[str, DynamicBatchProcessor],
+        processors: _HasStats | Mapping[str, _HasStats],
         *,
         registry: Any = "default",
     ) -> None:
@@ -278,13 +281,11 @@ class Collector:
                 "dynbatch.metrics.Collector needs prometheus_client: "
                 'pip install "dynbatch[metrics]" (or pip install prometheus-client)'
             ) from None
-        from .processor import DynamicBatchProcessor
-
         named = processors if isinstance(processors, Mapping) else {"default": processors}
         if not named:
             raise ValueError("Collector needs at least one processor")
         for task, processor in named.items():
-            if not isinstance(task, str) or not isinstance(processor, DynamicBatchProcessor):
+            if not isinstance(task, str) or not callable(getattr(processor, "stats", None)):
                 raise TypeError(
                     "Collector takes a DynamicBatchProcessor or a mapping of task names (str) "
                     f"to them, got {task!r}: {type(processor).__name__}"

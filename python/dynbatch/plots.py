@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .stats import BatchPoint, Stats
+from .stats_data import BatchPoint, StatsRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,7 +33,7 @@ def _throughput(points: list[BatchPoint]) -> tuple[list[float], list[float]]:
     return times, rates
 
 
-def plot_runs(runs: Mapping[str, Stats], path: str | None = None) -> Figure:
+def plot_runs(runs: Mapping[str, StatsRecord], path: str | None = None) -> Figure:
     """One figure for one or more runs (overlaid, each on its own time line from its first
     batch): batch size and target, throughput, memory in use; out-of-memory errors as
     vertical lines, batches slower than ``latency_slo_ms`` as crosses. Saved to ``path``."""

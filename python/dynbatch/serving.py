@@ -22,11 +22,12 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import _core
+from .engine import Engine
 from .errors import (
     DynbatchError,
     InvalidSampleError,
@@ -49,9 +50,6 @@ from .logs import Throttled
 from .logs import logger as _log
 from .scheduler import Scheduler
 from .torch_bridge import LeafSpec, Schema, split_outputs
-
-if TYPE_CHECKING:
-    from .processor import DynamicBatchProcessor
 
 __all__ = ["Server"]
 
@@ -94,7 +92,7 @@ class Server:
 
     def __init__(
         self,
-        processor: DynamicBatchProcessor,
+        engine: Engine,
         model: Callable[[Any], Any],
         *,
         max_delay_ms: float,
@@ -105,7 +103,7 @@ class Server:
         scheduler: Scheduler | None,
         task_priority: int,
     ) -> None:
-        self._processor = processor
+        self._engine = engine
         self._model = model
         self._max_delay_ms = max_delay_ms
         self._max_queue_size = max_queue_size
@@ -305,12 +303,11 @@ class Server:
                 raise ProcessorClosed("this DynamicBatchProcessor is closed")
             if self._former is not None:
                 return self._former
-            processor = self._processor
             try:
-                schema = processor._schema_for(first)
+                schema = self._engine.schema_for(first)
             except InvalidSampleError as error:
                 raise type(error)(error.index, error.path, error.problem, noun="request") from None
-            former = processor._former_for(
+            former = self._engine.former_for(
                 schema,
                 self._max_queue_size,
                 max_delay_ms=self._max_delay_ms,
@@ -404,7 +401,7 @@ class Server:
         fail(self._group, late, errors)
 
     def _dispatch(self, batch: _core.Batch) -> None:
-        self._processor._note_target(batch.target)
+        self._engine.note_target(batch.target)
         requests, samples, states = claim(self._group, self._table, batch.ids, time.monotonic_ns())
         live = (
             requests
@@ -432,15 +429,15 @@ class Server:
         if late:
             self._end_late(late)
             for priority, count in Counter(r._priority for r in late).items():
-                self._processor._recorder.record_outcome(priority, "timed_out", count)
+                self._engine.recorder.record_outcome(priority, "timed_out", count)
         cancelled = [r for r, s in zip(requests, states, strict=True) if s == CANCELLED_BEFORE]
         for priority, count in Counter(r._priority for r in cancelled).items():
-            self._processor._recorder.record_outcome(priority, "cancelled", count)
+            self._engine.recorder.record_outcome(priority, "cancelled", count)
 
     def _run(self, leaves: list[Any], requests: list[Any], sequence: int, collate_ns: int) -> None:
         """Runs the model on one batch (or part: its times add to batch ``sequence``'s) and
         ends its requests; splits on OOM, bisects on other errors when isolating them."""
-        processor = self._processor
+        engine = self._engine
         size = len(requests)
         assert self._schema is not None and self._former is not None
         reservation = self._reservation(size)
@@ -454,14 +451,14 @@ class Server:
         failure: BaseException | None = None
         output: Any = None
         try:
-            processor._memory.begin()
-            started = processor._clock()
+            engine.memory.begin()
+            started = engine.clock()
             try:
                 output = self._model(self._schema.structure(leaves))
             except BaseException as error:
                 failure = error
-            elapsed = processor._clock() - started
-            peak_bytes, reclaimable_bytes = processor._memory.end()
+            elapsed = engine.clock() - started
+            peak_bytes, reclaimable_bytes = engine.memory.end()
         finally:
             scheduler.release(self._task, self._task_priority, reservation)
         if failure is None:
@@ -481,7 +478,7 @@ class Server:
                 return
             complete(self._group, requests, results)
             return
-        if isinstance(failure, processor._oom_types):
+        if engine.is_out_of_memory(failure):
             self._split_after_oom(leaves, requests, sequence, failure)
             return
         if self._isolate and size > 1 and isinstance(failure, Exception):
@@ -492,20 +489,16 @@ class Server:
         ended = fail(self._group, requests, failure)
         if self._isolate and size == 1 and ended:
             self.isolated_errors += 1
-            self._processor._recorder.record_outcome(requests[0]._priority, "failed", 1)
+            engine.recorder.record_outcome(requests[0]._priority, "failed", 1)
             self._failed_alone.add(1, f"request {requests[0]._request_id}: {failure!r}")
 
     def _split_after_oom(
         self, leaves: list[Any], requests: list[Any], sequence: int, error: BaseException
     ) -> None:
-        processor = self._processor
         assert self._former is not None
         size = len(requests)
-        processor._policy.on_feedback(
-            _core.BatchFeedback(size, out_of_memory=True, bucket=self._former.bucket)
-        )
-        if size == 1:
-            processor._note_oom(size, None)
+        chunk = self._engine.after_oom(size, self._former.bucket, self._former.sample_bytes)
+        if chunk is None:
             alone = DynbatchError(
                 f"request {requests[0]._request_id} alone does not fit in memory; "
                 "it cannot be split further"
@@ -513,17 +506,13 @@ class Server:
             alone.__cause__ = error
             fail(self._group, requests, alone)
             return
-        processor._split_batches += 1
-        fitting = processor._fitting_size(self._former.bucket, self._former.sample_bytes)
-        chunk = max(1, min(-(-size // 2), fitting))
-        processor._note_oom(size, chunk)
         for start in range(0, size, chunk):
             part = [leaf[start : start + chunk] for leaf in leaves]
             self._run(part, requests[start : start + chunk], sequence, 0)
 
     def _reservation(self, size: int) -> int:
         """The batch's predicted peak memory, for the scheduler; exclusive while unknown."""
-        state = self._processor._policy.state()
+        state = self._engine.policy.state()
         m0, m1 = float(state["memory_intercept_bytes"]), float(state["memory_slope_bytes"])
         if m0 <= 0.0 and m1 <= 0.0:
             return int(_core.DeviceScheduler.exclusive)

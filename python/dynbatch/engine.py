@@ -1,0 +1,227 @@
+"""The engine under the three consumers (the iterator, the server, the trainer).
+
+One engine per processor holds what they share: the sizing policy and its telemetry, the
+staging pool, the stats recorder, the per-batch memory monitor and clock, the sample schema
+and core formers built from it, and out-of-memory handling. Consumers drive it; they never
+reach into each other or into the facade.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _core
+from .devices import default_telemetry
+from .logs import logger
+from .memory import MemoryMonitor, default_memory_monitor
+from .stats import Stats
+from .torch_bridge import Schema
+
+__all__ = ["Engine", "EngineOptions"]
+
+_GPU_UTILIZATION_TARGET = 0.8
+_OOM_EVENTS_KEPT = 1024
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the facade checked and the engine uses (see ``DynamicBatchProcessor``)."""
+
+    min_batch_size: int
+    max_batch_size: int
+    prefetch: int
+    latency_slo_ms: float | None
+    oom_errors: tuple[type[BaseException], ...]
+    memory_fraction: float
+    knee_tolerance: float
+    pad_value: float | None  # None: stack
+    pad_multiple: int
+    bucket_window: int  # 0: no length grouping
+    max_tokens: int  # 0: no token budget
+
+
+class Engine:
+    """Sizing, telemetry, staging and stats for one processor; thread-safe where the core is
+    (the policy, recorder and pool serialise their own calls)."""
+
+    def __init__(
+        self,
+        options: EngineOptions,
+        *,
+        telemetry: _core.Telemetry | None = None,
+        clock: Callable[[], int] | None = None,
+        memory_monitor: MemoryMonitor | None = None,
+    ) -> None:
+        self.options = options
+        self._owns_telemetry = telemetry is None  # a caller's telemetry may be shared
+        self.telemetry = telemetry if telemetry is not None else default_telemetry()
+        on_gpu = self.telemetry.source.startswith("nvml")
+        self.policy = _core.SizingController(
+            options.min_batch_size,
+            options.max_batch_size,
+            latency_slo_ms=options.latency_slo_ms,
+            knee_tolerance=options.knee_tolerance,
+            staged_memory_fraction=options.memory_fraction,
+            # A GPU's utilization says whether it has compute to spare; a host's does not
+            # (other processes, the loader's own threads).
+            utilization_target=_GPU_UTILIZATION_TARGET if on_gpu else 0.0,
+        )
+        self.oom_types: tuple[type[BaseException], ...] = (
+            torch.cuda.OutOfMemoryError,
+            *options.oom_errors,
+        )
+        self.clock: Callable[[], int] = clock if clock is not None else time.perf_counter_ns
+        self.memory: MemoryMonitor = (
+            memory_monitor if memory_monitor is not None else default_memory_monitor()
+        )
+        self.recorder = _core.StatsRecorder()
+        # Enough slots for the batches in flight (prefetched + the caller's + one forming).
+        self.pool = _core.StagingPool(options.prefetch + 2)
+        self.oom_seen = False  # from then on, batches are checked against the ceilings
+        self._split_batches = 0
+        self._oom_times_ns: deque[int] = deque(maxlen=_OOM_EVENTS_KEPT)  # core clock, for plots
+        self._last_target = 0
+        self._final_telemetry: dict[str, Any] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ forming batches
+
+    def schema_for(self, first: Any) -> Schema:
+        """The checks every later sample must pass, from the first one."""
+        return Schema(
+            first,
+            0,
+            pad_value=self.options.pad_value,
+            pad_multiple=self.options.pad_multiple,
+            max_tokens=self.options.max_tokens,
+        )
+
+    def former_for(self, schema: Schema, capacity: int, **options: Any) -> _core.BatchFormer:
+        """A core former for ``schema``'s samples with this engine's sizing and padding;
+        ``options`` (serving: max_delay_ms, aging_ms) go to the core as they are."""
+        return _core.BatchFormer(
+            schema.core_descriptors(),
+            capacity,
+            self.options.prefetch,
+            self.pool,
+            self.policy,
+            self.telemetry,
+            self.recorder,
+            pad_to_multiple_of=self.options.pad_multiple,
+            max_tokens=self.options.max_tokens,
+            bucket_window=self.options.bucket_window,
+            **options,
+        )
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` means the batch did not fit."""
+        return isinstance(error, self.oom_types)
+
+    def fitting_size(self, bucket: int, sample_bytes: int) -> int:
+        """The largest batch the sizing allows now (the OOM and memory ceilings; below
+        min_batch_size if need be)."""
+        reading = self.telemetry.latest()
+        # Asking for a size with the current reading refreshes the ceilings (changes nothing).
+        self.policy.next_batch_size(
+            0,
+            sample_bytes,
+            reading["memory_available_bytes"],
+            reading["memory_total_bytes"],
+            reading["utilization"],
+            bucket,
+        )
+        state = self.policy.state()
+        return max(1, min(int(state["oom_ceiling"]), int(state["memory_ceiling"])))
+
+    def after_oom(self, size: int, bucket: int, sample_bytes: int) -> int | None:
+        """A batch of ``size`` ran out of memory: the policy learns it, and the size of the
+        parts to retry it in comes back (halves, or smaller when the lowered ceilings say a
+        half would not fit either); None when a lone sample cannot be split further."""
+        self.policy.on_feedback(_core.BatchFeedback(size, out_of_memory=True, bucket=bucket))
+        self._oom_times_ns.append(_core.now_ns())
+        if size == 1:
+            return None
+        self.oom_seen = True
+        self._split_batches += 1
+        chunk = max(1, min(-(-size // 2), self.fitting_size(bucket, sample_bytes)))
+        logger.warning(
+            "batch of %d ran out of memory: retrying in parts of %d (size ceiling now %d)",
+            size,
+            chunk,
+            int(self.policy.state()["oom_ceiling"]),
+        )
+        return chunk
+
+    def note_split(self) -> None:
+        """A batch formed before the ceiling dropped is delivered in parts."""
+        self._split_batches += 1
+
+    def note_target(self, target: int) -> None:
+        """Logs a change of the target batch size (once per batch at most, never per sample)."""
+        if target == self._last_target:
+            return
+        previous, self._last_target = self._last_target, target
+        if logger.isEnabledFor(logging.DEBUG):
+            state = self.policy.state()
+            logger.debug(
+                "target batch size %d -> %d (limits now: knee %d, memory %d, OOM %d, SLO %d%s)",
+                previous,
+                target,
+                state["knee"],
+                state["memory_ceiling"],
+                state["oom_ceiling"],
+                state["slo_ceiling"],
+                ", exploring" if state["exploring"] else "",
+            )
+
+    # ---------------------------------------------------------------------- stats
+
+    def stats(self, live_ns: int, *, isolated_errors: int = 0, queued: int = 0) -> Stats:
+        """A snapshot; ``live_ns`` is the active time of passes still running."""
+        telemetry = self._final_telemetry or self.telemetry_reading()
+        return Stats.from_core(
+            self.recorder.snapshot(),
+            live_ns,
+            self.policy.state(),
+            telemetry,
+            self.pool.stats(),
+            self._split_batches,
+            isolated_errors=isolated_errors,
+            queued=queued,
+            oom_times_ns=list(self._oom_times_ns),
+            latency_slo_ms=self.options.latency_slo_ms,
+        )
+
+    def telemetry_reading(self) -> dict[str, Any]:
+        latest = self.telemetry.latest()
+        return {
+            "source": self.telemetry.source,
+            "peak_rss_bytes": self.telemetry.peak_rss_bytes,
+            "min_available_bytes": self.telemetry.min_available_bytes,
+            "available_bytes": latest["memory_available_bytes"],
+            "total_bytes": latest["memory_total_bytes"],
+        }
+
+    def reset_stats(self) -> None:
+        """Starts the counters and the memory peaks afresh (the learned costs are kept)."""
+        self.recorder.reset()
+        if not self._closed:
+            self.telemetry.reset_peak()
+        self._split_batches = 0
+        self._oom_times_ns.clear()
+
+    def close(self) -> None:
+        """Keeps the last telemetry reading for stats() and stops the sampler. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._final_telemetry = self.telemetry_reading()
+        if self._owns_telemetry:
+            self.telemetry.close()

@@ -1,0 +1,370 @@
+"""The iterator consumer: ``for batch in processor(data)`` and ``processor.map(fn, data)``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from . import _core
+from .engine import Engine
+from .errors import DynbatchError
+from .progress import ProgressBar
+from .torch_bridge import Schema, split_outputs
+
+__all__ = ["BatchIterator", "map_batches"]
+
+# Samples are handed to the core in chunks this size, so collation of the first batch can
+# start while the rest of the read-ahead is still being read.
+_PUSH_CHUNK = 16
+
+
+def map_batches(iterator: BatchIterator, fn: Callable[[Any], Any]) -> list[Any]:
+    """``fn`` on every batch of ``iterator``; one result per sample, in input order. A batch
+    whose ``fn`` runs out of memory comes back in parts (``report_oom``)."""
+    engine = iterator.engine
+    results: list[Any] = []
+    order: list[int] = []  # the samples' input positions, batch after batch
+    with contextlib.closing(iterator):
+        for batch in iterator:
+            size = iterator.batch_size
+            started = engine.clock()
+            try:
+                output = fn(batch)
+            except engine.oom_types:
+                iterator.report_oom()
+                continue
+            iterator.note_compute(engine.clock() - started)
+            results.extend(split_outputs(output, size))
+            order.extend(iterator.batch_ids)
+    if engine.options.bucket_window:  # batches came out of input order
+        in_order: list[Any] = [None] * len(results)
+        for position, result in zip(order, results, strict=True):
+            in_order[position] = result
+        return in_order
+    return results
+
+
+class BatchIterator(Iterator[Any]):
+    """One pass over an input. Closing it (or exhausting it, or dropping it) stops its thread.
+
+    Samples are read ahead by up to ``(prefetch + 1) * max_batch_size``, checked against the
+    first sample, and handed to the core, which forms and collates batches on its own thread.
+    An invalid sample or an exception from the input is raised after every batch of the
+    samples before it has been yielded, so nothing read is lost. After an out-of-memory
+    report, batches come back in parts no larger than the lowered ceiling: slices of the
+    collated batch, no copy.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        source: Iterator[Any],
+        progress: ProgressBar | None = None,
+    ) -> None:
+        self._engine = engine
+        self._source = source
+        self._progress = progress
+        # Bucketing chooses among the next bucket_window samples: read at least that far.
+        options = engine.options
+        self._read_ahead = max(
+            (options.prefetch + 1) * options.max_batch_size, options.bucket_window
+        )
+        self._schema: Schema | None = None
+        self._former: _core.BatchFormer | None = None
+        # Per sample, by index, until its batch is formed (bucketing forms out of order).
+        self._kept: dict[int, Any] = {}
+        self._read = 0
+        self._delivered = 0
+        self._input_done = False
+        self._deferred: BaseException | None = None
+        self._parts: deque[_Part] = deque()  # split batches waiting to be yielded
+        self._current: _Part | None = None  # yielded, waiting for its feedback
+        self._yielded_ns = 0
+        self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
+        self._started_ns = 0
+        self._busy = False  # inside __next__: close() from another thread defers the release
+        self._closed = False
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> Any:
+        resumed_ns = self._engine.clock()
+        if self._closed:
+            raise StopIteration
+        self._busy = True
+        try:
+            self._finish_current(resumed_ns)
+            part = None if self._closed else self._next_part()
+            if part is None or self._closed:  # the end, or closed from another thread
+                deferred = None if self._closed else self._deferred
+                self.close()
+                if deferred is not None:
+                    raise deferred
+                raise StopIteration
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._busy = False
+            if self._closed:
+                self._release()
+        assert self._schema is not None
+        self._current = part
+        self._engine.memory.begin()
+        self._yielded_ns = self._engine.clock()
+        return self._schema.structure(part.leaves)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in the batch last yielded (0 before the first)."""
+        return self._current.size if self._current is not None else 0
+
+    @property
+    def batch_ids(self) -> list[int]:
+        """Input positions of the samples in the batch last yielded."""
+        return self._current.ids if self._current is not None else []
+
+    @property
+    def engine(self) -> Engine:
+        """The engine this pass runs on."""
+        return self._engine
+
+    @property
+    def outstanding_since_ns(self) -> int | None:
+        """When the batch the caller is working on was yielded (engine clock); None when the
+        caller holds none."""
+        return self._yielded_ns if self._current is not None else None
+
+    def note_compute(self, compute_ns: int) -> None:
+        """The caller's own measure of its time on the batch last yielded (used by ``map``)."""
+        self._compute_ns = compute_ns
+
+    def report_oom(self) -> None:
+        """The batch last yielded ran out of memory: it comes back as two halves."""
+        part = self._current
+        if part is None:
+            raise RuntimeError("report_oom() must follow a batch that failed; none is outstanding")
+        self._current = None
+        self._compute_ns = None
+        assert self._former is not None
+        chunk = self._engine.after_oom(part.size, self._former.bucket, self._former.sample_bytes)
+        if chunk is None:
+            error = DynbatchError(
+                f"sample {part.ids[0]} alone does not fit in memory; it cannot be split further"
+            )
+            self.close()
+            raise error
+        self._parts.extendleft(reversed(part.split(chunk)))
+
+    def active_ns(self) -> int:
+        """Wall time of this pass so far, while it is running."""
+        if self._closed or self._started_ns == 0:
+            return 0
+        return time.perf_counter_ns() - self._started_ns
+
+    def close(self) -> None:
+        """Stops the core thread and releases every buffer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._former is not None:
+            self._former.close()  # returns once a formation on the iterating thread is done
+        if not self._busy:  # else the iterating thread releases when its step ends
+            self._release()
+
+    def _release(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._former = None
+        self._kept.clear()
+        self._parts.clear()
+        self._current = None
+        self._deferred = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _finish_current(self, resumed_ns: int) -> None:
+        """Feeds the caller's time and memory on the batch last yielded back to the sizing."""
+        part = self._current
+        if part is None:
+            return
+        self._current = None
+        peak_bytes, reclaimable_bytes = self._engine.memory.end()
+        compute_ns = (
+            self._compute_ns if self._compute_ns is not None else resumed_ns - self._yielded_ns
+        )
+        self._compute_ns = None
+        assert self._former is not None
+        feedback = _core.BatchFeedback(
+            part.size,
+            compute_ns=compute_ns,
+            collate_ns=part.collate_ns,
+            peak_memory_bytes=peak_bytes,
+            reclaimable_bytes=reclaimable_bytes,
+            bucket=self._former.bucket,
+        )
+        self._former.report_feedback(part.sequence, feedback)
+        if self._progress is not None:
+            self._progress.done(part.size)
+
+    def _fitting_size(self) -> int:
+        """The engine's fitting size for this stream's shape (after an OOM only)."""
+        assert self._former is not None
+        return self._engine.fitting_size(self._former.bucket, self._former.sample_bytes)
+
+    def _next_part(self) -> _Part | None:
+        """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
+        part = self._parts.popleft() if self._parts else self._next_core_part()
+        if part is None or not self._engine.oom_seen:
+            return part
+        ceiling = self._fitting_size()
+        if part.size <= ceiling:
+            return part
+        # Formed (or split) before the ceiling dropped: deliver it in parts that fit.
+        self._engine.note_split()
+        pieces = part.split(ceiling)
+        self._parts.extendleft(reversed(pieces[1:]))
+        return pieces[0]
+
+    def _next_core_part(self) -> _Part | None:
+        """The core's next batch; None at the end of input."""
+        if self._former is None and not self._start():
+            return None
+        assert self._former is not None and self._schema is not None
+        self._fill()
+        batch = self._former.next_batch()
+        if batch is None or self._closed:
+            return None
+        return self._assemble(batch)
+
+    def _start(self) -> bool:
+        """Reads the first sample and starts the core; False for an empty input."""
+        self._started_ns = time.perf_counter_ns()
+        try:
+            first = next(self._source)
+        except StopIteration:
+            self.close()
+            return False
+        self._schema = self._engine.schema_for(first)
+        self._former = self._engine.former_for(self._schema, self._read_ahead)
+        addresses: list[int] = []
+        lengths: list[int] = []
+        self._kept[0] = self._schema.admit(first, 0, addresses, lengths)
+        self._read = 1
+        self._push(0, addresses, lengths)
+        return True
+
+    def _fill(self) -> None:
+        """Reads ahead until the core holds enough samples for the batches in flight."""
+        assert self._former is not None and self._schema is not None
+        room = self._read_ahead - (self._read - self._delivered)
+        if self._input_done or room <= 0:
+            return
+        schema = self._schema
+        source = self._source
+        kept = self._kept
+        admit = schema.admit
+        # The lone-tensor check inlined: this loop runs once per sample.
+        lone_tensor = schema.fast_path
+        dtype, shape = schema.leaves[0].dtype, schema.leaves[0].shape
+        strided, tensor_type = torch.strided, torch.Tensor
+        index = first_id = self._read
+        stop = index + room
+        addresses: list[int] = []
+        lengths: list[int] | None = [] if schema.padded else None
+        try:
+            while index < stop:
+                sample = next(source)
+                if (
+                    lone_tensor
+                    and type(sample) is tensor_type
+                    and sample.dtype is dtype
+                    and sample.shape == shape
+                    and sample.is_cpu
+                    and sample.layout is strided
+                    and sample.is_contiguous()
+                    and not sample.is_neg()
+                ):
+                    addresses.append(sample.data_ptr())
+                    kept[index] = sample
+                else:
+                    kept[index] = admit(sample, index, addresses, lengths)
+                index += 1
+                if index - first_id == _PUSH_CHUNK:
+                    self._read = index
+                    self._push(first_id, addresses, lengths)
+                    first_id, addresses = index, []
+                    lengths = [] if lengths is not None else None
+        except StopIteration:
+            self._input_done = True
+        except Exception as error:  # raised to the caller after the batches before it
+            self._deferred = error
+            self._input_done = True
+        self._read = index
+        if index > first_id:
+            self._push(first_id, addresses, lengths)
+        if self._input_done:
+            self._former.close_input()
+
+    def _push(self, first_id: int, addresses: list[int], lengths: list[int] | None) -> None:
+        """Hands samples first_id .. self._read - 1 (and, padding, their lengths) to the core."""
+        assert self._former is not None
+        count = self._read - first_id
+        accepted = self._former.push(first_id, count, addresses, lengths or [])
+        # The read-ahead never exceeds the core's capacity, so a refusal is a bug, not load
+        # (or the iterator was closed from another thread, and the step ends anyway).
+        if accepted != count and not self._closed:
+            raise RuntimeError(
+                f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
+            )
+
+    def _assemble(self, batch: _core.Batch) -> _Part:
+        assert self._schema is not None
+        size = batch.size
+        ids = batch.ids
+        in_order = ids[0] == self._delivered and ids[-1] == self._delivered + size - 1
+        if not in_order and not self._engine.options.bucket_window:
+            raise RuntimeError(
+                f"dynbatch core delivered samples {ids[0]}..{ids[-1]}, "
+                f"expected {self._delivered}..{self._delivered + size - 1}"
+            )
+        self._engine.note_target(batch.target)
+        pop = self._kept.pop
+        kept = [pop(i) for i in ids]
+        self._delivered += size
+        leaves = self._schema.batch_leaves(batch, kept)
+        return _Part(leaves, ids, batch.sequence, batch.collate_ns)
+
+
+class _Part:
+    """A batch as flat leaves, or a slice of one; ``ids`` are its samples' input positions;
+    ``sequence`` is the core's number of the batch (a slice's times add to its batch's)."""
+
+    __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
+
+    def __init__(self, leaves: list[Any], ids: list[int], sequence: int, collate_ns: int) -> None:
+        self.leaves = leaves
+        self.ids = ids
+        self.size = len(ids)
+        self.sequence = sequence
+        self.collate_ns = collate_ns
+
+    def split(self, chunk: int) -> list[_Part]:
+        """Consecutive slices of at most ``chunk`` samples (views: nothing is copied)."""
+        return [
+            _Part(
+                [leaf[start : start + chunk] for leaf in self.leaves],
+                self.ids[start : start + chunk],
+                self.sequence,
+                0,
+            )
+            for start in range(0, self.size, chunk)
+        ]
