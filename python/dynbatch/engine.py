@@ -183,8 +183,11 @@ class Engine:
 
     # ---------------------------------------------------------------------- stats
 
-    def stats(self, live_ns: int, *, isolated_errors: int = 0, queued: int = 0) -> Stats:
-        """A snapshot; ``live_ns`` is the active time of passes still running."""
+    def stats(
+        self, live_ns: int, *, serving: bool = False, isolated_errors: int = 0, queued: int = 0
+    ) -> Stats:
+        """A snapshot; ``live_ns`` is the active time of passes still running; ``serving``:
+        the requests of a server rather than passes over an input."""
         telemetry = self._final_telemetry or self.telemetry_reading()
         return Stats.from_core(
             self.recorder.snapshot(),
@@ -197,6 +200,7 @@ class Engine:
             queued=queued,
             oom_times_ns=list(self._oom_times_ns),
             latency_slo_ms=self.options.latency_slo_ms,
+            serving=serving,
         )
 
     def telemetry_reading(self) -> dict[str, Any]:

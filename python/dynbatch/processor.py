@@ -297,6 +297,7 @@ class DynamicBatchProcessor:
             return self._engine.stats(live_ns)
         return self._engine.stats(
             live_ns + server.active_ns(),
+            serving=True,
             isolated_errors=server.isolated_errors,
             queued=server.queued(),
         )
