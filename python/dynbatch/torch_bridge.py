@@ -368,6 +368,11 @@ def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> No
                 "padding: only the first dimension may differ"
                 if spec.pad is not None
                 else "samples of one stream must share leaf shapes"
+                + (
+                    "; for sequences of different lengths use collate='pad'"
+                    if len(shape) == len(spec.shape) and shape[1:] == spec.shape[1:]
+                    else ""
+                )
             ),
         )
 
