@@ -123,9 +123,10 @@ def test_batches_the_caller_keeps_stay_valid() -> None:
 
 
 def test_next_batch_is_prepared_while_the_caller_works() -> None:
+    # Samples the core copies (over 16 KiB): smaller ones are stacked on the caller's thread.
     processor = ds.DynamicBatchProcessor(max_batch_size=8, min_batch_size=8)
     pause_s = 0.05
-    for _ in processor(tagged(64)):
+    for _ in processor(tagged(64, width=8192)):
         time.sleep(pause_s)
     records = processor._engine.recorder.snapshot()["recent"]
     # (sequence, size, target, first_enqueue, formed, delivered, collate, compute, memory)

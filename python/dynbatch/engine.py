@@ -105,7 +105,8 @@ class Engine:
 
     def former_for(self, schema: Schema, capacity: int, **options: Any) -> _core.BatchFormer:
         """A core former for ``schema``'s samples with this engine's sizing and padding;
-        ``options`` (serving: max_delay_ms, aging_ms) go to the core as they are."""
+        ``options`` (serving: max_delay_ms, aging_ms; collate=False when the caller stacks)
+        go to the core as they are."""
         return _core.BatchFormer(
             schema.core_descriptors(),
             capacity,

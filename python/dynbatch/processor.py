@@ -211,7 +211,9 @@ class DynamicBatchProcessor:
                 f"got {type(data).__name__}"
             ) from None
         bar = ProgressBar(total_of(data), self._engine.telemetry) if progress else None
-        iterator = BatchIterator(self._engine, source, bar)
+        iterator = BatchIterator(
+            self._engine, source, bar, materialized=isinstance(data, (list, tuple))
+        )
         self._iterators.add(iterator)
         return iterator
 
