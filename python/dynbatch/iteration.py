@@ -225,15 +225,11 @@ class BatchIterator(Iterator[Any]):
         )
         self._compute_ns = None
         assert self._former is not None
+        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
         feedback = _core.BatchFeedback(
-            part.size,
-            compute_ns=compute_ns,
-            collate_ns=part.collate_ns,
-            peak_memory_bytes=peak_bytes,
-            reclaimable_bytes=reclaimable_bytes,
-            bucket=self._former.bucket,
+            part.size, compute_ns, part.collate_ns, peak_bytes, reclaimable_bytes
         )
-        self._former.report_feedback(part.sequence, feedback)
+        self._former.report_feedback(part.sequence, feedback)  # fills in the bucket
         if self._progress is not None:
             self._progress.done(part.size)
 
