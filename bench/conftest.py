@@ -55,6 +55,18 @@ TINY = BenchSize(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU benchmarks (marked ``gpu``) skip without a usable CUDA GPU, as the GPU tests do."""
+    import dynbatch
+
+    if dynbatch.build_info()["gpu_usable"]:
+        return
+    skip = pytest.mark.skip(reason="needs a usable CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     default = "tiny" if os.environ.get("DYNBATCH_BENCH_TINY", "") not in ("", "0") else "full"
     parser.addoption(

@@ -47,6 +47,11 @@ PEERS = {
     "overlap-": "DataLoader",
     "observe-progress-": "no-bar",
     "observe-scrape": "stats()",
+    "sim-overlap": "serial",
+    "gpu-h2d-": "pinned-to",
+    "gpu-overlap": "serial",
+    "gpu-gather-": "torch.stack",
+    "gpu-e2e": "DataLoader",
 }
 
 

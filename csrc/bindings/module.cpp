@@ -9,10 +9,12 @@
 #include <vector>
 
 #include "batch_bindings.hpp"
+#include "device_bindings.hpp"
 #include "dynbatch/batch_former.hpp"
 #include "dynbatch/blocking_queue.hpp"
 #include "dynbatch/build_info.hpp"
 #include "dynbatch/collator.hpp"
+#include "dynbatch/device.hpp"
 #include "dynbatch/dlpack_export.hpp"
 #include "dynbatch/sizing_controller.hpp"
 #include "dynbatch/sizing_policy.hpp"
@@ -24,6 +26,7 @@
 namespace py = pybind11;
 using namespace dynbatch;
 using dynbatch::bindings::as_pointers;
+using dynbatch::bindings::bind_device;
 using dynbatch::bindings::bind_former;
 using dynbatch::bindings::bind_scheduler;
 using dynbatch::bindings::bind_telemetry;
@@ -139,8 +142,13 @@ PYBIND11_MODULE(_core, m) {
 
   bind_telemetry(m);
 
+  bind_device(m);
+
   py::class_<StagingPool, std::shared_ptr<StagingPool>>(m, "StagingPool")
-      .def(py::init([](std::size_t slots) { return StagingPool::create(slots); }), py::arg("slots"))
+      .def(py::init([](std::size_t slots, std::shared_ptr<Device> device) {
+             return StagingPool::create(slots, std::move(device));
+           }),
+           py::arg("slots"), py::arg("device") = nullptr)
       .def("stats", [](const StagingPool &pool) {
         const StagingPoolStats stats = pool.stats();
         py::dict out;
@@ -151,6 +159,9 @@ PYBIND11_MODULE(_core, m) {
         out["acquisitions"] = stats.acquisitions;
         out["one_off_allocations"] = stats.one_off_allocations;
         out["slot_growths"] = stats.slot_growths;
+        out["pinned_bytes"] = stats.pinned_bytes;
+        out["pinned_fallbacks"] = stats.pinned_fallbacks;
+        out["pinned_error"] = stats.pinned_error;
         return out;
       });
 

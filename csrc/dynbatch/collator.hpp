@@ -48,11 +48,11 @@ public:
   std::size_t leaf_offset(std::size_t index, std::size_t batch_size,
                           std::size_t padded_length = 0) const;
   std::size_t batch_bytes(std::size_t batch_size, std::size_t padded_length = 0) const;
+  // Bytes of leaf `index` of an n-sample batch (padded leaves `padded_length` rows).
+  std::size_t leaf_bytes(std::size_t index, std::size_t batch_size,
+                         std::size_t padded_length = 0) const;
 
 private:
-  std::size_t leaf_bytes(std::size_t index, std::size_t batch_size,
-                         std::size_t padded_length) const;
-
   std::vector<LeafLayout> leaves_;
   std::size_t sample_bytes_ = 0;     // fixed leaves
   std::size_t padded_row_bytes_ = 0; // one row of every padded leaf

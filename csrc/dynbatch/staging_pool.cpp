@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "dynbatch/device.hpp"
 #include "dynbatch/platform.hpp"
 
 namespace dynbatch {
@@ -13,7 +14,11 @@ constexpr std::size_t growth_granularity = 64 * 1024;
 } // namespace
 
 void AlignedFree::operator()(std::byte *pointer) const noexcept {
-  std::free(pointer);
+  if (pinned_by != nullptr) {
+    pinned_by->free_pinned(pointer);
+  } else {
+    std::free(pointer);
+  }
 }
 
 AlignedBuffer allocate_aligned(std::size_t bytes) {
@@ -33,16 +38,37 @@ SlotLease::~SlotLease() {
   if (slot_ >= 0) {
     pool_->release(slot_, std::move(buffer_), capacity_);
   } else {
-    pool_->release_one_off();
+    pool_->release_one_off(std::move(buffer_), capacity_);
   }
 }
 
-std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots) {
-  return std::shared_ptr<StagingPool>(new StagingPool(slots));
+std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots,
+                                                 std::shared_ptr<Device> pinned_by) {
+  return std::shared_ptr<StagingPool>(new StagingPool(slots, std::move(pinned_by)));
 }
 
-StagingPool::StagingPool(std::size_t slots) : slots_(slots) {
+StagingPool::StagingPool(std::size_t slots, std::shared_ptr<Device> pinned_by)
+    : pinned_by_(std::move(pinned_by)), slots_(slots) {
   stats_.pooled_slots = slots;
+}
+
+AlignedBuffer StagingPool::allocate(std::size_t bytes) {
+  if (pinned_by_ != nullptr) {
+    const std::size_t size = align_up(bytes == 0 ? 1 : bytes, page_size);
+    std::string error;
+    try {
+      auto *pointer = static_cast<std::byte *>(pinned_by_->allocate_pinned(size));
+      std::lock_guard lock(mutex_);
+      stats_.pinned_bytes += bytes;
+      return AlignedBuffer(pointer, AlignedFree{pinned_by_.get()});
+    } catch (const std::exception &failure) {
+      error = failure.what(); // pinned memory is scarce (a limit, or a lost device): go pageable
+    }
+    std::lock_guard lock(mutex_);
+    ++stats_.pinned_fallbacks;
+    stats_.pinned_error = std::move(error);
+  }
+  return allocate_aligned(bytes);
 }
 
 std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
@@ -61,11 +87,14 @@ std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
       if (buffer == nullptr || capacity < bytes) { // never a null buffer, even for 0 bytes
         // Allocate outside the lock: a large first-touch allocation must not stall releases.
         stats_.pooled_bytes -= capacity;
+        if (buffer != nullptr && buffer.get_deleter().pinned_by != nullptr) {
+          stats_.pinned_bytes -= capacity;
+        }
         capacity = 0;
         lock.unlock();
         buffer.reset();
         const std::size_t grown = align_up(std::max<std::size_t>(bytes, 1), growth_granularity);
-        buffer = allocate_aligned(grown);
+        buffer = allocate(grown);
         capacity = grown;
         lock.lock();
         stats_.pooled_bytes += capacity;
@@ -78,6 +107,9 @@ std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
         lock.lock();
       }
       stats_.pooled_bytes -= capacity;
+      if (buffer != nullptr && buffer.get_deleter().pinned_by != nullptr) {
+        stats_.pinned_bytes -= capacity;
+      }
       slot.capacity = 0;
       slot.in_use = false;
       --stats_.slots_in_use;
@@ -86,7 +118,7 @@ std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
   }
   lock.unlock();
   // Allocate before counting, so a failed allocation leaves the counters true.
-  AlignedBuffer buffer = allocate_aligned(bytes);
+  AlignedBuffer buffer = allocate(bytes);
   auto lease = std::make_shared<SlotLease>(shared_from_this(), -1, std::move(buffer), bytes);
   lock.lock();
   ++stats_.one_off_allocations;
@@ -103,9 +135,14 @@ void StagingPool::release(int slot, AlignedBuffer buffer, std::size_t capacity) 
   --stats_.slots_in_use;
 }
 
-void StagingPool::release_one_off() noexcept {
+void StagingPool::release_one_off(AlignedBuffer buffer, std::size_t capacity) noexcept {
+  const bool pinned = buffer.get_deleter().pinned_by != nullptr;
+  buffer.reset();
   std::lock_guard lock(mutex_);
   --stats_.one_off_in_use;
+  if (pinned) {
+    stats_.pinned_bytes -= capacity;
+  }
 }
 
 StagingPoolStats StagingPool::stats() const {

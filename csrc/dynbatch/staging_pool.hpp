@@ -10,18 +10,27 @@
 //   the batch and by every tensor exported from it (DLPack deleters hold a reference).
 // - A lease keeps its pool alive, so a tensor may outlive the processor that made it.
 // - All calls are thread-safe; acquire/release take a short mutex once per batch.
+// - Pinned: a pool created with a device takes its buffers from the device's page-locked
+//   allocator (what an asynchronous host-to-device copy needs). When pinning fails the buffer
+//   is pageable instead, counted in stats (pinned_fallbacks, pinned_error): a warning, never an
+//   error. Whether a slot may be rewritten is the lease's business: a CopyEngine holds the
+//   lease until the copy from it ran.
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace dynbatch {
 
+class Device;
 class StagingPool;
 
+// Frees an aligned buffer, or a pinned one through the device that allocated it.
 struct AlignedFree {
+  Device *pinned_by = nullptr;
   void operator()(std::byte *pointer) const noexcept;
 };
 using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
@@ -53,26 +62,33 @@ struct StagingPoolStats {
   std::uint64_t acquisitions = 0;
   std::uint64_t one_off_allocations = 0;
   std::uint64_t slot_growths = 0;
+  std::size_t pinned_bytes = 0;       // live buffers from the device's pinned allocator
+  std::uint64_t pinned_fallbacks = 0; // buffers that are pageable because pinning failed
+  std::string pinned_error;           // why the latest pinning failed
 };
 
 class StagingPool : public std::enable_shared_from_this<StagingPool> {
 public:
-  static std::shared_ptr<StagingPool> create(std::size_t slots);
+  // pinned_by: the device whose page-locked memory the buffers come from; null: pageable.
+  static std::shared_ptr<StagingPool> create(std::size_t slots,
+                                             std::shared_ptr<Device> pinned_by = nullptr);
 
   std::shared_ptr<SlotLease> acquire(std::size_t bytes);
   StagingPoolStats stats() const;
 
 private:
   friend class SlotLease;
-  explicit StagingPool(std::size_t slots);
+  StagingPool(std::size_t slots, std::shared_ptr<Device> pinned_by);
+  AlignedBuffer allocate(std::size_t bytes); // pinned when it can be; never under the lock
   void release(int slot, AlignedBuffer buffer, std::size_t capacity) noexcept;
-  void release_one_off() noexcept;
+  void release_one_off(AlignedBuffer buffer, std::size_t capacity) noexcept;
 
   struct Slot {
     AlignedBuffer buffer;
     std::size_t capacity = 0;
     bool in_use = false;
   };
+  const std::shared_ptr<Device> pinned_by_; // outlives every buffer: destroyed after slots_
   mutable std::mutex mutex_;
   std::vector<Slot> slots_;
   StagingPoolStats stats_;

@@ -71,8 +71,100 @@ class Telemetry:
     def close(self) -> None: ...
 
 class StagingPool:
-    def __init__(self, slots: int) -> None: ...
+    def __init__(self, slots: int, device: Device | None = None) -> None:
+        """device: slots come from its page-locked allocator (pageable when pinning fails)."""
+    def stats(self) -> dict[str, Any]:
+        """Counters; pinned_bytes, pinned_fallbacks and pinned_error (a warning, not an error)."""
+
+class DeviceError(RuntimeError):
+    """A device call failed (it names the call and the device), or the device was lost."""
+
+class Device:
+    @property
+    def name(self) -> str: ...
+    def gather(
+        self,
+        stream: int,
+        sources: list[int],
+        destination: int,
+        row_bytes: int,
+        rows: int = 1,
+        lengths: list[int] = ...,
+        pad: bytes = b"",
+    ) -> None:
+        """One launch on ``stream``: stack (or pad to ``rows`` rows) samples already on the
+        device into ``destination``; ``pad`` is one pad element."""
+
+def cuda_device(index: int) -> Device:
+    """The CUDA backend for device ``index``; DeviceError when there is none."""
+
+class Gate:
+    def open(self) -> None: ...
+
+class SimulatedDevice(Device):
+    def __init__(
+        self,
+        min_delay_us: float = 0.0,
+        max_delay_us: float = 0.0,
+        seed: int = 0,
+        real_time: bool = True,
+        pinned_limit_bytes: int | None = None,
+        wait_log_capacity: int = 4096,
+    ) -> None: ...
+    def host_work(self, ns: int) -> None: ...
+    def host_time_ns(self) -> int: ...
+    def event_time_ns(self, event: int) -> int: ...
+    def enqueue_delay(self, stream: int, ns: int) -> None: ...
+    def hold(self, stream: int) -> Gate:
+        """Work on ``stream`` after this point waits until the gate opens."""
+    def fail(self, reason: str) -> None: ...
+    def first_error(self) -> str: ...
+    def errors(self) -> list[str]: ...
+    def waits(self) -> list[tuple[int, int, int]]:
+        """(stream, event, generation) of the latest stream waits, oldest first."""
     def stats(self) -> dict[str, int]: ...
+
+class Stream:
+    def __init__(self, device: Device) -> None: ...
+    @property
+    def handle(self) -> int: ...
+
+class Event:
+    def __init__(self, device: Device) -> None: ...
+    @property
+    def handle(self) -> int: ...
+    def record(self, device: Device, stream: int) -> None: ...
+    def synchronize(self, device: Device) -> None: ...
+
+class Transfer:
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def event(self) -> int: ...
+    @property
+    def holding(self) -> bool:
+        """Whether the staging slot is still held (until the copies ran)."""
+    def done(self) -> bool: ...
+    def synchronize(self) -> None: ...
+    def wait_on(self, stream: int) -> None:
+        """Work enqueued on ``stream`` after this waits for the copies."""
+
+class CopyEngine:
+    def __init__(self, device: Device) -> None: ...
+    @property
+    def stream(self) -> int: ...
+    @property
+    def device(self) -> Device: ...
+    def stage(self, batch: Batch, destinations: list[int]) -> Transfer: ...
+    def copy(
+        self,
+        sources: list[int],
+        destinations: list[int],
+        sizes: list[int],
+        batch: Batch | None = None,
+    ) -> Transfer: ...
+    def stats(self) -> dict[str, int]: ...
+    def first_error(self) -> str: ...
 
 class BatchFeedback:
     def __init__(
