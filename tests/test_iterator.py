@@ -130,10 +130,10 @@ def test_next_batch_is_prepared_while_the_caller_works() -> None:
         time.sleep(pause_s)
     records = processor._engine.recorder.snapshot()["recent"]
     # (sequence, size, target, first_enqueue, formed, delivered, collate, compute, memory)
+    # Formed before the caller asked for it (the caller asks pause_s after the previous batch
+    # reached it): how long before depends on thread scheduling, so only the order is checked.
     for previous, record in itertools.pairwise(records):
-        formed_ns, delivered_ns = record[4], record[5]
-        assert delivered_ns - formed_ns > pause_s * 1e9 * 0.5, "batch was not formed ahead"
-        assert formed_ns < previous[5] + pause_s * 1e9
+        assert record[4] < previous[5] + pause_s * 1e9, "batch was not formed ahead"
 
 
 def test_processor_is_reusable_and_accumulates_stats() -> None:

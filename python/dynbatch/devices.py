@@ -11,9 +11,11 @@ from . import _core
 __all__ = ["default_telemetry", "nvml_index_of_device"]
 
 
-def default_telemetry() -> _core.Telemetry:
-    """The current CUDA device's NVML readings when usable, host memory otherwise."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else -1
+def default_telemetry(device: int | None = None) -> _core.Telemetry:
+    """CUDA device ``device``'s NVML readings (default: the current one) when usable, host
+    memory otherwise."""
+    if device is None:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else -1
     return _core.Telemetry.auto(nvml_index_of_device(device), 0.05)
 
 

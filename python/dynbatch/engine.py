@@ -9,6 +9,7 @@ reach into each other or into the facade.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .logs import logger
 from .memory import MemoryMonitor, default_memory_monitor
 from .stats import Stats
 from .torch_bridge import Schema
+from .transfer import DeviceTarget, StagedBatch
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -58,10 +60,18 @@ class Engine:
         telemetry: _core.Telemetry | None = None,
         clock: Callable[[], int] | None = None,
         memory_monitor: MemoryMonitor | None = None,
+        target: DeviceTarget | None = None,
     ) -> None:
         self.options = options
+        # device=: batches are copied there on the core's stream (one target, shared by the
+        # consumers under a lock: stage and wait are short, and pinned slots are per engine).
+        self.target = target
+        self._target_lock = threading.Lock()
+        cuda_index = (
+            target.device.index if target is not None and target.device.type == "cuda" else None
+        )
         self._owns_telemetry = telemetry is None  # a caller's telemetry may be shared
-        self.telemetry = telemetry if telemetry is not None else default_telemetry()
+        self.telemetry = telemetry if telemetry is not None else default_telemetry(cuda_index)
         on_gpu = self.telemetry.source.startswith("nvml")
         self.policy = _core.SizingController(
             options.min_batch_size,
@@ -79,11 +89,13 @@ class Engine:
         )
         self.clock: Callable[[], int] = clock if clock is not None else time.perf_counter_ns
         self.memory: MemoryMonitor = (
-            memory_monitor if memory_monitor is not None else default_memory_monitor()
+            memory_monitor if memory_monitor is not None else default_memory_monitor(cuda_index)
         )
         self.recorder = _core.StatsRecorder()
-        # Enough slots for the batches in flight (prefetched + the caller's + one forming).
-        self.pool = _core.StagingPool(options.prefetch + 2)
+        # Enough slots for the batches in flight (prefetched + the caller's + one forming, and
+        # with a device one more whose copy may still run); page-locked for a device.
+        slots = options.prefetch + 2
+        self.pool = _core.StagingPool(slots) if target is None else target.staging_pool(slots + 1)
         self.oom_seen = False  # from then on, batches are checked against the ceilings
         self._split_batches = 0
         self._oom_times_ns: deque[int] = deque(maxlen=_OOM_EVENTS_KEPT)  # core clock, for plots
@@ -182,6 +194,26 @@ class Engine:
                 ", exploring" if state["exploring"] else "",
             )
 
+    # ------------------------------------------------------------------ the device
+
+    def stage(self, leaves: list[Any], batch: _core.Batch | None) -> StagedBatch | None:
+        """With a device: enqueues the batch's copies there (returns at once); else None."""
+        if self.target is None:
+            return None
+        with self._target_lock:
+            return self.target.stage(leaves, batch)
+
+    def on_device(self, staged: StagedBatch) -> list[Any]:
+        """The staged batch's leaves on the device, safe for the caller's current stream."""
+        with self._target_lock:
+            return staged.wait()
+
+    def to_device(self, leaves: list[Any], batch: _core.Batch | None) -> list[Any]:
+        """The leaves on the device (copied now, the caller's stream ordered after the copy);
+        as they are without one."""
+        staged = self.stage(leaves, batch)
+        return leaves if staged is None else self.on_device(staged)
+
     # ---------------------------------------------------------------------- stats
 
     def stats(
@@ -230,3 +262,6 @@ class Engine:
         self._final_telemetry = self.telemetry_reading()
         if self._owns_telemetry:
             self.telemetry.close()
+        if self.target is not None:
+            with self._target_lock:
+                self.target.close()

@@ -14,9 +14,10 @@ import torch
 
 from . import _core
 from .engine import Engine
-from .errors import DynbatchError, InvalidSampleError
+from .errors import DynbatchError, InvalidSampleError, UnsupportedLeafError
 from .progress import ProgressBar
 from .torch_bridge import Schema, split_outputs, stack_small, stacks_small, storage_of
+from .transfer import StagedBatch
 
 __all__ = ["BatchIterator", "map_batches"]
 
@@ -93,9 +94,15 @@ class BatchIterator(Iterator[Any]):
         self._kept: dict[int, Any] = {}
         # Small lone tensors: samples read ahead, in order, stacked by torch at assembly.
         self._stacking = False
+        # Lone tensors already on the (CUDA) device: gathered there, one launch per batch.
+        self._gathering = False
         self._queue: list[Any] = []
         self._head = 0  # the queue's first sample not yet in a batch
         self._invalid_seen = False  # a stacked batch held an invalid sample: nothing after it
+        # device=: the next core batch, its copy enqueued while the caller computes on this one
+        # (an error met fetching it is raised after this one, like any error in the input).
+        self._lookahead: _Part | None = None
+        self._looked_ahead = False
         # Samples of a list or tuple exist before the pass: one repeated is the same sample
         # (`[x] * n`), not a buffer a generator refills behind the copy.
         self._warned_shared = materialized
@@ -136,6 +143,9 @@ class BatchIterator(Iterator[Any]):
             if self._closed:
                 self._release()
         assert self._schema is not None
+        part.resolve(self._engine)
+        if self._engine.target is not None and not self._parts and not self._looked_ahead:
+            self._look_ahead()
         self._current = part
         self._engine.memory.begin()
         self._yielded_ns = self._engine.clock()
@@ -206,6 +216,7 @@ class BatchIterator(Iterator[Any]):
         self._former = None
         self._kept.clear()
         self._queue.clear()
+        self._lookahead = None
         self._parts.clear()
         self._current = None
         self._deferred = None
@@ -248,12 +259,33 @@ class BatchIterator(Iterator[Any]):
             return part
         # Formed (or split) before the ceiling dropped: deliver it in parts that fit.
         self._engine.note_split()
+        part.resolve(self._engine)
         pieces = part.split(ceiling)
         self._parts.extendleft(reversed(pieces[1:]))
         return pieces[0]
 
+    def _look_ahead(self) -> None:
+        """Fetches and stages the next core batch now, so its copy overlaps the caller's work
+        on the batch about to be yielded."""
+        self._looked_ahead = True
+        try:
+            self._lookahead = self._fetch_core_part()
+        except Exception as error:  # raised after the batch being yielded, not instead of it
+            self._lookahead = None
+            self._deferred = error
+            self._invalid_seen = True
+
     def _next_core_part(self) -> _Part | None:
-        """The core's next batch; None at the end of input."""
+        """The core's next batch (already fetched when the last one was yielded, with a
+        device); None at the end of input."""
+        if self._looked_ahead:
+            self._looked_ahead = False
+            part, self._lookahead = self._lookahead, None
+            return part
+        return self._fetch_core_part()
+
+    def _fetch_core_part(self) -> _Part | None:
+        """The core's next batch, its copy to the device (if any) enqueued; None at the end."""
         if self._former is None and not self._start():
             return None
         assert self._former is not None and self._schema is not None
@@ -273,8 +305,32 @@ class BatchIterator(Iterator[Any]):
         except StopIteration:
             self.close()
             return False
-        self._schema = self._engine.schema_for(first)
-        self._stacking = self._schema.fast_path and stacks_small(first)
+        target = self._engine.target
+        self._gathering = (
+            target is not None
+            and target.device.type == "cuda"
+            and isinstance(first, torch.Tensor)
+            and first.device == target.device
+        )
+        # The checks come from the first sample's shape and dtype, which a host proxy shares.
+        self._schema = self._engine.schema_for(
+            torch.empty(first.shape, dtype=first.dtype) if self._gathering else first
+        )
+        if self._gathering and not (
+            self._schema.single_tensor
+            and not self._engine.options.bucket_window
+            and not self._engine.options.max_tokens
+        ):
+            raise UnsupportedLeafError(
+                0,
+                "",
+                f"samples already on {first.device} are batched there when each is one tensor, "
+                "without bucket_window or max_tokens; move them to the host, or give lone tensors",
+            )
+        # With a device, host batches go through the pinned staging slots the core fills.
+        self._stacking = self._gathering or (
+            target is None and self._schema.fast_path and stacks_small(first)
+        )
         # Stacking leaves the core no copy to overlap: it forms batches on this thread.
         self._former = self._engine.former_for(
             self._schema,
@@ -418,7 +474,9 @@ class BatchIterator(Iterator[Any]):
         kept = [pop(i) for i in ids]
         self._delivered += size
         leaves = self._schema.batch_leaves(batch, kept)
-        return _Part(leaves, ids, batch.sequence, batch.collate_ns)
+        return _Part(
+            leaves, ids, batch.sequence, batch.collate_ns, self._engine.stage(leaves, batch)
+        )
 
     def _assemble_stacked(self, batch: _core.Batch) -> _Part | None:
         """Stacking: torch stacks the batch's samples, checking their shapes and devices in
@@ -441,6 +499,8 @@ class BatchIterator(Iterator[Any]):
             self._head = 0
         self._delivered += size
         started = time.perf_counter_ns()
+        if self._gathering:
+            return self._gathered(batch, samples, started)
         spec = self._schema.leaves[0]
         # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
         repeated = not self._warned_shared and len(set(map(id, samples))) != size
@@ -453,6 +513,33 @@ class BatchIterator(Iterator[Any]):
             batch.sequence,
             time.perf_counter_ns() - started,
         )
+
+    def _gathered(self, batch: _core.Batch, samples: list[Any], started: int) -> _Part | None:
+        """Samples already on the device, gathered there by one launch (padding: gather-pad).
+        An invalid sample ends the pass after the samples before it, named by its index."""
+        assert self._schema is not None and self._engine.target is not None
+        target, schema, first_id = self._engine.target, self._schema, batch.first_id
+        spec = schema.leaves[0]
+        for offset, sample in enumerate(samples):
+            problem = _device_sample_problem(sample, target.device, spec.dtype, spec.shape)
+            if problem is not None:
+                self._deferred = InvalidSampleError(first_id + offset, "", problem)
+                self._invalid_seen = True
+                samples = samples[:offset]
+                break
+        if not samples:
+            return None
+        ids = range(first_id, first_id + len(samples))
+        if schema.padded:
+            options = self._engine.options
+            data, lengths = target.gather_pad(
+                samples, float(options.pad_value or 0), options.pad_multiple
+            )
+            ids_tensor = torch.tensor(ids, dtype=torch.int64)
+            leaves = [data, lengths.to(target.device), ids_tensor.to(target.device)]
+        else:
+            leaves = [target.gather(samples)]
+        return _Part(leaves, ids, batch.sequence, time.perf_counter_ns() - started)
 
     def _assemble_checked(self, batch: _core.Batch, samples: list[Any]) -> _Part | None:
         """A stacked batch that torch could not stack as it is: each sample checked as the
@@ -476,31 +563,68 @@ class BatchIterator(Iterator[Any]):
         collated = _core.collate(
             self._schema.core_descriptors(), addresses, len(kept), self._engine.pool
         )
+        leaves = self._schema.batch_leaves(collated, kept)
         return _Part(
-            self._schema.batch_leaves(collated, kept),
+            leaves,
             range(first_id, first_id + len(kept)),
             batch.sequence,
             time.perf_counter_ns() - started,
+            self._engine.stage(leaves, collated),
         )
+
+
+def _device_sample_problem(
+    sample: Any, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+) -> str | None:
+    """Why a sample cannot join a gather on ``device`` (None: it can); ``shape``'s first
+    dimension is -1 when padding."""
+    if not isinstance(sample, torch.Tensor):
+        return f"a {type(sample).__name__} in a stream of tensors on {device}"
+    if sample.device != device:
+        return f"a tensor on {sample.device} in a stream on {device}"
+    if sample.dtype != dtype:
+        return f"dtype {sample.dtype} differs from {dtype} of sample 0"
+    own = tuple(sample.shape)
+    if shape and shape[0] == -1:
+        if len(own) != len(shape) or own[1:] != shape[1:]:
+            return f"shape {own} differs from {shape}: only the first dimension may differ"
+    elif own != shape:
+        return f"shape {own} differs from {shape} of sample 0"
+    return None
 
 
 class _Part:
     """A batch as flat leaves, or a slice of one; ``ids`` are its samples' input positions;
-    ``sequence`` is the core's number of the batch (a slice's times add to its batch's)."""
+    ``sequence`` is the core's number of the batch (a slice's times add to its batch's);
+    ``staged``: its copy to the device, in flight until ``resolve``."""
 
-    __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
+    __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size", "staged")
 
     def __init__(
-        self, leaves: list[Any], ids: Sequence[int], sequence: int, collate_ns: int
+        self,
+        leaves: list[Any],
+        ids: Sequence[int],
+        sequence: int,
+        collate_ns: int,
+        staged: StagedBatch | None = None,
     ) -> None:
         self.leaves = leaves
         self.ids = ids
         self.size = len(ids)
         self.sequence = sequence
         self.collate_ns = collate_ns
+        self.staged = staged
+
+    def resolve(self, engine: Engine) -> None:
+        """The leaves on the device once its copy is ordered before the caller's work."""
+        if self.staged is not None:
+            self.leaves = engine.on_device(self.staged)
+            self.staged = None
 
     def split(self, chunk: int) -> list[_Part]:
-        """Consecutive slices of at most ``chunk`` samples (views: nothing is copied)."""
+        """Consecutive slices of at most ``chunk`` samples (views: nothing is copied); the
+        part must be resolved."""
+        assert self.staged is None
         return [
             _Part(
                 [leaf[start : start + chunk] for leaf in self.leaves],

@@ -59,8 +59,9 @@ class CudaMemoryMonitor:
         return (max(peak, 0), max(reserved - allocated, 0))
 
 
-def default_memory_monitor() -> MemoryMonitor:
-    """torch's allocator on the current CUDA device when CUDA is available, else none."""
+def default_memory_monitor(device: int | None = None) -> MemoryMonitor:
+    """torch's allocator on CUDA device ``device`` (default: the current one) when CUDA is
+    available, else none."""
     if torch.cuda.is_available():
-        return CudaMemoryMonitor(torch.cuda.current_device())
+        return CudaMemoryMonitor(torch.cuda.current_device() if device is None else device)
     return NoMemoryMonitor()

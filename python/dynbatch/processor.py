@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from . import _core
 from .arguments import check_fraction, check_padding, check_serving_arguments, check_size
 from .engine import Engine, EngineOptions
@@ -19,6 +21,7 @@ from .progress import ProgressBar, total_of
 from .scheduler import Scheduler
 from .serving import Server
 from .stats import Stats
+from .transfer import DeviceTarget
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
 
@@ -83,6 +86,15 @@ class DynamicBatchProcessor:
             so low priorities are delayed by a saturating high-priority stream, not starved.
         scheduler: the ``Scheduler`` that orders this task's batches against other tasks on
             the device (default: the device's shared one); ``task_priority`` ranks this task.
+
+    Device:
+        device: where batches arrive (``"cuda"``, ``"cuda:1"``, a ``torch.device``; default:
+            where they were collated, the host). The core stages them in page-locked slots and
+            copies them on its own stream while the model works on the previous batch; the
+            caller's current stream waits on the copy, and the memory comes from torch's
+            caching allocator, marked for every stream that touches it. A device that cannot
+            be used (no CUDA in this build or in torch, no GPU, no such index) is a
+            ``ValueError`` here. ``"dynbatch-sim"`` is the core's simulated device (tests).
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class DynamicBatchProcessor:
         priority_aging_ms: float = 100.0,
         scheduler: Scheduler | None = None,
         task_priority: int = 0,
+        device: str | int | torch.device | None = None,
     ) -> None:
         self.max_batch_size = check_size("max_batch_size", max_batch_size)
         self.min_batch_size = check_size("min_batch_size", min_batch_size)
@@ -161,6 +174,7 @@ class DynamicBatchProcessor:
             task_priority,
         )
 
+        target = None if device is None else DeviceTarget(device)
         self._engine = Engine(
             EngineOptions(
                 min_batch_size=self.min_batch_size,
@@ -178,6 +192,7 @@ class DynamicBatchProcessor:
             telemetry=telemetry,
             clock=clock,
             memory_monitor=memory_monitor,
+            target=target,
         )
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
         self._closed = False

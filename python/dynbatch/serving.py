@@ -110,7 +110,8 @@ class Server:
         self._block_timeout_ns = _timeout_ns(block_timeout, "block_timeout")
         self._isolate = isolate_errors
         self._aging_ms = aging_ms
-        self._scheduler = scheduler if scheduler is not None else Scheduler.shared()
+        device = None if engine.target is None else engine.target.device
+        self._scheduler = scheduler if scheduler is not None else Scheduler.shared(device)
         self._task = Scheduler.new_task_id()
         self._task_priority = task_priority
         self._group = CompletionGroup()
@@ -411,14 +412,16 @@ class Server:
         try:
             assert self._schema is not None
             if states is None:  # every request is live: the common case
-                leaves = self._schema.batch_leaves(batch, samples)
+                leaves = self._engine.to_device(self._schema.batch_leaves(batch, samples), batch)
                 self._run(leaves, requests, batch.sequence, batch.collate_ns)
                 return
             self._account(requests, states)
             keep = [i for i, state in enumerate(states) if state == LIVE]
             if keep:
                 leaves = self._schema.batch_leaves(batch, [samples[i] for i in keep], rows=keep)
-                self._run(leaves, live, batch.sequence, batch.collate_ns)
+                self._run(
+                    self._engine.to_device(leaves, batch), live, batch.sequence, batch.collate_ns
+                )
         except BaseException as error:  # anything past the claim: these requests get it
             _log.exception("dynbatch batch of %d requests failed outside the model", len(live))
             fail(self._group, live, error)
