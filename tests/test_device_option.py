@@ -138,3 +138,19 @@ def test_samples_already_on_the_gpu_are_gathered_there() -> None:
     bad = [*samples[:20], samples[20].double(), *samples[21:]]
     with pytest.raises(ds.InvalidSampleError, match=r"sample 20: dtype torch.float64"):
         list(processor(bad))
+
+
+def test_pinning_that_fails_falls_back_to_pageable_with_a_warning_in_stats() -> None:
+    from dynbatch.engine import Engine
+    from dynbatch.transfer import DeviceTarget, SimulatedDeviceConfig
+
+    processor = ds.DynamicBatchProcessor(max_batch_size=8, min_batch_size=8)
+    target = DeviceTarget(SIM, simulated=SimulatedDeviceConfig(pinned_limit_bytes=4096))
+    engine = Engine(processor._engine.options, target=target)
+    iterator = ds.BatchIterator(engine, iter(_samples(32)))
+    assert torch.equal(torch.cat(list(iterator)), torch.stack(_samples(32)))
+    stats = engine.stats(0)
+    assert stats.pinned_fallbacks >= 1 and stats.pinned_error
+    assert "page-locking failed" in str(stats)
+    engine.close()
+    processor.close()

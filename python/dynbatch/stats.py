@@ -87,9 +87,21 @@ class Stats(StatsRecord):
             ),
             ("out-of-memory errors / split batches", f"{self.ooms} / {self.split_batches}"),
             ("lowest available memory", _mib(self.min_available_bytes)),
-            ("staging buffers", _mib(self.staging_bytes)),
+            (
+                "staging buffers",
+                _mib(self.staging_bytes)
+                + (f" ({_mib(self.pinned_bytes)} page-locked)" if self.pinned_bytes else ""),
+            ),
             ("telemetry", self.telemetry_source),
         ]
+        if self.pinned_fallbacks:
+            rows.append(
+                (
+                    "WARNING page-locking failed",
+                    f"{self.pinned_fallbacks} staging slots are pageable ({self.pinned_error}): "
+                    "their copies to the device cannot overlap the model",
+                )
+            )
         if self.padding_efficiency < 1.0:
             rows.append(("padding efficiency (real / padded)", f"{self.padding_efficiency:.1%}"))
         if self.serving:

@@ -117,6 +117,11 @@ class StatsRecord:
     peak_memory_use: float = 0.0
     memory_scope: str = "host"  # "GPU" or "host": what peak_memory_use is a share of
     serving: bool = False  # requests (submit/infer) rather than passes over an input
+    # device=: staging slots are page-locked; when pinning fails they are pageable instead
+    # (copies then cannot overlap), counted here with the reason.
+    pinned_bytes: int = 0
+    pinned_fallbacks: int = 0
+    pinned_error: str = ""
     # Prometheus-style histograms (totals, not the window): the caller's (or model's) time per
     # call (a batch, or each part of a split one), and each priority's queue wait.
     compute_histogram: DurationHistogram | None = field(default=None, repr=False)
@@ -219,6 +224,9 @@ class StatsRecord:
             peak_memory_use=max(0.0, peak_used / total_bytes) if total_bytes else 0.0,
             memory_scope="GPU" if on_gpu else "host",
             serving=serving,
+            pinned_bytes=int(pool.get("pinned_bytes", 0)),
+            pinned_fallbacks=int(pool.get("pinned_fallbacks", 0)),
+            pinned_error=str(pool.get("pinned_error", "")),
             compute_histogram=DurationHistogram.from_core(snapshot["compute_time"]),
             queue_wait_histograms={
                 int(priority): DurationHistogram.from_core(entry["queue_wait"])
