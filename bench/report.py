@@ -52,6 +52,7 @@ PEERS = {
     "gpu-overlap": "serial",
     "gpu-gather-": "torch.stack",
     "gpu-e2e": "DataLoader",
+    "priority-": "no-holds",
 }
 
 
@@ -136,6 +137,16 @@ def report(data: dict[str, Any]) -> str:
         else:
             groups.setdefault(group, []).append(bench)
     parts = [_peer_report(groups, data)] if groups else []
+    shares = [
+        f"{group} {b['params']['impl']}: the low task took {info['low_grants']} grants while the"
+        f" high one took {info['high_grants']} ({info['rounds']} rounds)"
+        for group, benches in sorted(groups.items())
+        if group.startswith("priority-")
+        for b in benches
+        for info in [b["extra_info"]]
+    ]
+    if shares:
+        parts.append("\n".join(shares))
     if sizing:
         parts.append(sizing_report(sizing, data))
     if serving:

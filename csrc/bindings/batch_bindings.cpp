@@ -129,6 +129,8 @@ void bind_former(py::module_ &m) {
       .def_property_readonly("reason",
                              [](const PyBatch &self) { return reason_name(self.batch.reason); })
       .def_property_readonly("expired", [](const PyBatch &self) { return self.batch.expired_ids; })
+      .def_property_readonly("released_ns",
+                             [](const PyBatch &self) { return self.batch.released_ns; })
       .def_property_readonly("lengths", [](const PyBatch &self) { return self.batch.lengths; })
       .def_property_readonly("padded_length",
                              [](const PyBatch &self) { return self.batch.padded_length; })
@@ -276,6 +278,7 @@ void bind_former(py::module_ &m) {
           py::arg("timeout_s") = py::none())
       .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),
            py::arg("feedback"))
+      .def("report_dispatch", &BatchFormer::report_dispatch, py::arg("released_ns"))
       .def_property_readonly("bucket", &BatchFormer::bucket)
       .def_property_readonly("sample_bytes", &BatchFormer::sample_bytes)
       .def("close",
@@ -284,7 +287,8 @@ void bind_former(py::module_ &m) {
              former.close();
            })
       .def_property_readonly("capacity", &BatchFormer::capacity)
-      .def_property_readonly("queued", &BatchFormer::queued);
+      .def_property_readonly("queued", &BatchFormer::queued)
+      .def_property_readonly("backlog", &BatchFormer::backlog);
 }
 
 } // namespace dynbatch::bindings

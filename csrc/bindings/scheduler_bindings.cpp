@@ -24,21 +24,25 @@ void bind_scheduler(py::module_ &m) {
   m.def("now_ns", &now_ns, "The core's clock (steady, nanoseconds).");
   py::class_<DeviceScheduler, std::shared_ptr<DeviceScheduler>>(m, "DeviceScheduler")
       .def(py::init([](std::size_t concurrency, double aging_ms, double margin_fraction,
-                       const PyTelemetry &telemetry) {
+                       const PyTelemetry &telemetry, double max_hold_ms) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
              }
              if (!(aging_ms > 0.0 && aging_ms <= 3.6e6)) {
                throw py::value_error("aging_ms must be in (0, 3600000]");
              }
+             if (!(max_hold_ms >= 0.0 && max_hold_ms <= 3.6e6)) {
+               throw py::value_error("max_hold_ms must be in [0, 3600000]");
+             }
              SchedulerOptions options;
              options.concurrency = concurrency;
              options.aging_ns = std::max<Nanoseconds>(static_cast<Nanoseconds>(aging_ms * 1e6), 1);
              options.margin_fraction = margin_fraction;
+             options.max_hold_ns = static_cast<Nanoseconds>(max_hold_ms * 1e6);
              return std::make_shared<DeviceScheduler>(options, telemetry.sampler);
            }),
            py::arg("concurrency"), py::arg("aging_ms"), py::arg("margin_fraction"),
-           py::arg("telemetry"))
+           py::arg("telemetry"), py::arg("max_hold_ms") = 50.0)
       .def_readonly_static("exclusive", &DeviceScheduler::exclusive)
       .def(
           "try_acquire", // once per batch, never blocks: keeps the GIL
@@ -76,10 +80,11 @@ void bind_scheduler(py::module_ &m) {
       .def(
           "release",
           [](DeviceScheduler &scheduler, std::uint64_t task, std::int32_t priority,
-             std::uint64_t reservation_bytes) {
-            scheduler.release(GrantRequest{task, priority, reservation_bytes});
+             std::uint64_t reservation_bytes, bool more_queued) {
+            scheduler.release(GrantRequest{task, priority, reservation_bytes}, more_queued);
           },
-          py::arg("task"), py::arg("priority"), py::arg("reservation_bytes"))
+          py::arg("task"), py::arg("priority"), py::arg("reservation_bytes"),
+          py::arg("more_queued") = false)
       .def("close", &DeviceScheduler::close)
       .def("state", [](const DeviceScheduler &scheduler) {
         const SchedulerState state = scheduler.state();
@@ -90,6 +95,8 @@ void bind_scheduler(py::module_ &m) {
         out["budget_bytes"] = state.budget_bytes;
         out["grants"] = state.grants;
         out["waited_grants"] = state.waited_grants;
+        out["holds"] = state.holds;
+        out["holding"] = state.holding;
         out["grants_by_task"] = state.grants_by_task;
         return out;
       });

@@ -9,10 +9,6 @@ namespace dynbatch {
 
 namespace {
 
-// A batch is released this long before a waiting request's deadline, so that it is dispatched
-// in time rather than found late.
-constexpr Nanoseconds deadline_slack_ns = 1'000'000;
-
 Nanoseconds saturating_add(Nanoseconds a, Nanoseconds b) noexcept {
   return b >= no_deadline - a ? no_deadline : a + b;
 }
@@ -157,9 +153,11 @@ void BatchFormer::gather_pending(Nanoseconds now) {
   }
   release_rows(popped_);
   stats_->record_outcomes(popped_, RequestOutcome::timed_out);
+  const Nanoseconds slack = dispatch_delay_.slack();
   std::lock_guard lock(ready_mutex_);
   for (const RequestDescriptor &request : popped_) {
     expired_.push_back(request.id);
+    expired_due_ns_ = std::max(expired_due_ns_, request.deadline_ns - slack);
   }
   ready_changed_.notify_all();
 }
@@ -244,12 +242,14 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
     return FormResult::finished;
   }
   ReleaseReason reason = ReleaseReason::full;
+  Nanoseconds due = 0; // a partial batch: when it became due; 0: when it is formed
   if (pending_.size() < target) {
     const Nanoseconds delay_at =
         saturating_add(pending_.oldest_enqueue_ns(), options_.max_delay_ns);
     const Nanoseconds deadline = pending_.earliest_deadline_ns();
+    // Released early enough to be dispatched in time rather than found late (DispatchDelay).
     const Nanoseconds deadline_at =
-        deadline == no_deadline ? no_deadline : deadline - deadline_slack_ns;
+        deadline == no_deadline ? no_deadline : deadline - dispatch_delay_.slack();
     if (closed) {
       reason = ReleaseReason::drain;
     } else if (now < std::min(delay_at, deadline_at)) {
@@ -272,18 +272,19 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
       return FormResult::needs_input;
     } else {
       reason = now >= delay_at ? ReleaseReason::max_delay : ReleaseReason::deadline;
+      due = std::min(delay_at, deadline_at);
     }
   }
   taken_.clear();
   pending_.take(TakeLimits{std::min(target, pending_.size()), options_.max_tokens,
                            options_.pad_to_multiple_of, options_.bucket_window},
                 now, taken_);
-  form(taken_, target, reason);
+  form(taken_, target, reason, due);
   return FormResult::formed;
 }
 
 void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target,
-                       ReleaseReason reason) {
+                       ReleaseReason reason, Nanoseconds due_ns) {
   const std::size_t count = requests.size();
   const std::size_t leaves = options_.collate ? layout_->leaf_count() : 0;
   FormedBatch batch;
@@ -320,6 +321,7 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   }
   batch.formed_ns = now_ns();
   batch.collate_ns = batch.formed_ns - start;
+  batch.released_ns = due_ns != 0 ? due_ns : batch.formed_ns; // see FormedBatch::released_ns
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
   batch.sequence = stats_->next_sequence();
   release_rows(requests);
@@ -332,19 +334,22 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
   const auto can_return = [&] {
     return !ready_.empty() || !expired_.empty() || finished_ || stopping_ || error_ != nullptr;
   };
+  if (asked_ns_ < 0) {
+    asked_ns_ = now_ns(); // kept across calls until a delivery: see FormedBatch::released_ns
+  }
   for (;;) {
     {
       std::unique_lock lock(ready_mutex_);
       if (!ready_.empty()) {
         out = std::move(ready_.front());
         ready_.pop_front();
-        out.expired_ids.swap(expired_);
+        hand_over_expired(out);
         ready_changed_.notify_all();
         break;
       }
       if (!expired_.empty()) {
         out = FormedBatch{};
-        out.expired_ids.swap(expired_);
+        hand_over_expired(out);
         return NextStatus::expired;
       }
       if (error_) {
@@ -411,6 +416,8 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
       return NextStatus::timeout;
     }
   }
+  out.released_ns = std::max(out.released_ns, asked_ns_);
+  asked_ns_ = -1;
   record_delivery(out);
   return NextStatus::batch;
 }
@@ -421,11 +428,13 @@ NextStatus BatchFormer::try_next_batch(FormedBatch &out) {
     if (!ready_.empty()) {
       out = std::move(ready_.front());
       ready_.pop_front();
-      out.expired_ids.swap(expired_);
+      hand_over_expired(out);
+      out.released_ns = std::max(out.released_ns, asked_ns_ < 0 ? now_ns() : asked_ns_);
+      asked_ns_ = -1;
       ready_changed_.notify_all();
     } else if (!expired_.empty()) {
       out = FormedBatch{};
-      out.expired_ids.swap(expired_);
+      hand_over_expired(out);
       return NextStatus::expired;
     } else {
       return NextStatus::timeout;
@@ -433,6 +442,16 @@ NextStatus BatchFormer::try_next_batch(FormedBatch &out) {
   }
   record_delivery(out);
   return NextStatus::batch;
+}
+
+void BatchFormer::hand_over_expired(FormedBatch &out) {
+  out.expired_ids.swap(expired_);
+  // They expired while the consumer was asking for them: released too late by at least the
+  // time since they were due (when every request expires, the only delay there is to learn).
+  if (expired_due_ns_ >= 0 && asked_ns_ >= 0 && asked_ns_ <= expired_due_ns_) {
+    dispatch_delay_.record(now_ns() - expired_due_ns_);
+  }
+  expired_due_ns_ = -1;
 }
 
 void BatchFormer::record_delivery(const FormedBatch &batch) {
@@ -457,6 +476,21 @@ void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback
   feedback.bucket = bucket();
   policy_->on_feedback(feedback);
   stats_->record_compute(sequence, feedback.compute_ns);
+}
+
+void BatchFormer::report_dispatch(Nanoseconds released_ns) {
+  dispatch_delay_.record(now_ns() - released_ns);
+}
+
+std::size_t BatchFormer::backlog() {
+  std::size_t formed = 0;
+  {
+    std::lock_guard lock(ready_mutex_);
+    for (const FormedBatch &batch : ready_) {
+      formed += batch.ids.size();
+    }
+  }
+  return queued() + formed;
 }
 
 void BatchFormer::close() {

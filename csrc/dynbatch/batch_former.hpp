@@ -8,7 +8,8 @@
 //   valid until the request was formed into a batch or reported expired.
 // - Requests leave by priority with aging (PendingRequests). A batch is released when it
 //   reaches the size the SizingPolicy asks for (full), when its oldest request has waited
-//   `max_delay_ns` (max_delay), shortly before a waiting request's deadline (deadline), or at
+//   `max_delay_ns` (max_delay), before a waiting request's deadline by the measured time a
+//   batch takes from release to dispatch (deadline; see report_dispatch()), or at
 //   the end of input (drain); it is collated into a staging slot and queued for the consumer.
 //   The former thread keeps up to `prefetch_depth` batches formed ahead.
 // - A request whose timeout passes before it is formed is never formed: its id comes back
@@ -20,7 +21,10 @@
 // - The former thread forms full batches (and the last ones of a closed input) ahead of the
 //   consumer; a partial batch (max_delay, deadline) is formed only when the consumer asks, so
 //   requests arriving while the consumer is busy still join it.
-// - report_feedback() feeds the caller's time on a batch back to the policy.
+// - report_feedback() feeds the caller's time on a batch back to the policy. report_dispatch()
+//   tells when a batch was dispatched (claimed: its requests can no longer expire); the time
+//   since its `released_ns` is the delay a deadline release allows for (DispatchDelay), as is
+//   the time since a request was due for release, when it expired while the consumer asked.
 // - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
 //   slots return to the pool); requests still waiting are simply never formed (their owner
 //   fails them). The destructor calls it. An error inside the thread (e.g. no memory for a
@@ -40,6 +44,7 @@
 
 #include "dynbatch/blocking_queue.hpp"
 #include "dynbatch/collator.hpp"
+#include "dynbatch/dispatch_delay.hpp"
 #include "dynbatch/event_count.hpp"
 #include "dynbatch/pending_requests.hpp"
 #include "dynbatch/sizing_policy.hpp"
@@ -60,6 +65,10 @@ struct FormedBatch {
   std::uint64_t memory_available_bytes = 0;
   ReleaseReason reason = ReleaseReason::full;
   std::vector<std::uint64_t> expired_ids; // requests whose timeout passed before forming
+  // When the consumer could first have had this batch: when it was formed (a full batch) or
+  // became due (a partial one: a late wake-up on a loaded machine counts), or when the
+  // consumer began asking for its next batch (over several next_batch() calls), the later.
+  Nanoseconds released_ns = 0;
   // Padded leaves: each sample's length, and the batch's length (the longest, rounded up).
   std::vector<std::uint32_t> lengths;
   std::size_t padded_length = 0;
@@ -126,6 +135,10 @@ public:
   NextStatus try_next_batch(FormedBatch &out);
   // Fills in the bucket; `sequence` names the batch in the stats.
   void report_feedback(std::uint64_t sequence, BatchFeedback feedback);
+  // The batch released at `released_ns` (FormedBatch::released_ns) is dispatched now.
+  void report_dispatch(Nanoseconds released_ns);
+  // How long before a waiting request's deadline its batch is released now.
+  Nanoseconds deadline_slack() const noexcept { return dispatch_delay_.slack(); }
   // Costs are learned per input shape; a former's layout is one shape.
   std::uint64_t bucket() const noexcept { return layout_->shape_key(); }
   std::size_t sample_bytes() const noexcept { return layout_->sample_bytes(); }
@@ -135,6 +148,8 @@ public:
   std::size_t capacity() const noexcept { return options_.capacity; }
   // Requests pushed and not yet formed or expired (a snapshot).
   std::size_t queued() const noexcept { return waiting_.load(std::memory_order_relaxed); }
+  // Requests not yet handed to the consumer: queued, or in batches formed ahead (a snapshot).
+  std::size_t backlog();
 
 private:
   enum class FormResult { formed, needs_input, finished, skipped };
@@ -145,11 +160,15 @@ private:
   // *wait_until says when to look again (no_deadline: on new input). `ahead` (the former
   // thread) keeps the prefetch bound and leaves partial batches to the consumer.
   FormResult form_one(bool ahead, Nanoseconds *wait_until = nullptr);
-  void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason);
+  // `due_ns`: when a partial batch became due (0: a full one, due when formed).
+  void form(std::span<const RequestDescriptor> requests, std::size_t target, ReleaseReason reason,
+            Nanoseconds due_ns);
   // Caller holds form_mutex_: moves every queued request into pending_ and expires the late.
   void gather_pending(Nanoseconds now);
   void release_rows(std::span<const RequestDescriptor> requests);
   void record_delivery(const FormedBatch &batch);
+  // The consumer, holding ready_mutex_: moves the expired ids into `out`.
+  void hand_over_expired(FormedBatch &out);
 
   const std::shared_ptr<const BatchLayout> layout_;
   const FormerOptions options_;
@@ -171,6 +190,7 @@ private:
   // Bumped by every push of a request with a deadline: the thread re-plans its wake-up.
   std::atomic<std::uint64_t> deadlines_pushed_{0};
   EventCount room_; // signalled when requests leave the table
+  DispatchDelay dispatch_delay_;
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
   // Guarded by form_mutex_: popped and not yet formed, and scratch space for one batch.
@@ -182,10 +202,14 @@ private:
   std::condition_variable ready_changed_;
   std::deque<FormedBatch> ready_;
   std::vector<std::uint64_t> expired_; // ids not yet handed to the consumer
+  Nanoseconds expired_due_ns_ = -1;    // when the last of them was due for release; -1: none
   bool partial_due_ = false;           // the thread found a partial batch due: consumer forms
   bool finished_ = false;              // input exhausted and every request formed
   bool stopping_ = false;
   std::exception_ptr error_;
+  // The consumer's side only (one thread at a time): when it began asking for the batch it has
+  // not got yet; -1: it has not asked since its last one.
+  Nanoseconds asked_ns_ = -1;
 
   std::mutex close_mutex_;
   bool closed_ = false; // guarded by close_mutex_

@@ -237,6 +237,9 @@ class Batch:
     @property
     def expired(self) -> list[int]:
         """Ids of requests whose timeout passed before they were formed (size may be 0)."""
+    @property
+    def released_ns(self) -> int:
+        """now_ns() when the consumer could first have had it (for report_dispatch)."""
     def leaf(self, index: int) -> CapsuleType: ...
 
 class BatchFormer:
@@ -286,6 +289,9 @@ class BatchFormer:
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
     def report_feedback(self, sequence: int, feedback: BatchFeedback) -> None: ...
+    def report_dispatch(self, released_ns: int) -> None:
+        """The batch released at released_ns is dispatched now (deadline releases allow
+        for this delay)."""
     @property
     def bucket(self) -> int: ...
     @property
@@ -295,13 +301,21 @@ class BatchFormer:
     def capacity(self) -> int: ...
     @property
     def queued(self) -> int: ...
+    @property
+    def backlog(self) -> int:
+        """Requests queued or in batches formed ahead, not yet handed to the consumer."""
 
 def now_ns() -> int: ...
 
 class DeviceScheduler:
     exclusive: ClassVar[int]
     def __init__(
-        self, concurrency: int, aging_ms: float, margin_fraction: float, telemetry: Telemetry
+        self,
+        concurrency: int,
+        aging_ms: float,
+        margin_fraction: float,
+        telemetry: Telemetry,
+        max_hold_ms: float = 50.0,
     ) -> None: ...
     def try_acquire(self, task: int, priority: int, reservation_bytes: int) -> bool: ...
     def acquire(
@@ -313,7 +327,9 @@ class DeviceScheduler:
         since_ns: int | None = None,
     ) -> bool:
         """since_ns: when the batch began waiting (now_ns()), kept across retries."""
-    def release(self, task: int, priority: int, reservation_bytes: int) -> None: ...
+    def release(
+        self, task: int, priority: int, reservation_bytes: int, more_queued: bool = False
+    ) -> None: ...
     def close(self) -> None: ...
     def state(self) -> dict[str, Any]: ...
 

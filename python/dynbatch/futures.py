@@ -7,6 +7,9 @@ one condition, and a batch's results are published as one ``BatchOutcome`` that 
 futures points to, under one lock and with one wake-up, however many requests it holds.
 ``AsyncRequest`` carries an ``infer`` call's asyncio future; a batch resolves those with one
 call into each event loop.
+
+A thread holding a scheduler grant (a model running) that blocks on a future not yet done
+lends its grants for the wait (``grants``): a pipeline of processors on one device runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
+from . import grants
 from .logs import logger as _log
 
 __all__ = [
@@ -41,12 +45,14 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 class CompletionGroup:
-    """The condition shared by one processor's futures."""
+    """The condition shared by one processor's futures, and the worker thread that ends them
+    (a wait on that thread for one of them could never end)."""
 
-    __slots__ = ("condition",)
+    __slots__ = ("condition", "worker")
 
     def __init__(self) -> None:
         self.condition = threading.Condition()
+        self.worker: threading.Thread | None = None
 
 
 class BatchOutcome:
@@ -110,7 +116,7 @@ class RequestFuture(Future[Any]):
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
         if self._waiter_list is None:
-            self._waiter_list = []
+            self._waiter_list = _Waiters()
         return self._waiter_list
 
     @property
@@ -168,7 +174,13 @@ class RequestFuture(Future[Any]):
 
     def _wait(self, timeout: float | None) -> None:
         condition = self._group.condition
-        with condition:
+        if self._group.worker is threading.current_thread() and self._state not in _DONE:
+            raise RuntimeError(
+                f"request {self._request_id} is waited for on its own processor's worker (in "
+                "its model or a done-callback): it could never run"
+            )
+        waits = self._state not in _DONE and grants.held()
+        with grants.lent() if waits else contextlib.nullcontext(), condition:
             # The condition is shared: wake-ups for other requests re-check this one.
             if not condition.wait_for(lambda: self._state in _DONE, timeout):
                 raise TimeoutError(f"request {self._request_id} not done within {timeout} s")
@@ -190,6 +202,15 @@ class RequestFuture(Future[Any]):
 
     def __repr__(self) -> str:
         return f"<RequestFuture id={self._request_id} priority={self._priority} {self._state}>"
+
+
+class _Waiters(list[Any]):
+    """A future's ``concurrent.futures`` waiters: installing one from a thread that holds
+    grants makes its wait lend them."""
+
+    def append(self, waiter: Any) -> None:
+        super().append(waiter)
+        grants.lend_while_waiting(waiter)
 
 
 class AsyncRequest:

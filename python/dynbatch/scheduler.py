@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _core
+from . import _core, grants
 from .devices import nvml_index_of_device
 
 __all__ = ["Scheduler"]
@@ -40,7 +40,14 @@ class Scheduler:
     the one passed as ``scheduler=``, or the device's shared one (``Scheduler.shared()``).
     When batches of several tasks wait, the one with the largest ``task_priority`` runs first;
     a waiting batch gains one priority level per ``aging_ms`` waited, so a low-priority task
-    is slowed by a busy high-priority one, never starved.
+    is slowed by a busy high-priority one, never starved. A task whose worker releases the
+    device with more work queued keeps it while the worker finishes that batch and asks for
+    the next (a hold): a lower-priority task does not slip in between two batches of a
+    backlogged higher one. The hold lasts four times the task's longest recent gap between
+    a release and its next ask, at most ``max_hold_ms``, and ranks with aging like any waiter.
+
+    A model that waits for another processor's result (a pipeline of processors) lends its
+    grant while it waits, so the inner processor can run on the same scheduler.
 
     ``concurrency`` batches may run at once (default 1: one at a time). Then each batch
     reserves the peak memory its processor's learned memory model predicts for its size, and
@@ -54,6 +61,8 @@ class Scheduler:
         concurrency: batches allowed to run at once.
         aging_ms: waiting time that raises a batch's priority by one level.
         memory_margin: fraction of the device's total memory never reserved.
+        max_hold_ms: the longest a backlogged task keeps the device between two of its
+            batches (0: no holds; any waiting task may take the device in that gap).
     """
 
     def __init__(
@@ -63,6 +72,7 @@ class Scheduler:
         concurrency: int = 1,
         aging_ms: float = 100.0,
         memory_margin: float = 0.05,
+        max_hold_ms: float = 50.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -74,6 +84,10 @@ class Scheduler:
             raise TypeError(f"memory_margin must be a number, got {type(memory_margin).__name__}")
         if not 0.0 <= memory_margin < 1.0:
             raise ValueError(f"memory_margin must be in [0, 1), got {memory_margin}")
+        if isinstance(max_hold_ms, bool) or not isinstance(max_hold_ms, (int, float)):
+            raise TypeError(f"max_hold_ms must be a number, got {type(max_hold_ms).__name__}")
+        if not 0.0 <= max_hold_ms <= 3.6e6:
+            raise ValueError(f"max_hold_ms must be in [0, 3600000], got {max_hold_ms}")
         self.device = _device_name(device)
         self.concurrency = concurrency
         nvml_index = -1
@@ -81,7 +95,7 @@ class Scheduler:
             nvml_index = nvml_index_of_device(int(self.device.split(":")[1]))
         self._telemetry = _core.Telemetry.auto(nvml_index, 0.05)
         self._core = _core.DeviceScheduler(
-            concurrency, float(aging_ms), float(memory_margin), self._telemetry
+            concurrency, float(aging_ms), float(memory_margin), self._telemetry, float(max_hold_ms)
         )
         self._closed = False
 
@@ -109,10 +123,44 @@ class Scheduler:
         give_up: Callable[[], bool] = lambda: False,
     ) -> bool:
         """Waits for the batch's turn (the GIL is released only when it must wait); False
-        when the scheduler is closed or ``give_up()`` turns true while waiting."""
+        when the scheduler is closed or ``give_up()`` turns true while waiting.
+
+        The grant is this thread's until ``release``: while the thread waits for another
+        processor's result it is lent (see the class). A thread that already holds this
+        scheduler's only grant gets a ``RuntimeError``: a second one would never come."""
+        if self.concurrency == 1:
+            for grant in grants.held():
+                if grant.owner is self and not grant.lent:
+                    raise RuntimeError(
+                        f"{self!r}: this thread already holds the scheduler's only grant "
+                        f"(task {grant.key[0]}); waiting for another would never end"
+                    )
+        since = _core.now_ns()  # keeps the batch's age across the slices of the wait
+        if not self._wait_for_grant(task, task_priority, reservation_bytes, give_up, since):
+            return False
+        key = (task, task_priority, reservation_bytes)
+        grants.hold(
+            grants.Grant(
+                self,
+                key,
+                lambda: self._core.release(task, task_priority, reservation_bytes),
+                lambda: self._wait_for_grant(
+                    task, task_priority, reservation_bytes, give_up, since
+                ),
+            )
+        )
+        return True
+
+    def _wait_for_grant(
+        self,
+        task: int,
+        task_priority: int,
+        reservation_bytes: int,
+        give_up: Callable[[], bool],
+        since: int,
+    ) -> bool:
         if self._core.try_acquire(task, task_priority, reservation_bytes):
             return True
-        since = _core.now_ns()  # keeps the batch's age across the slices of the wait
         while not give_up():
             if self._core.acquire(task, task_priority, reservation_bytes, _GIVE_UP_CHECK_S, since):
                 return True
@@ -120,9 +168,16 @@ class Scheduler:
                 return False
         return False
 
-    def release(self, task: int, task_priority: int, reservation_bytes: int) -> None:
-        """Ends a grant from ``acquire`` (the same arguments), once the batch is done."""
-        self._core.release(task, task_priority, reservation_bytes)
+    def release(
+        self, task: int, task_priority: int, reservation_bytes: int, *, more: bool = False
+    ) -> None:
+        """Ends a grant from ``acquire`` (the same arguments), once the batch is done.
+        ``more``: the task has another batch queued, so it keeps the device for it a while
+        (a hold; see the class)."""
+        grant = grants.take(self, (task, task_priority, reservation_bytes))
+        if grant is not None and grant.lent:
+            return  # lent for a wait and never taken back: nothing to release
+        self._core.release(task, task_priority, reservation_bytes, more)
 
     def state(self) -> dict[str, Any]:
         """Running and waiting batches, reserved bytes and budget, grants per task id."""

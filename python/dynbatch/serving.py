@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import _core
+from . import _core, grants
 from .engine import Engine
 from .errors import (
     DynbatchError,
@@ -225,6 +225,7 @@ class Server:
         self._table[request_id] = request
         length = lengths[0] if lengths else 0
         if former.submit(request_id, addresses, priority, timeout_ns, length):
+            grants.lend_until_done(request.future)  # awaited inside a model: see grants
             return request.future
         if self._closing or self._block_timeout_ns < 0:
             self._table.pop(request_id, None)
@@ -372,6 +373,7 @@ class Server:
     # ------------------------------------------------------------------- batch path
 
     def _work(self, former: _core.BatchFormer) -> None:
+        self._group.worker = threading.current_thread()  # see RequestFuture.result
         try:
             while True:
                 batch = former.next_batch()
@@ -404,6 +406,8 @@ class Server:
     def _dispatch(self, batch: _core.Batch) -> None:
         self._engine.note_target(batch.target)
         requests, samples, states = claim(self._group, self._table, batch.ids, time.monotonic_ns())
+        if self._former is not None:  # deadline releases allow for this delay
+            self._former.report_dispatch(batch.released_ns)
         live = (
             requests
             if states is None
@@ -463,7 +467,9 @@ class Server:
             elapsed = engine.clock() - started
             peak_bytes, reclaimable_bytes = engine.memory.end()
         finally:
-            scheduler.release(self._task, self._task_priority, reservation)
+            # With more queued the task keeps the device while this batch is finished.
+            more = self._former.backlog > 0
+            scheduler.release(self._task, self._task_priority, reservation, more=more)
         if failure is None:
             feedback = _core.BatchFeedback(
                 size,

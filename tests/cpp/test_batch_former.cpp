@@ -801,6 +801,114 @@ TEST_CASE(batch_released_before_a_waiting_deadline) {
   CHECK(status == NextStatus::batch);
 }
 
+TEST_CASE(a_deadline_release_allows_for_the_measured_dispatch_delay) {
+  // Batches took 40 ms from release to dispatch: a request with a deadline is released 60 ms
+  // (1.5x) before it, not 1 ms. A late wake-up may release later than that (or even expire
+  // the requests): one of three tries must show the early release (without the measured
+  // delay none would).
+  const SampleStore store(4);
+  bool early = false;
+  for (int attempt = 0; attempt < 3 && !early; ++attempt) {
+    Rig rig(fixed_size(8), serving(64, no_deadline)); // would wait for 8 forever
+    BatchFormer &former = *rig.former;
+    for (int batch = 0; batch < 3; ++batch) {
+      former.report_dispatch(now_ns() - 40 * ms);
+    }
+    const Nanoseconds pushed = now_ns();
+    CHECK_EQ(push_with(former, store, 0, 2, {0, 200 * ms}), 2u);
+    FormedBatch batch;
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    const Nanoseconds released = now_ns() - pushed;
+    if (status != NextStatus::batch) {
+      CHECK(status == NextStatus::expired); // late, never wrong
+      continue;
+    }
+    CHECK_GE(released, 139 * ms); // not before it had to
+    CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
+    // The consumer slept until the release: that is when it could first have had the batch.
+    CHECK_GE(batch.released_ns - pushed, 139 * ms);
+    CHECK_LE(batch.released_ns, batch.formed_ns);
+    early = released < 170 * ms;
+  }
+  CHECK(early);
+}
+
+TEST_CASE(a_ready_batch_is_released_when_the_consumer_asks) {
+  // Formed ahead while nobody asked: its dispatch delay starts at the consumer's call, so a
+  // busy consumer's model time is not mistaken for a slow dispatch.
+  const SampleStore store(8);
+  Rig rig(fixed_size(4), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(push_with(former, store, 0, 4, {}), 4u);
+  REQUIRE(eventually([&] { return former.backlog() == 4 && former.queued() == 0; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const Nanoseconds asked = now_ns();
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_GE(batch.released_ns, asked);
+  CHECK_GE(batch.released_ns - batch.formed_ns, 20 * ms);
+  CHECK_EQ(former.backlog(), 0u);
+  CHECK_EQ(push_with(former, store, 4, 4, {}), 4u);
+  REQUIRE(eventually([&] { return former.backlog() == 4 && former.queued() == 0; }));
+  const Nanoseconds tried = now_ns();
+  REQUIRE(former.try_next_batch(batch) == NextStatus::batch);
+  CHECK_GE(batch.released_ns, tried);
+}
+
+TEST_CASE(a_partial_batch_is_released_when_due_even_if_the_consumer_came_later) {
+  // The consumer asked, gave up for a while (the bindings wait in slices and need the GIL in
+  // between), and came back after the batch was due: its delay counts from the due time. An
+  // oversleep past the deadline (a loaded machine) expires the request instead: one of three
+  // tries must come back in time.
+  const SampleStore store(4);
+  bool shown = false;
+  for (int attempt = 0; attempt < 3 && !shown; ++attempt) {
+    Rig rig(fixed_size(8), serving(64, no_deadline));
+    BatchFormer &former = *rig.former;
+    former.report_dispatch(now_ns() - 60 * ms); // released 90 ms before a deadline
+    FormedBatch batch;
+    CHECK(former.next_batch(batch, now_ns() + 5 * ms) == NextStatus::timeout);
+    const Nanoseconds pushed = now_ns();
+    CHECK_EQ(push_with(former, store, 0, 1, {0, 300 * ms}), 1u); // due at +210 ms
+    std::this_thread::sleep_for(std::chrono::milliseconds(240));
+    const Nanoseconds back = now_ns();
+    const NextStatus status = former.next_batch(batch, now_ns() + hang_bound_ns);
+    if (status != NextStatus::batch) {
+      CHECK(status == NextStatus::expired); // late, never wrong
+      continue;
+    }
+    CHECK(batch.reason == dynbatch::ReleaseReason::deadline);
+    CHECK_GE(batch.released_ns - pushed, 209 * ms);
+    CHECK_LE(batch.released_ns, back - 20 * ms);
+    shown = true;
+  }
+  CHECK(shown);
+}
+
+TEST_CASE(a_request_expiring_while_the_consumer_asks_teaches_the_slack) {
+  // The consumer asked for a batch, then was away (a slice of its wait ended; it needed the
+  // GIL) past the request's deadline: the release came too late by at least that much. A
+  // busy consumer (it had not asked again since its last batch) teaches nothing.
+  const SampleStore store(10);
+  Rig rig(fixed_size(8), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(former.deadline_slack(), 1 * ms);
+  CHECK_EQ(push_with(former, store, 0, 8, {}), 8u);
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch); // full
+  // Busy with that batch, not asking: this expiry does not say the release was late.
+  CHECK_EQ(push_with(former, store, 8, 1, {0, 20 * ms}), 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::expired);
+  CHECK_EQ(former.deadline_slack(), 1 * ms);
+  // Now it asks before the next request is due, and comes back 40 ms after.
+  CHECK(former.next_batch(batch, now_ns() + 1 * ms) == NextStatus::timeout);
+  CHECK_EQ(push_with(former, store, 9, 1, {0, 20 * ms}), 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::expired);
+  CHECK_GE(former.deadline_slack(), 30 * ms); // 1.5 x (40 - 19) ms at least
+}
+
 TEST_CASE(requests_past_their_deadline_expire_once_and_are_never_formed) {
   const SampleStore store(8);
   Rig rig(fixed_size(2), serving(64, no_deadline));
