@@ -1,6 +1,6 @@
 """DynamicBatchProcessor: the facade. It checks its arguments, builds the engine and hands out
-its consumers: the iterator (``processor(data)``, ``map``) and the server (``submit``,
-``submit_many``, ``infer``)."""
+its consumers: the iterator (``processor(data)``, ``map``), the server (``submit``,
+``submit_many``, ``infer``) and the trainer (``steps``, ``fit``)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from . import _core
 from .arguments import check_fraction, check_padding, check_serving_arguments, check_size
 from .engine import Engine, EngineOptions
 from .errors import ProcessorClosed
+from .fit import FitResult, StepMetrics, Trainer, check_fit_arguments
 from .iteration import BatchIterator, map_batches
 from .memory import MemoryMonitor
 from .progress import ProgressBar, total_of
 from .scheduler import Scheduler
 from .serving import Server
 from .stats import Stats
+from .training import StepIterator, StepPlan, TrainingState, capacity_for, length_of
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
 
@@ -180,6 +182,8 @@ class DynamicBatchProcessor:
             memory_monitor=memory_monitor,
         )
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
+        self._step_iterators: weakref.WeakSet[StepIterator] = weakref.WeakSet()
+        self._training = TrainingState()
         self._closed = False
         self.model = model
         self._server: Server | None = None
@@ -229,6 +233,265 @@ class DynamicBatchProcessor:
         if not callable(fn):
             raise TypeError(f"map needs a callable model, got {type(fn).__name__}")
         return map_batches(self(data, progress=progress), fn)
+
+    def steps(
+        self,
+        data: Iterable[Any],
+        /,
+        *,
+        samples_per_step: int,
+        epochs: int = 1,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+        max_steps: int | None = None,
+        process_group: Any = None,
+        progress: bool = False,
+    ) -> StepIterator:
+        """Micro-batches of optimizer steps of ``samples_per_step`` samples, for a training
+        loop of your own; see ``fit`` for one that owns the step.
+
+        Each ``MicroBatch`` has ``data`` (the batch), ``weight`` (its share of the step),
+        ``step``, ``epoch``, ``first``, ``last`` and ``indices``; the engine sizes the
+        micro-batches as it sizes inference batches, and none holds samples of two steps::
+
+            for mb in processor.steps(data, samples_per_step=64, shuffle=True, seed=0):
+                (loss_fn(model, mb.data) * mb.weight).backward()
+                if mb.last:
+                    optimizer.step()
+                    optimizer.zero_grad()
+
+        Out of memory: zero the gradients and call ``report_oom()`` (on the iterator or the
+        processor); the whole step comes again in smaller micro-batches. ``epochs`` counts the
+        epoch ends this pass crosses, from where the last ``steps``/``fit`` call stopped (the
+        processor keeps the position: ``state_dict()``); ``max_steps`` stops it sooner. With
+        ``process_group`` (e.g. ``torch.distributed.group.WORLD``), every step is shared among
+        its ranks (``samples_per_step`` counts them all) and ``weight`` is scaled for
+        DistributedDataParallel's gradient averaging.
+        """
+        self._check_open()
+        size = self._check_step_size(samples_per_step)
+        rank, world = 0, 1
+        if process_group is not None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank(process_group)
+            world = dist.get_world_size(process_group)
+        return self._step_iterator(
+            data,
+            lambda: StepPlan(size),
+            capacity_for(size, world),
+            epochs=epochs,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            max_steps=max_steps,
+            rank=rank,
+            world_size=world,
+            progress=progress,
+        )
+
+    def fit(
+        self,
+        model: Any,
+        optimizer: Any,
+        loss_fn: Callable[[Any, Any], Any],
+        data: Iterable[Any],
+        /,
+        *,
+        samples_per_step: int | str,
+        epochs: int = 1,
+        shuffle: bool = False,
+        seed: int | None = None,
+        max_grad_norm: float | None = None,
+        lr_scheduler: Any = None,
+        drop_last: bool = False,
+        progress: bool = False,
+        grad_scaler: Any = None,
+        max_steps: int | None = None,
+        lr_scaling: str | None = "adascale",
+        base_samples_per_step: int = 32,
+        max_samples_per_step: int | None = None,
+        on_step: Callable[[StepMetrics], object] | None = None,
+    ) -> FitResult:
+        """Trains ``model`` on ``data``: optimizer steps of ``samples_per_step`` samples in
+        micro-batches the engine sizes; returns per-step metrics (``FitResult``).
+
+        ``data`` yields samples (typically ``(input, target)`` tuples; ``dynbatch.paired(X,
+        y)`` makes them from two tensors); ``loss_fn(model, batch)`` returns the batch's mean
+        loss as a scalar tensor. Each step: gradients zeroed, forward and backward per
+        micro-batch (the loss scaled by its share of the step, so the step's gradient is a
+        batch of ``samples_per_step``'s), then clipping to ``max_grad_norm``,
+        ``optimizer.step()`` (through ``grad_scaler`` when given) and ``lr_scheduler.step()``.
+        The model's train/eval mode is left as it is. A DistributedDataParallel model shares
+        each step among its ranks and synchronises gradients on the step's last micro-batch
+        only (``no_sync()`` on the others).
+
+        Out of memory in forward or backward: the gradients are zeroed and the step runs
+        again in smaller micro-batches (the lower ceiling holds for the rest of the run). A
+        non-finite loss skips the step (counted in ``skipped_steps``; one warning).
+
+        ``samples_per_step="auto"``: each step's size is chosen for goodput (throughput times
+        statistical efficiency from the measured gradient noise scale) between
+        ``base_samples_per_step`` (32) and ``max_samples_per_step`` (default 32 times the
+        base, at most the data's length), and the optimizer's learning rate, read as tuned
+        for ``base_samples_per_step``, is scaled for the chosen size: ``lr_scaling=
+        "adascale"`` (AdaScale's gain from the noise scale), ``"sqrt"``, ``"linear"`` or None.
+        A fixed ``samples_per_step`` uses the learning rate as it is.
+
+        Calling ``fit`` again continues where the last call (or ``steps`` pass) stopped: the
+        sample order's position, the learned sizes and the adaptive state; ``epochs`` counts
+        the epoch ends this call crosses and ``max_steps`` stops it sooner. ``on_step`` is
+        called with each step's ``StepMetrics`` (evaluation, logging); returning True stops
+        training after that step.
+        """
+        self._check_open()
+        check_fit_arguments(
+            model,
+            optimizer,
+            loss_fn,
+            max_grad_norm=max_grad_norm,
+            lr_scheduler=lr_scheduler,
+            grad_scaler=grad_scaler,
+            lr_scaling=lr_scaling,
+            on_step=on_step,
+        )
+        fixed: int | None
+        if samples_per_step == "auto":
+            fixed = None
+            base = self._check_step_size(base_samples_per_step, "base_samples_per_step")
+            length = length_of(data)
+            high = max_samples_per_step
+            if high is None:
+                high = max(base, min(32 * base, length or 32 * base))
+            high = self._check_step_size(high, "max_samples_per_step")
+            if high < base:
+                raise ValueError(
+                    f"max_samples_per_step ({high}) must be at least base_samples_per_step ({base})"
+                )
+        else:
+            if isinstance(samples_per_step, str):
+                raise ValueError(
+                    f"samples_per_step must be an int or 'auto', got {samples_per_step!r}"
+                )
+            fixed = self._check_step_size(samples_per_step)
+            base, high = fixed, fixed
+        trainer = Trainer(
+            self._engine,
+            self._training,
+            model,
+            optimizer,
+            loss_fn,
+            samples_per_step=fixed,
+            bounds=(base, high),
+            base_samples_per_step=base,
+            lr_scaling=lr_scaling,
+            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+            lr_scheduler=lr_scheduler,
+            grad_scaler=grad_scaler,
+            on_step=on_step,
+        )
+        iterator = self._step_iterator(
+            data,
+            trainer.plan,
+            capacity_for(high, trainer.world_size),
+            epochs=epochs,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            max_steps=max_steps,
+            rank=trainer.rank,
+            world_size=trainer.world_size,
+            progress=progress,
+        )
+        return trainer.run(iterator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (epoch, samples used, steps taken, shuffling seed) and the
+        adaptive step-size state, for ``load_state_dict`` in a restarted job. The sizing's
+        learned costs are not in it: the core does not export them, and a fresh processor
+        learns them again within its first batches."""
+        return {"version": 1, "training": self._training.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a ``state_dict()``: the next ``fit``/``steps`` call resumes the same
+        sample order where it stopped."""
+        if not isinstance(state, dict) or state.get("version") != 1 or "training" not in state:
+            raise ValueError("load_state_dict expects what DynamicBatchProcessor.state_dict() made")
+        self._training.load_state_dict(state["training"])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this DynamicBatchProcessor is closed")
+
+    def _check_step_size(self, value: object, name: str = "samples_per_step") -> int:
+        size = check_size(name, value)
+        if size < self.min_batch_size:
+            raise ValueError(
+                f"{name} ({size}) must be at least min_batch_size ({self.min_batch_size}): a "
+                "step is cut into micro-batches of at least that many samples"
+            )
+        return size
+
+    def _step_iterator(
+        self,
+        data: Iterable[Any],
+        plan: Callable[[], StepPlan],
+        capacity: int,
+        *,
+        epochs: int,
+        shuffle: bool,
+        seed: int | None,
+        drop_last: bool,
+        max_steps: int | None,
+        rank: int,
+        world_size: int,
+        progress: bool,
+    ) -> StepIterator:
+        check_size("epochs", epochs)
+        if max_steps is not None:
+            check_size("max_steps", max_steps)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        state = self._training
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+            if state.position > 0 and state.seed is not None and seed != state.seed:
+                raise ValueError(
+                    f"seed={seed} differs from the seed ({state.seed}) of the epoch in "
+                    f"progress ({state.position} samples into epoch {state.epoch})"
+                )
+            state.seed = seed
+        try:
+            iter(data)
+        except TypeError:
+            raise TypeError(
+                f"training data must be an iterable of samples, got {type(data).__name__}"
+            ) from None
+        total = length_of(data)
+        bar = (
+            ProgressBar(None if total is None else total * epochs, self._engine.telemetry)
+            if progress
+            else None
+        )
+        iterator = StepIterator(
+            self._engine,
+            data,
+            state,
+            plan,
+            capacity=capacity,
+            epochs=epochs,
+            max_steps=max_steps,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            progress=bar,
+        )
+        self._step_iterators.add(iterator)
+        return iterator
 
     def submit(
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
@@ -282,16 +545,20 @@ class DynamicBatchProcessor:
         error, before asking for the next batch."""
         holding = [
             (since, iterator)
-            for iterator in list(self._iterators)
+            for iterator in self._passes()
             if (since := iterator.outstanding_since_ns) is not None
         ]
         if not holding:
             raise RuntimeError("report_oom() needs a batch from a live iteration to report")
         max(holding, key=lambda pair: pair[0])[1].report_oom()
 
+    def _passes(self) -> list[BatchIterator | StepIterator]:
+        """The live iterations: batch passes and training passes."""
+        return [*self._iterators, *self._step_iterators]
+
     def stats(self) -> Stats:
         """Counters, batch-size histogram, throughput, latency, memory and the learned costs."""
-        live_ns = sum(iterator.active_ns() for iterator in list(self._iterators))
+        live_ns = sum(iterator.active_ns() for iterator in self._passes())
         server = self._server
         if server is None:
             return self._engine.stats(live_ns)
@@ -318,7 +585,7 @@ class DynamicBatchProcessor:
         self._closed = True
         if self._server is not None:
             self._server.close(drain, timeout)
-        for iterator in list(self._iterators):
+        for iterator in self._passes():
             iterator.close()
         self._engine.close()
 
