@@ -7,8 +7,10 @@ noise scale ``tr(Sigma) / |G|^2`` (McCandlish et al. 2018): far below B, doublin
 steps needed; far above it, a bigger step buys nothing. B is estimated from two batch sizes
 that accumulation measures anyway: the step's first micro-batch (its gradient is alone in
 ``.grad`` after its backward) and the whole step, as gpt-neox does, each smoothed on its own.
-Throughput comes from the engine's learned micro-batch cost and the measured per-step
-overhead (optimizer step, clipping, the loop). The step size is re-decided at every step.
+Throughput comes from the engine's learned micro-batch cost, the measured time of the
+optimizer's part of a step (clipping, ``optimizer.step()``, the scheduler: fixed per step) and
+the measured time per sample outside the model (reading, checking and collating samples).
+The step size is re-decided at every step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _GRID_PER_DOUBLING = 4
 # estimates would otherwise make the size wander).
 _HYSTERESIS = 0.03
 # Estimates before the noise scale is trusted: until then the step size stays at the base.
-_WARMUP_ESTIMATES = 4
+_WARMUP_ESTIMATES = 8
 
 
 class NoiseScale:
@@ -55,14 +57,14 @@ class NoiseScale:
 
     @property
     def value(self) -> float | None:
-        """B_simple in samples; None before the first estimate. A non-positive smoothed
-        ``|G|^2`` (all noise) reads as infinitely noisy."""
+        """B_simple in samples; None before the first estimate, and while the smoothed
+        ``|G|^2`` is not positive (the gradient is lost in its noise: nothing to go by)."""
         if self.count == 0:
             return None
         correction = 1 - self.smoothing**self.count
         sqr, var = self._sqr / correction, self._var / correction
         if sqr <= 0:
-            return math.inf
+            return None
         return max(var, 0.0) / sqr
 
     def state_dict(self) -> dict[str, float]:
@@ -115,8 +117,10 @@ class AdaptiveSteps:
         self._micro_cost = micro_cost
         self.noise = NoiseScale(smoothing)
         self.current = min(max(base, low), high)
-        self._overhead_ns = 0.0  # EMA of the time a step spends outside its micro-batches
-        self._overheads = 0
+        # EMAs of the optimizer's time per step and of the time per sample outside the model
+        self._fixed_ns = 0.0
+        self._per_sample_ns = 0.0
+        self._observed = 0
         grid = {low, high, self.current}
         size = float(low)
         while size < high:
@@ -124,19 +128,26 @@ class AdaptiveSteps:
             size *= 2 ** (1 / _GRID_PER_DOUBLING)
         self._grid = sorted(n for n in grid if low <= n <= high)
 
-    def observe_overhead(self, overhead_ns: float) -> None:
-        beta = 0.8 if self._overheads else 0.0
-        self._overhead_ns = beta * self._overhead_ns + (1 - beta) * max(overhead_ns, 0.0)
-        self._overheads += 1
+    def observe_step(
+        self, samples: int, wall_ns: float, compute_ns: float, optimizer_ns: float
+    ) -> None:
+        """A step's wall time, its micro-batches' time in the model (forward and backward)
+        and its optimizer's part; the rest is time spent on its samples outside the model."""
+        beta = 0.8 if self._observed else 0.0
+        outside = max(wall_ns - compute_ns - optimizer_ns, 0.0) / samples
+        self._fixed_ns = beta * self._fixed_ns + (1 - beta) * max(optimizer_ns, 0.0)
+        self._per_sample_ns = beta * self._per_sample_ns + (1 - beta) * outside
+        self._observed += 1
 
     def step_seconds(self, samples: int) -> float | None:
         """Predicted wall time of a step of ``samples``; None while the costs are unknown."""
         cost = self._micro_cost()
-        if cost is None or self._overheads == 0:
+        if cost is None or self._observed == 0:
             return None
         intercept_ns, slope_ns, micro = cost
         micro_batches = math.ceil(samples / max(micro, 1))
-        return (self._overhead_ns + micro_batches * intercept_ns + samples * slope_ns) * 1e-9
+        compute = micro_batches * intercept_ns + samples * slope_ns
+        return (self._fixed_ns + samples * self._per_sample_ns + compute) * 1e-9
 
     def goodput(self, samples: int) -> float | None:
         """Predicted samples per second times statistical efficiency (against the base)."""
@@ -166,8 +177,9 @@ class AdaptiveSteps:
     def state_dict(self) -> dict[str, Any]:
         return {
             "current": self.current,
-            "overhead_ns": self._overhead_ns,
-            "overheads": self._overheads,
+            "fixed_ns": self._fixed_ns,
+            "per_sample_ns": self._per_sample_ns,
+            "observed": self._observed,
             "noise": self.noise.state_dict(),
         }
 
@@ -175,6 +187,7 @@ class AdaptiveSteps:
         if not state:
             return
         self.current = min(max(int(state.get("current", self.current)), self.low), self.high)
-        self._overhead_ns = float(state.get("overhead_ns", 0.0))
-        self._overheads = int(state.get("overheads", 0))
+        self._fixed_ns = float(state.get("fixed_ns", 0.0))
+        self._per_sample_ns = float(state.get("per_sample_ns", 0.0))
+        self._observed = int(state.get("observed", 0))
         self.noise.load_state_dict(state.get("noise", {}))

@@ -280,13 +280,17 @@ class Trainer:
                 if not batch.last:
                     continue
                 assert loss_sum is not None
+                finishing = time.perf_counter_ns()
                 metrics = self._finish_step(batch, loss_sum, small, micro_batches, retries)
                 now = time.perf_counter_ns()
                 wall_ns = max(now - step_started, 1)
                 step_started = now
                 retries = 0
                 if self.adaptive is not None:
-                    self.adaptive.observe_overhead(wall_ns - compute_ns)
+                    if results:  # a pass's first step also pays for starting it
+                        self.adaptive.observe_step(
+                            batch.step_samples, wall_ns, compute_ns, now - finishing
+                        )
                     self._state.adaptive = self.adaptive.state_dict()
                 step_metrics = StepMetrics(
                     step=batch.step,
