@@ -15,12 +15,14 @@ printed as a table. The goals: auto >= 1.25x faster than fixed 32, and >= 0.95x 
 fixed size.
 
 Group "train-step-1024": constant steps of 1024 samples (8 steps; tiny: 1) on an MLP
-784-1024-1024-10 (tiny: 128 wide) whose per-sample cost falls with the micro-batch size. Entries: ``accum-32`` and ``accum-128``
-(a ``DataLoader`` of that micro-batch with ``gradient_accumulation_steps`` = 1024 / micro,
-the loss divided by it: the Accelerate convention), ``dynbatch`` (``fit`` with
+784-1024-1024-10 (tiny: 128 wide) whose per-sample cost falls with the micro-batch size.
+Entries: ``accum-32`` and ``accum-128`` (a ``DataLoader`` of that micro-batch with
+``gradient_accumulation_steps`` = 1024 / micro, the loss divided by it: the Accelerate
+convention), ``dynbatch`` (``fit`` with
 ``samples_per_step=1024``, micro-batches sized by the engine) and ``dynbatch-iterator``
-(``processor(data)`` and an optimizer step every 1024 samples, batches crossing steps: what
-one formation pass per step costs).
+(``processor(data)`` and an optimizer step every 1024 samples, batches crossing steps).
+
+Group "train-boundary-32": what a step boundary costs the data path (below).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynbatch as ds
+from dynbatch.engine import Engine, EngineOptions
 from dynbatch.train_demo import (
     RunResult,
     cnn,
@@ -44,6 +47,7 @@ from dynbatch.train_demo import (
     run_dynbatch,
     run_loader,
 )
+from dynbatch.training import StepIterator, StepPlan, TrainingState
 
 SIZES = (16, 32, 64, 128, 256)
 LR_GRID = (0.03, 0.1, 0.3)
@@ -287,3 +291,59 @@ def test_constant_step_throughput(
     )
     processor.close()
     assert steps == count // STEP
+
+
+BOUNDARY_IMPLS = ["iterator", "steps-ahead", "steps-on-demand"]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("impl", BOUNDARY_IMPLS)
+def test_step_boundary_cost(impl: str, measure: Callable[..., Any], benchmark: Any) -> None:
+    """Group "train-boundary-32": the data path alone (no model) over the digits in
+    micro-batches of 32: ``processor(data)`` (no steps) against steps of 32, the next step
+    handed to the core when the caller holds the last micro-batch (``steps-ahead``, what
+    ``steps`` and ``fit`` do) or only when asked for (``steps-on-demand``, one formation pass
+    per step with nothing formed ahead across the boundary)."""
+    benchmark.group = "train-boundary-32"
+    digits = load_digits_split()
+    data = ds.paired(digits.train_x, digits.train_y)
+    processor = ds.DynamicBatchProcessor(max_batch_size=32, min_batch_size=32)
+    engine = Engine(
+        EngineOptions(
+            min_batch_size=32,
+            max_batch_size=32,
+            prefetch=1,
+            latency_slo_ms=None,
+            oom_errors=(),
+            memory_fraction=0.25,
+            knee_tolerance=0.05,
+            pad_value=None,
+            pad_multiple=1,
+            bucket_window=0,
+            max_tokens=0,
+        )
+    )
+
+    def steps(ahead: bool) -> int:
+        passes = StepIterator(
+            engine,
+            data,
+            TrainingState(),
+            lambda step: StepPlan(32),
+            capacity=32,
+            epochs=1,
+            max_steps=None,
+            shuffle=False,
+            drop_last=False,
+            ahead=ahead,
+        )
+        return sum(micro.size for micro in passes)
+
+    run = {
+        "iterator": lambda: sum(len(batch[1]) for batch in processor(data)),
+        "steps-ahead": lambda: steps(True),
+        "steps-on-demand": lambda: steps(False),
+    }[impl]
+    assert measure(run) == len(data)
+    processor.close()
+    engine.close()

@@ -208,15 +208,19 @@ class Trainer:
             self.rank = dist.get_rank(self.group)
             self.world_size = dist.get_world_size(self.group)
         self.adaptive: AdaptiveSteps | None = None
+        # Planning broadcasts rank 0's decision: every rank must plan at the same point of
+        # its step, not ahead (DDP's own collectives in forward would interleave otherwise).
+        self.plans_ahead = samples_per_step is not None or self.world_size == 1
         if samples_per_step is None:
             self.adaptive = AdaptiveSteps(base_samples_per_step, *bounds, engine.batch_cost)
             self.adaptive.load_state_dict(state.adaptive)
-        self._decision_noise: float | None = None  # the noise scale the step was planned with
-        self._measuring = False
+        # the noise scale each step was planned with (steps are planned one ahead)
+        self._planned_noise: dict[int, float | None] = {}
+        self._measured: set[int] = set()  # steps whose first micro-batch measures the noise
         self._planned = 0
 
-    def plan(self) -> StepPlan:
-        """The next step's size (and, under "auto", whether its first micro-batch is kept
+    def plan(self, step: int) -> StepPlan:
+        """Step ``step``'s size (and, under "auto", whether its first micro-batch is kept
         small enough to measure the gradient noise)."""
         if self.adaptive is None:
             assert self._fixed is not None
@@ -234,12 +238,14 @@ class Trainer:
             size = int(decision[0].item())
             noise = None if decision[1].item() < 0 else float(decision[1].item())
             self.adaptive.current = size
-        self._decision_noise = noise
+        self._planned_noise[step] = noise
         cost = self._engine.batch_cost()
         natural_split = cost is not None and cost[2] < -(-size // self.world_size)
-        self._measuring = size >= 2 and (natural_split or self._planned % _MEASURE_EVERY == 0)
+        measuring = size >= 2 and (natural_split or self._planned % _MEASURE_EVERY == 0)
         self._planned += 1
-        first_limit = None if natural_split or not self._measuring else max(1, size // 2)
+        if measuring:
+            self._measured.add(step)
+        first_limit = None if natural_split or not measuring else max(1, size // 2)
         return StepPlan(size, first_limit)
 
     def run(self, steps: StepIterator) -> FitResult:
@@ -275,7 +281,7 @@ class Trainer:
                 micro_batches += 1
                 weighted = loss.detach() * batch.weight
                 loss_sum = weighted if loss_sum is None else loss_sum + weighted
-                if self._measuring and batch.first and not batch.last:
+                if batch.first and not batch.last and batch.step in self._measured:
                     small = (batch.size, self._grad_sqr() / self._grad_scale(batch.weight))
                 if not batch.last:
                     continue
@@ -361,9 +367,9 @@ class Trainer:
         loss = float(loss_sum)
         factor = 1.0
         if self.adaptive is not None:  # for the step's real size (an epoch's last may be short)
-            factor = lr_factor(
-                self._lr_scaling, batch.step_samples, self._base, self._decision_noise
-            )
+            noise = self._planned_noise.pop(batch.step, None)
+            self._measured.discard(batch.step)
+            factor = lr_factor(self._lr_scaling, batch.step_samples, self._base, noise)
         lr = float(optimizer.param_groups[0]["lr"]) * factor
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)

@@ -279,7 +279,7 @@ class DynamicBatchProcessor:
             world = dist.get_world_size(process_group)
         return self._step_iterator(
             data,
-            lambda: StepPlan(size),
+            lambda step: StepPlan(size),
             capacity_for(size, world),
             epochs=epochs,
             shuffle=shuffle,
@@ -403,6 +403,7 @@ class DynamicBatchProcessor:
             rank=trainer.rank,
             world_size=trainer.world_size,
             progress=progress,
+            ahead=trainer.plans_ahead,
         )
         return trainer.run(iterator)
 
@@ -436,7 +437,7 @@ class DynamicBatchProcessor:
     def _step_iterator(
         self,
         data: Iterable[Any],
-        plan: Callable[[], StepPlan],
+        plan: Callable[[int], StepPlan],
         capacity: int,
         *,
         epochs: int,
@@ -447,6 +448,7 @@ class DynamicBatchProcessor:
         rank: int,
         world_size: int,
         progress: bool,
+        ahead: bool = True,
     ) -> StepIterator:
         check_size("epochs", epochs)
         if max_steps is not None:
@@ -489,6 +491,7 @@ class DynamicBatchProcessor:
             rank=rank,
             world_size=world_size,
             progress=bar,
+            ahead=ahead,
         )
         self._step_iterators.add(iterator)
         return iterator

@@ -180,7 +180,7 @@ def run_loader(
     for _ in range(epochs):
         for batch in loader:
             optimizer.zero_grad()
-            _loss(model, batch).backward()
+            _loss(model, batch).backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             steps += 1
             clock.trained(len(batch[1]))

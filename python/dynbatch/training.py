@@ -3,9 +3,10 @@
 ``processor.steps(data, samples_per_step=N)`` yields ``MicroBatch`` objects. Each optimizer
 step holds exactly N samples (the last of an epoch may be short, or dropped), cut into
 micro-batches whose size the engine chooses as it does for inference (memory headroom,
-measured throughput). A micro-batch never holds samples of two steps: the core former is
-given one step's samples at a time (one formation pass per step), so every batch it forms
-lies inside the step. ``weight`` is the micro-batch's share of the step, so
+measured throughput). A micro-batch never holds samples of two steps: the core former holds
+one step's samples at a time (one formation pass per step), so every batch it forms lies
+inside the step; the next step's samples go in once the current step's last micro-batch is
+out of the core, so its first micro-batch is formed while the caller computes. ``weight`` is the micro-batch's share of the step, so
 ``loss.mean() * weight`` summed over the step's micro-batches is the step's mean loss, and
 its gradient the gradient of one batch of N.
 
@@ -194,13 +195,49 @@ class _Micro:
         ]
 
 
+class _Step:
+    """One optimizer step as this rank holds it: its samples, kept alive until it is done,
+    under core ids unique in the pass (a sample may come again in the next epoch's step)."""
+
+    __slots__ = (
+        "addresses",
+        "epoch",
+        "first_limit",
+        "ids",
+        "index",
+        "kept",
+        "lengths",
+        "positions",
+        "pushed",
+        "samples",
+        "start",
+    )
+
+    def __init__(self, index: int, epoch: int, start: int, samples: int) -> None:
+        self.index = index
+        self.epoch = epoch
+        self.start = start  # where it begins in the epoch's order
+        self.samples = samples  # over all ranks
+        self.ids: list[int] = []
+        self.positions: dict[int, int] = {}  # core id -> position in the data
+        self.kept: dict[int, Any] = {}  # core id -> what admit() returned
+        self.addresses: list[int] = []  # leaf addresses, sample-major (pushed again on a redo)
+        self.lengths: list[int] = []
+        self.first_limit: int | None = None
+        self.pushed = False
+
+
 class StepIterator(Iterator[MicroBatch]):
     """Micro-batches of optimizer steps over ``data`` (see the module's docstring).
 
-    ``plan`` gives each step's size when the step starts. ``epochs`` counts the epoch ends
-    this pass crosses (a pass that starts mid-epoch first finishes that epoch); ``max_steps``
-    stops it earlier. ``state`` is updated as steps complete: a step counts as done once its
-    last micro-batch has been yielded (``report_oom`` on that micro-batch takes it back).
+    ``plan(step)`` gives each step's size when it is prepared: once the caller holds a step's
+    last micro-batch, the next step's samples go to the core, which forms its first
+    micro-batch while the caller computes (``ahead``; without it, when the caller asks for
+    it: a ``plan`` that talks to other ranks must run where every rank calls it alike).
+    ``epochs`` counts the epoch ends this pass crosses (a pass that starts mid-epoch first
+    finishes that epoch); ``max_steps`` stops it sooner. ``state`` says where the first step
+    not yet done begins: a step counts as done once its last micro-batch has been yielded
+    (``report_oom`` on that micro-batch takes it back).
     """
 
     def __init__(
@@ -208,7 +245,7 @@ class StepIterator(Iterator[MicroBatch]):
         engine: Engine,
         data: Iterable[Any],
         state: TrainingState,
-        plan: Callable[[], StepPlan],
+        plan: Callable[[int], StepPlan],
         *,
         capacity: int,
         epochs: int,
@@ -218,6 +255,7 @@ class StepIterator(Iterator[MicroBatch]):
         rank: int = 0,
         world_size: int = 1,
         progress: ProgressBar | None = None,
+        ahead: bool = True,
     ) -> None:
         self._closed = True  # until built: __del__ of a refused pass has nothing to close
         self._engine = engine
@@ -228,12 +266,12 @@ class StepIterator(Iterator[MicroBatch]):
         self._capacity = capacity
         self._epochs_left = epochs
         self._max_steps = max_steps
-        self._steps_taken = 0
         self._shuffle = shuffle
         self._drop_last = drop_last
         self._rank = rank
         self._world = world_size
         self._progress = progress
+        self._ahead = ahead
         if shuffle and self._length is None:
             raise TypeError(
                 "shuffle=True needs data with a length and indexing by position (a list, a "
@@ -249,29 +287,27 @@ class StepIterator(Iterator[MicroBatch]):
             state.length = self._length
         if shuffle and state.seed is None:
             state.seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self._length is not None and state.position >= self._length > 0:
+            state.epoch, state.position = state.epoch + 1, 0  # stopped right at an epoch's end
+        # Where the next step to prepare begins, and what was read there.
+        self._epoch = state.epoch
+        self._position = state.position
+        self._next_index = state.step
+        self._prepared = 0
         self._order: list[int] | None = None  # this epoch's order (shuffled)
         self._source: Iterator[Any] | None = None  # this epoch's samples (unindexed data)
+        self._next_id = 0  # core ids, unique in the pass
         self._schema: Schema | None = None
         self._former: _core.BatchFormer | None = None
-        # The current step: its samples by data position (kept until the step is done), the
-        # positions not yet delivered by the former, and the micro-batches waiting to go out.
-        self._step_kept: dict[int, Any] = {}
-        self._step_ids: list[int] = []
-        self._step_addresses: list[int] = []  # leaf addresses, sample-major (for a redo)
-        self._step_lengths: list[int] = []
-        self._undelivered: set[int] = set()
+        self._step: _Step | None = None  # the step being yielded
+        self._next: _Step | None = None  # prepared after the step's last micro-batch
+        self._next_known = False  # _next was looked for (None then: the pass ends)
+        self._undelivered: set[int] = set()  # core ids pushed and not yet formed
         self._parts: list[_Micro] = []
-        self._step_samples = 0  # over all ranks
-        self._step_global = 0  # the step's size over all ranks, for the weights
-        self._step_index = 0
-        self._step_epoch = 0
-        self._step_position = 0  # where the step starts in the epoch's order
-        self._step_first_limit: int | None = None
         self._limit: int | None = None  # micro-batch ceiling for this step after an OOM
         self._yielded_in_step = 0
         self._first_pending = True
         self._current: _Micro | None = None
-        self._current_last = False
         self._yielded_ns = 0
         self._compute_ns: int | None = None
         self._started_ns = 0
@@ -289,33 +325,35 @@ class StepIterator(Iterator[MicroBatch]):
         try:
             self._finish_current(resumed_ns)
             micro = self._next_micro()
+            if micro is None:
+                self.close()
+                raise StopIteration
+            step = self._step
+            assert step is not None and self._schema is not None
+            self._yielded_in_step += micro.size
+            last = self._yielded_in_step == len(step.ids)
+            if last:  # every sample of the step is out of the core: the next may go in
+                if not self._next_known and self._ahead:
+                    self._prepare_next()
+                elif self._next is not None and not self._next.pushed:
+                    self._push(self._next)  # prepared before an OOM redid this step
+                self._complete(step)
         except BaseException:
             self.close()
             raise
-        if micro is None:
-            self.close()
-            raise StopIteration
-        assert self._schema is not None
         self._current = micro
-        self._yielded_in_step += micro.size
-        last = self._yielded_in_step == len(self._step_ids)
-        self._current_last = last
         first = self._first_pending
         self._first_pending = False
-        if last:  # the step counts as done unless report_oom() takes it back
-            self._state.position = self._step_position + self._step_global
-            self._state.step = self._step_index + 1
-            self._steps_taken += 1
         batch = MicroBatch(
             data=self._schema.structure(micro.leaves),
             size=micro.size,
-            weight=micro.size * self._world / self._step_global,
-            step=self._step_index,
-            epoch=self._step_epoch,
+            weight=micro.size * self._world / step.samples,
+            step=step.index,
+            epoch=step.epoch,
             first=first,
             last=last,
-            step_samples=self._step_global,
-            indices=micro.ids,
+            step_samples=step.samples,
+            indices=[step.positions[i] for i in micro.ids],
         )
         self._engine.memory.begin()
         self._yielded_ns = self._engine.clock()
@@ -349,20 +387,32 @@ class StepIterator(Iterator[MicroBatch]):
         self._current = None
         self._compute_ns = None
         self._engine.memory.end()
-        assert self._former is not None
+        assert self._former is not None and self._step is not None
         chunk = self._engine.after_oom(micro.size, self._former.bucket, self._former.sample_bytes)
         if chunk is None:
             error = DynbatchError(
-                f"sample {micro.ids[0]} alone does not fit in memory; it cannot be split further"
+                f"sample {self._step.positions[micro.ids[0]]} alone does not fit in memory; it "
+                "cannot be split further"
             )
             self.close()
             raise error
         self._limit = chunk if self._limit is None else min(self._limit, chunk)
-        if self._current_last:  # take back the step's completion
-            self._state.position = self._step_position
-            self._state.step = self._step_index
-            self._steps_taken -= 1
-        self._restart_step()
+        step = self._step
+        state = self._state
+        state.epoch, state.position, state.step = step.epoch, step.start, step.index
+        # Whatever the core holds (the step's rest, or the next step pushed ahead) comes out
+        # unused; the step goes in again, and the next one after its last micro-batch.
+        while self._undelivered:
+            batch = self._former.next_batch()
+            if batch is None:
+                raise RuntimeError("dynbatch core ended a training step early")
+            self._undelivered.difference_update(batch.ids)
+        if self._next is not None:
+            self._next.pushed = False
+        self._push(step)
+        self._yielded_in_step = 0
+        self._first_pending = True
+        self._parts = []
 
     def active_ns(self) -> int:
         """Wall time of this pass so far, while it is running."""
@@ -381,7 +431,7 @@ class StepIterator(Iterator[MicroBatch]):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._step_kept.clear()
+        self._step = self._next = None
         self._parts.clear()
         self._current = None
 
@@ -418,16 +468,28 @@ class StepIterator(Iterator[MicroBatch]):
 
     def _next_micro(self) -> _Micro | None:
         """The next micro-batch to yield; None when the pass is over."""
-        if self._yielded_in_step == len(self._step_ids) and not self._start_step():
-            return None
-        micro = self._parts.pop(0) if self._parts else self._formed()
+        step = self._step
+        if step is None or self._yielded_in_step == len(step.ids):
+            if not self._next_known:
+                self._prepare_next()
+            step, self._next, self._next_known = self._next, None, False
+            if step is None:
+                return None
+            if not step.pushed:
+                self._push(step)
+            self._step = step
+            self._limit = None
+            self._yielded_in_step = 0
+            self._first_pending = True
+            self._parts = []
+        micro = self._parts.pop(0) if self._parts else self._formed(step)
         limit = self._limit
         if self._engine.oom_seen:
             assert self._former is not None
             fitting = self._engine.fitting_size(self._former.bucket, self._former.sample_bytes)
             limit = fitting if limit is None else min(limit, fitting)
-        if self._first_pending and self._step_first_limit is not None:
-            limit = self._step_first_limit if limit is None else min(limit, self._step_first_limit)
+        if self._first_pending and step.first_limit is not None:
+            limit = step.first_limit if limit is None else min(limit, step.first_limit)
         if limit is not None and micro.size > limit:
             if self._engine.oom_seen:
                 self._engine.note_split()
@@ -436,88 +498,106 @@ class StepIterator(Iterator[MicroBatch]):
             micro = pieces[0]
         return micro
 
-    def _formed(self) -> _Micro:
-        """The former's next batch of the current step."""
+    def _formed(self, step: _Step) -> _Micro:
+        """The former's next batch, which holds samples of ``step`` only."""
         assert self._former is not None and self._schema is not None
         batch = self._former.next_batch()
         if batch is None:
             raise RuntimeError("dynbatch core ended a training step early")
         ids = batch.ids
-        undelivered = self._undelivered
-        if not all(i in undelivered for i in ids):
+        if not all(i in step.kept for i in ids):
             raise RuntimeError(f"dynbatch core delivered samples {ids} outside the current step")
-        undelivered.difference_update(ids)
+        self._undelivered.difference_update(ids)
         self._engine.note_target(batch.target)
-        kept = [self._step_kept[i] for i in ids]
-        return _Micro(self._schema.batch_leaves(batch, kept), ids, batch.sequence, batch.collate_ns)
+        leaves = self._schema.batch_leaves(batch, [step.kept[i] for i in ids])
+        if self._schema.padded:  # PaddedBatch.indices: positions in the data, not core ids
+            leaves[-1] = torch.tensor([step.positions[i] for i in ids], dtype=torch.int64)
+        return _Micro(leaves, ids, batch.sequence, batch.collate_ns)
 
-    def _start_step(self) -> bool:
-        """Reads the next step's samples and hands them to the core; False at the end."""
+    def _complete(self, step: _Step) -> None:
+        """The step's last micro-batch is out: the state moves to where the next begins."""
         state = self._state
-        if self._max_steps is not None and self._steps_taken >= self._max_steps:
-            return False
+        state.step = step.index + 1
+        nxt = self._next
+        if nxt is not None:
+            state.epoch, state.position = nxt.epoch, nxt.start
+        elif self._next_known or not self._ahead:  # the pass ends, or the next is not read yet
+            state.epoch, state.position = self._epoch, self._position
+
+    def _prepare_next(self) -> None:
+        """Reads the next step's samples and hands them to the core (``_next``; None at the
+        end of the pass)."""
+        self._next_known = True
+        self._next = None
+        if self._max_steps is not None and self._prepared >= self._max_steps:
+            return
         if self._started_ns == 0:
             self._started_ns = time.perf_counter_ns()
         while True:
             if self._epochs_left <= 0:
-                return False
-            plan = self._plan()
-            samples = self._read_step(plan.samples)
-            if samples is None:  # the epoch is over
-                state.epoch += 1
-                state.position = 0
+                return
+            plan = self._plan(self._next_index)
+            read = self._read_step(plan.samples)
+            if read is None:  # the epoch is over
+                self._epoch += 1
+                self._position = 0
                 self._epochs_left -= 1
                 self._order = None
                 self._source = None
                 continue
-            positions, global_count = samples
-            if not positions:  # fewer samples than ranks in this last step: all ranks drop it
-                state.position += global_count
-                continue
-            break
-        self._step_first_limit = plan.first_micro_limit
-        self._step_global = global_count
-        self._step_index = state.step
-        self._step_epoch = state.epoch
-        self._step_position = state.position
-        self._step_ids = [position for position, _ in positions]
-        if len(self._step_ids) > self._capacity:
+            samples, count = read
+            start = self._position
+            self._position += count
+            if samples:
+                break
+            # fewer samples than ranks in this last step: every rank drops it
+        step = _Step(self._next_index, self._epoch, start, count)
+        step.first_limit = plan.first_micro_limit
+        if len(samples) > self._capacity:
             raise ValueError(
-                f"a step of {len(self._step_ids)} samples on this rank exceeds the "
-                f"{self._capacity} the trainer was set up for"
+                f"a step of {len(samples)} samples on this rank exceeds the {self._capacity} "
+                "the trainer was set up for"
             )
-        self._step_kept = {}
-        self._limit = None
         if self._schema is None:
-            self._schema = self._engine.schema_for(positions[0][1])
+            self._schema = self._engine.schema_for(samples[0][1])
             # max_delay 0: once a step's samples are in, a short remainder is formed at once
             # rather than waiting for samples that belong to the next step.
             self._former = self._engine.former_for(self._schema, self._capacity, max_delay_ms=0.0)
-        self._push(positions)
-        return True
+        lengths: list[int] | None = [] if self._schema.padded else None
+        for position, sample in samples:
+            core_id = self._next_id
+            self._next_id += 1
+            step.kept[core_id] = self._schema.admit(sample, position, step.addresses, lengths)
+            step.positions[core_id] = position
+            step.ids.append(core_id)
+        step.lengths = lengths or []
+        self._next_index += 1
+        self._prepared += 1
+        self._next = step
+        if self._step is None or self._yielded_in_step == len(self._step.ids):
+            self._push(step)  # the core holds nothing of the current step: no batch can straddle
 
     def _read_step(self, size: int) -> tuple[list[tuple[int, Any]], int] | None:
         """This rank's share of the next ``size`` samples as (data position, sample) pairs,
         and the step's size over all ranks; None at the end of the epoch."""
-        state = self._state
         if self._length is not None:
-            remaining = self._length - state.position
+            remaining = self._length - self._position
             if remaining <= 0 or (self._drop_last and remaining < size):
                 return None
             count = min(size, remaining)
             if self._shuffle:
                 if self._order is None:
-                    assert state.seed is not None
-                    self._order = epoch_order(self._length, state.seed, state.epoch)
-                indices = self._order[state.position : state.position + count]
+                    assert self._state.seed is not None
+                    self._order = epoch_order(self._length, self._state.seed, self._epoch)
+                indices = self._order[self._position : self._position + count]
             else:
-                indices = list(range(state.position, state.position + count))
+                indices = list(range(self._position, self._position + count))
             low, high = _share(count, self._rank, self._world)
             data: Any = self._data
             return [(i, data[i]) for i in indices[low:high]], count
         if self._source is None:
             self._source = iter(self._data)
-            for _ in range(state.position):  # resuming mid-epoch: skip what was used
+            for _ in range(self._position):  # resuming mid-epoch: skip what was used
                 if next(self._source, _END) is _END:
                     break
         taken: list[tuple[int, Any]] = []
@@ -525,46 +605,23 @@ class StepIterator(Iterator[MicroBatch]):
             sample = next(self._source, _END)
             if sample is _END:
                 break
-            taken.append((state.position + offset, sample))
+            taken.append((self._position + offset, sample))
         if not taken or (self._drop_last and len(taken) < size):
             return None
         low, high = _share(len(taken), self._rank, self._world)
         return taken[low:high], len(taken)
 
-    def _push(self, positions: list[tuple[int, Any]]) -> None:
-        """Admits the step's samples and hands them to the core in one push, so that the
-        core never forms a partial batch of a step half pushed."""
-        assert self._schema is not None and self._former is not None
-        addresses: list[int] = []
-        lengths: list[int] | None = [] if self._schema.padded else None
-        kept = self._step_kept
-        for index, sample in positions:
-            kept[index] = self._schema.admit(sample, index, addresses, lengths)
-        self._step_addresses = addresses
-        self._step_lengths = lengths or []
-        self._push_kept()
-
-    def _push_kept(self) -> None:
-        """Hands the current step's samples (kept alive in ``_step_kept``) to the core."""
+    def _push(self, step: _Step) -> None:
+        """Hands the step's samples to the core in one push, so that the core never forms a
+        partial batch of a step half pushed."""
         assert self._former is not None
-        ids = self._step_ids
-        accepted = self._former.submit_many(ids, self._step_addresses, 0, -1, self._step_lengths)
-        if accepted != len(ids):
-            raise RuntimeError(f"dynbatch core refused {len(ids) - accepted} samples of a step")
-        self._undelivered = set(ids)
-        self._parts = []
-        self._yielded_in_step = 0
-        self._first_pending = True
-
-    def _restart_step(self) -> None:
-        """Runs the current step again from its kept samples (after an OOM)."""
-        assert self._former is not None and self._schema is not None
-        while self._undelivered:  # formed or forming: take them out, unused
-            batch = self._former.next_batch()
-            if batch is None:
-                raise RuntimeError("dynbatch core ended a training step early")
-            self._undelivered.difference_update(batch.ids)
-        self._push_kept()
+        accepted = self._former.submit_many(step.ids, step.addresses, 0, -1, step.lengths)
+        if accepted != len(step.ids):
+            raise RuntimeError(
+                f"dynbatch core refused {len(step.ids) - accepted} samples of a step"
+            )
+        self._undelivered.update(step.ids)
+        step.pushed = True
 
 
 _END = object()
