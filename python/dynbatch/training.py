@@ -6,9 +6,9 @@ micro-batches whose size the engine chooses as it does for inference (memory hea
 measured throughput). A micro-batch never holds samples of two steps: the core former holds
 one step's samples at a time (one formation pass per step), so every batch it forms lies
 inside the step; the next step's samples go in once the current step's last micro-batch is
-out of the core, so its first micro-batch is formed while the caller computes. ``weight`` is the micro-batch's share of the step, so
-``loss.mean() * weight`` summed over the step's micro-batches is the step's mean loss, and
-its gradient the gradient of one batch of N.
+out of the core, so its first micro-batch is formed while the caller computes. ``weight``
+is the micro-batch's share of the step, so ``loss.mean() * weight`` summed over the step's
+micro-batches is the step's mean loss, and its gradient the gradient of one batch of N.
 
 The step's samples are kept until the step is done: after an out-of-memory error,
 ``report_oom()`` makes the whole step come again in smaller micro-batches (the caller zeroes
