@@ -109,7 +109,7 @@ class AdaptiveSteps:
         low: int,
         high: int,
         micro_cost: Callable[[], tuple[float, float, int] | None],
-        smoothing: float = 0.9,
+        smoothing: float = 0.95,
     ) -> None:
         self.base = base
         self.low = low

@@ -245,7 +245,7 @@ class Trainer:
         self._planned += 1
         if measuring:
             self._measured.add(step)
-        first_limit = None if natural_split or not measuring else max(1, size // 2)
+        first_limit = None if natural_split or not measuring else max(1, size // 4)
         return StepPlan(size, first_limit)
 
     def run(self, steps: StepIterator) -> FitResult:
