@@ -308,6 +308,8 @@ class StepIterator(Iterator[MicroBatch]):
         self._yielded_in_step = 0
         self._first_pending = True
         self._current: _Micro | None = None
+        self._current_last = False
+        self._done_in_step = 0  # samples of the step whose micro-batch finished (progress)
         self._yielded_ns = 0
         self._compute_ns: int | None = None
         self._started_ns = 0
@@ -342,6 +344,7 @@ class StepIterator(Iterator[MicroBatch]):
             self.close()
             raise
         self._current = micro
+        self._current_last = last
         first = self._first_pending
         self._first_pending = False
         batch = MicroBatch(
@@ -411,6 +414,7 @@ class StepIterator(Iterator[MicroBatch]):
             self._next.pushed = False
         self._push(step)
         self._yielded_in_step = 0
+        self._done_in_step = 0
         self._first_pending = True
         self._parts = []
 
@@ -463,8 +467,11 @@ class StepIterator(Iterator[MicroBatch]):
                 bucket=self._former.bucket,
             ),
         )
-        if self._progress is not None:
-            self._progress.done(micro.size)
+        self._done_in_step += micro.size
+        if self._current_last:  # counted per step: an OOM redo never counts a sample twice
+            if self._progress is not None:
+                self._progress.done(self._done_in_step)
+            self._done_in_step = 0
 
     def _next_micro(self) -> _Micro | None:
         """The next micro-batch to yield; None when the pass is over."""
