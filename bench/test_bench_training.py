@@ -79,6 +79,7 @@ def _samples_to(run: RunResult, target: float) -> float | None:
     return None if reached is None else float(reached[1])
 
 
+@pytest.mark.timeout(3600)  # 50 training runs at full size
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_time_to_accuracy(model_name: str, bench_size: Any, benchmark: Any) -> None:
@@ -226,6 +227,7 @@ def _wide_mlp(width: int) -> torch.nn.Module:
     )
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("impl", STEP_IMPLS)
 def test_constant_step_throughput(

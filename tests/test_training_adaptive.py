@@ -66,12 +66,17 @@ def test_learning_rate_rules() -> None:
 
 
 def _scripted(noise_trace: float) -> AdaptiveSteps:
-    # micro-batches cost 0.2 ms + 10 us per sample, up to 64 at a time; the optimizer 2 ms a
-    # step, and a sample 5 us outside the model
+    # micro-batches cost 0.2 ms + 10 us per sample in the model, up to 64 at a time, and 50 us
+    # of the loop's own; the optimizer 2 ms a step; reading a sample 5 us
     steps = AdaptiveSteps(32, 32, 1024, lambda: (2e5, 1e4, 64))
     compute = 2e5 + 32 * 1e4
-    steps.observe_step(32, wall_ns=compute + 2e6 + 32 * 5e3, compute_ns=compute, optimizer_ns=2e6)
-    assert steps.step_seconds(32) == pytest.approx((compute + 2e6 + 32 * 5e3) * 1e-9)
+    wall = compute + 5e4 + 2e6 + 32 * 5e3
+    steps.observe_step(32, 1, wall_ns=wall, compute_ns=compute, optimizer_ns=2e6, read_ns=32 * 5e3)
+    assert steps.step_seconds(32) == pytest.approx(wall * 1e-9)
+    # 128 samples: two micro-batches of 64
+    assert steps.step_seconds(128) == pytest.approx(
+        (2e6 + 2 * (2e5 + 5e4) + 128 * (5e3 + 1e4)) * 1e-9
+    )
     for _ in range(10):
         _observe_exact(steps.noise, sqr=1.0, trace=noise_trace, small=16, big=32)
     return steps

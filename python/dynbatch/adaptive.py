@@ -7,9 +7,10 @@ noise scale ``tr(Sigma) / |G|^2`` (McCandlish et al. 2018): far below B, doublin
 steps needed; far above it, a bigger step buys nothing. B is estimated from two batch sizes
 that accumulation measures anyway: the step's first micro-batch (its gradient is alone in
 ``.grad`` after its backward) and the whole step, as gpt-neox does, each smoothed on its own.
-Throughput comes from the engine's learned micro-batch cost, the measured time of the
-optimizer's part of a step (clipping, ``optimizer.step()``, the scheduler: fixed per step) and
-the measured time per sample outside the model (reading, checking and collating samples).
+Throughput comes from a step's measured costs by what they scale with: the optimizer's part
+(clipping, ``optimizer.step()``, the scheduler) per step, the model's time per micro-batch
+(the engine's learned ``a + b*n``) plus the loop's own time per micro-batch, and the time to
+read, check and hand over each sample.
 The step size is re-decided at every step.
 """
 
@@ -110,15 +111,19 @@ class AdaptiveSteps:
         high: int,
         micro_cost: Callable[[], tuple[float, float, int] | None],
         smoothing: float = 0.95,
+        world_size: int = 1,
     ) -> None:
         self.base = base
+        self.world_size = world_size
         self.low = low
         self.high = high
         self._micro_cost = micro_cost
         self.noise = NoiseScale(smoothing)
         self.current = min(max(base, low), high)
-        # EMAs of the optimizer's time per step and of the time per sample outside the model
+        # EMAs of the optimizer's time per step, the loop's time per micro-batch outside the
+        # model, and the reading time per sample (of the step, over all ranks)
         self._fixed_ns = 0.0
+        self._per_micro_ns = 0.0
         self._per_sample_ns = 0.0
         self._observed = 0
         grid = {low, high, self.current}
@@ -129,14 +134,23 @@ class AdaptiveSteps:
         self._grid = sorted(n for n in grid if low <= n <= high)
 
     def observe_step(
-        self, samples: int, wall_ns: float, compute_ns: float, optimizer_ns: float
+        self,
+        samples: int,
+        micro_batches: int,
+        *,
+        wall_ns: float,
+        compute_ns: float,
+        optimizer_ns: float,
+        read_ns: float,
     ) -> None:
-        """A step's wall time, its micro-batches' time in the model (forward and backward)
-        and its optimizer's part; the rest is time spent on its samples outside the model."""
+        """A step's wall time split by what each part scales with: its micro-batches' time in
+        the model (forward and backward), its optimizer's part, the time spent reading its
+        samples; the rest is the loop's own time per micro-batch."""
         beta = 0.8 if self._observed else 0.0
-        outside = max(wall_ns - compute_ns - optimizer_ns, 0.0) / samples
+        loop = max(wall_ns - compute_ns - optimizer_ns - read_ns, 0.0) / max(micro_batches, 1)
         self._fixed_ns = beta * self._fixed_ns + (1 - beta) * max(optimizer_ns, 0.0)
-        self._per_sample_ns = beta * self._per_sample_ns + (1 - beta) * outside
+        self._per_micro_ns = beta * self._per_micro_ns + (1 - beta) * loop
+        self._per_sample_ns = beta * self._per_sample_ns + (1 - beta) * read_ns / samples
         self._observed += 1
 
     def step_seconds(self, samples: int) -> float | None:
@@ -145,9 +159,12 @@ class AdaptiveSteps:
         if cost is None or self._observed == 0:
             return None
         intercept_ns, slope_ns, micro = cost
-        micro_batches = math.ceil(samples / max(micro, 1))
-        compute = micro_batches * intercept_ns + samples * slope_ns
-        return (self._fixed_ns + samples * self._per_sample_ns + compute) * 1e-9
+        micro_batches = math.ceil(samples / self.world_size / max(micro, 1))
+        return (
+            self._fixed_ns
+            + micro_batches * (intercept_ns + self._per_micro_ns)
+            + samples * (self._per_sample_ns + slope_ns / self.world_size)
+        ) * 1e-9
 
     def goodput(self, samples: int) -> float | None:
         """Predicted samples per second times statistical efficiency (against the base)."""
@@ -178,6 +195,7 @@ class AdaptiveSteps:
         return {
             "current": self.current,
             "fixed_ns": self._fixed_ns,
+            "per_micro_ns": self._per_micro_ns,
             "per_sample_ns": self._per_sample_ns,
             "observed": self._observed,
             "noise": self.noise.state_dict(),
@@ -188,6 +206,7 @@ class AdaptiveSteps:
             return
         self.current = min(max(int(state.get("current", self.current)), self.low), self.high)
         self._fixed_ns = float(state.get("fixed_ns", 0.0))
+        self._per_micro_ns = float(state.get("per_micro_ns", 0.0))
         self._per_sample_ns = float(state.get("per_sample_ns", 0.0))
         self._observed = int(state.get("observed", 0))
         self.noise.load_state_dict(state.get("noise", {}))

@@ -212,7 +212,9 @@ class Trainer:
         # its step, not ahead (DDP's own collectives in forward would interleave otherwise).
         self.plans_ahead = samples_per_step is not None or self.world_size == 1
         if samples_per_step is None:
-            self.adaptive = AdaptiveSteps(base_samples_per_step, *bounds, engine.batch_cost)
+            self.adaptive = AdaptiveSteps(
+                base_samples_per_step, *bounds, engine.batch_cost, world_size=self.world_size
+            )
             self.adaptive.load_state_dict(state.adaptive)
         # the noise scale each step was planned with (steps are planned one ahead)
         self._planned_noise: dict[int, float | None] = {}
@@ -261,6 +263,7 @@ class Trainer:
         micro_batches = 0
         loss_sum: torch.Tensor | None = None
         small: tuple[int, float] | None = None
+        read_ns = 0
         with contextlib.closing(steps):
             for batch in steps:
                 if batch.first:
@@ -295,8 +298,14 @@ class Trainer:
                 if self.adaptive is not None:
                     if results:  # a pass's first step also pays for starting it
                         self.adaptive.observe_step(
-                            batch.step_samples, wall_ns, compute_ns, now - finishing
+                            batch.step_samples,
+                            micro_batches,
+                            wall_ns=wall_ns,
+                            compute_ns=compute_ns,
+                            optimizer_ns=now - finishing,
+                            read_ns=steps.read_ns - read_ns,
                         )
+                    read_ns = steps.read_ns
                     self._state.adaptive = self.adaptive.state_dict()
                 step_metrics = StepMetrics(
                     step=batch.step,

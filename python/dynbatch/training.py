@@ -182,6 +182,13 @@ class _Micro:
         self.sequence = sequence
         self.collate_ns = collate_ns
 
+    def cut(self, size: int) -> tuple[_Micro, _Micro]:
+        """The first ``size`` samples and the rest (views)."""
+        head = _Micro([leaf[:size] for leaf in self.leaves], self.ids[:size], self.sequence, 0)
+        rest = _Micro([leaf[size:] for leaf in self.leaves], self.ids[size:], self.sequence, 0)
+        head.collate_ns = self.collate_ns
+        return head, rest
+
     def split(self, chunk: int) -> list[_Micro]:
         """Consecutive slices of at most ``chunk`` samples (views: nothing is copied)."""
         return [
@@ -310,6 +317,7 @@ class StepIterator(Iterator[MicroBatch]):
         self._current: _Micro | None = None
         self._current_last = False
         self._done_in_step = 0  # samples of the step whose micro-batch finished (progress)
+        self.read_ns = 0  # time spent reading, checking and pushing steps' samples
         self._yielded_ns = 0
         self._compute_ns: int | None = None
         self._started_ns = 0
@@ -495,14 +503,17 @@ class StepIterator(Iterator[MicroBatch]):
             assert self._former is not None
             fitting = self._engine.fitting_size(self._former.bucket, self._former.sample_bytes)
             limit = fitting if limit is None else min(limit, fitting)
-        if self._first_pending and step.first_limit is not None:
-            limit = step.first_limit if limit is None else min(limit, step.first_limit)
         if limit is not None and micro.size > limit:
             if self._engine.oom_seen:
                 self._engine.note_split()
             pieces = micro.split(limit)
             self._parts[0:0] = pieces[1:]
             micro = pieces[0]
+        first_limit = step.first_limit
+        if self._first_pending and first_limit is not None and micro.size > first_limit:
+            # a small first micro-batch measures the noise; the rest stays whole
+            micro, rest = micro.cut(first_limit)
+            self._parts.insert(0, rest)
         return micro
 
     def _formed(self, step: _Step) -> _Micro:
@@ -544,6 +555,7 @@ class StepIterator(Iterator[MicroBatch]):
             if self._epochs_left <= 0:
                 return
             plan = self._plan(self._next_index)
+            reading = time.perf_counter_ns()
             read = self._read_step(plan.samples)
             if read is None:  # the epoch is over
                 self._epoch += 1
@@ -578,6 +590,7 @@ class StepIterator(Iterator[MicroBatch]):
             step.positions[core_id] = position
             step.ids.append(core_id)
         step.lengths = lengths or []
+        self.read_ns += time.perf_counter_ns() - reading
         self._next_index += 1
         self._prepared += 1
         self._next = step
