@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +23,16 @@ import torch
 from .adaptive import LR_RULES, AdaptiveSteps, lr_factor
 from .engine import Engine
 from .logs import logger
-from .training import MicroBatch, StepIterator, StepPlan, TrainingState
+from .training import (
+    MicroBatch,
+    StepIterator,
+    StepPlan,
+    TrainingState,
+    check_step_size,
+    open_pass,
+)
 
-__all__ = ["FitResult", "StepMetrics", "Trainer", "check_fit_arguments"]
+__all__ = ["FitResult", "StepMetrics", "Trainer"]
 
 # Under "auto", a step that would be one micro-batch is split in two every this many steps,
 # so that the noise scale keeps being measured (a step of several micro-batches always is).
@@ -99,7 +106,7 @@ class FitResult:
         return iter(self.steps)
 
 
-def check_fit_arguments(
+def _check_fit_arguments(
     model: object,
     optimizer: object,
     loss_fn: object,
@@ -173,29 +180,60 @@ class Trainer:
         self,
         engine: Engine,
         state: TrainingState,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        model: Any,
+        optimizer: Any,
+        loss_fn: Callable[[Any, Any], Any],
         *,
-        samples_per_step: int | None,  # None: "auto"
-        bounds: tuple[int, int],
+        samples_per_step: int | str,
+        length: int | None,
         base_samples_per_step: int,
+        max_samples_per_step: int | None,
         lr_scaling: str | None,
         max_grad_norm: float | None,
         lr_scheduler: Any,
         grad_scaler: Any,
         on_step: Callable[[StepMetrics], object] | None = None,
     ) -> None:
+        _check_fit_arguments(
+            model,
+            optimizer,
+            loss_fn,
+            max_grad_norm=max_grad_norm,
+            lr_scheduler=lr_scheduler,
+            grad_scaler=grad_scaler,
+            lr_scaling=lr_scaling,
+            on_step=on_step,
+        )
+        fixed: int | None
+        if samples_per_step == "auto":
+            fixed = None
+            base = check_step_size(engine, base_samples_per_step, "base_samples_per_step")
+            high = max_samples_per_step
+            if high is None:  # 32 times the base, at most the data
+                high = max(base, min(32 * base, length or 32 * base))
+            high = check_step_size(engine, high, "max_samples_per_step")
+            if high < base:
+                raise ValueError(
+                    f"max_samples_per_step ({high}) must be at least base_samples_per_step ({base})"
+                )
+        else:
+            if isinstance(samples_per_step, str):
+                raise ValueError(
+                    f"samples_per_step must be an int or 'auto', got {samples_per_step!r}"
+                )
+            fixed = check_step_size(engine, samples_per_step)
+            base = high = fixed
+        self.max_samples_per_step = high
         self._engine = engine
         self._on_step = on_step
         self._state = state
         self._model = model
         self._optimizer = optimizer
         self._loss_fn = loss_fn
-        self._fixed = samples_per_step
-        self._base = base_samples_per_step
+        self._fixed = fixed
+        self._base = base
         self._lr_scaling = lr_scaling
-        self._max_grad_norm = max_grad_norm
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._scheduler = lr_scheduler
         self._scaler = grad_scaler
         self._ddp = _distributed_model(model)
@@ -210,16 +248,45 @@ class Trainer:
         self.adaptive: AdaptiveSteps | None = None
         # Planning broadcasts rank 0's decision: every rank must plan at the same point of
         # its step, not ahead (DDP's own collectives in forward would interleave otherwise).
-        self.plans_ahead = samples_per_step is not None or self.world_size == 1
-        if samples_per_step is None:
+        self.plans_ahead = fixed is not None or self.world_size == 1
+        if fixed is None:
             self.adaptive = AdaptiveSteps(
-                base_samples_per_step, *bounds, engine.batch_cost, world_size=self.world_size
+                base, base, high, engine.batch_cost, world_size=self.world_size
             )
             self.adaptive.load_state_dict(state.adaptive)
         # the noise scale each step was planned with (steps are planned one ahead)
         self._planned_noise: dict[int, float | None] = {}
         self._measured: set[int] = set()  # steps whose first micro-batch measures the noise
         self._planned = 0
+
+    def open(
+        self,
+        data: Iterable[Any],
+        *,
+        epochs: int,
+        shuffle: bool,
+        seed: int | None,
+        drop_last: bool,
+        max_steps: int | None,
+        progress: bool,
+    ) -> StepIterator:
+        """The pass ``run`` drives: this trainer's plan, shared among its ranks."""
+        return open_pass(
+            self._engine,
+            self._state,
+            data,
+            self.plan,
+            self.max_samples_per_step,
+            epochs=epochs,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            max_steps=max_steps,
+            rank=self.rank,
+            world_size=self.world_size,
+            progress=progress,
+            ahead=self.plans_ahead,
+        )
 
     def plan(self, step: int) -> StepPlan:
         """Step ``step``'s size (and, under "auto", whether its first micro-batch is kept

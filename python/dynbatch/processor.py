@@ -13,14 +13,14 @@ from . import _core
 from .arguments import check_fraction, check_padding, check_serving_arguments, check_size
 from .engine import Engine, EngineOptions
 from .errors import ProcessorClosed
-from .fit import FitResult, StepMetrics, Trainer, check_fit_arguments
+from .fit import FitResult, StepMetrics, Trainer
 from .iteration import BatchIterator, map_batches
 from .memory import MemoryMonitor
 from .progress import ProgressBar, total_of
 from .scheduler import Scheduler
 from .serving import Server
 from .stats import Stats
-from .training import StepIterator, StepPlan, TrainingState, capacity_for, length_of
+from .training import StepIterator, TrainingState, length_of, open_steps
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
 
@@ -270,25 +270,20 @@ class DynamicBatchProcessor:
         DistributedDataParallel's gradient averaging.
         """
         self._check_open()
-        size = self._check_step_size(samples_per_step)
-        rank, world = 0, 1
-        if process_group is not None:
-            import torch.distributed as dist
-
-            rank = dist.get_rank(process_group)
-            world = dist.get_world_size(process_group)
-        return self._step_iterator(
-            data,
-            lambda step: StepPlan(size),
-            capacity_for(size, world),
-            epochs=epochs,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            max_steps=max_steps,
-            rank=rank,
-            world_size=world,
-            progress=progress,
+        return self._track(
+            open_steps(
+                self._engine,
+                self._training,
+                data,
+                samples_per_step=samples_per_step,
+                epochs=epochs,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                max_steps=max_steps,
+                process_group=process_group,
+                progress=progress,
+            )
         )
 
     def fit(
@@ -346,66 +341,34 @@ class DynamicBatchProcessor:
         training after that step.
         """
         self._check_open()
-        check_fit_arguments(
-            model,
-            optimizer,
-            loss_fn,
-            max_grad_norm=max_grad_norm,
-            lr_scheduler=lr_scheduler,
-            grad_scaler=grad_scaler,
-            lr_scaling=lr_scaling,
-            on_step=on_step,
-        )
-        fixed: int | None
-        if samples_per_step == "auto":
-            fixed = None
-            base = self._check_step_size(base_samples_per_step, "base_samples_per_step")
-            length = length_of(data)
-            high = max_samples_per_step
-            if high is None:
-                high = max(base, min(32 * base, length or 32 * base))
-            high = self._check_step_size(high, "max_samples_per_step")
-            if high < base:
-                raise ValueError(
-                    f"max_samples_per_step ({high}) must be at least base_samples_per_step ({base})"
-                )
-        else:
-            if isinstance(samples_per_step, str):
-                raise ValueError(
-                    f"samples_per_step must be an int or 'auto', got {samples_per_step!r}"
-                )
-            fixed = self._check_step_size(samples_per_step)
-            base, high = fixed, fixed
         trainer = Trainer(
             self._engine,
             self._training,
             model,
             optimizer,
             loss_fn,
-            samples_per_step=fixed,
-            bounds=(base, high),
-            base_samples_per_step=base,
+            samples_per_step=samples_per_step,
+            length=length_of(data),
+            base_samples_per_step=base_samples_per_step,
+            max_samples_per_step=max_samples_per_step,
             lr_scaling=lr_scaling,
-            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+            max_grad_norm=max_grad_norm,
             lr_scheduler=lr_scheduler,
             grad_scaler=grad_scaler,
             on_step=on_step,
         )
-        iterator = self._step_iterator(
-            data,
-            trainer.plan,
-            capacity_for(high, trainer.world_size),
-            epochs=epochs,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            max_steps=max_steps,
-            rank=trainer.rank,
-            world_size=trainer.world_size,
-            progress=progress,
-            ahead=trainer.plans_ahead,
+        steps = self._track(
+            trainer.open(
+                data,
+                epochs=epochs,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                max_steps=max_steps,
+                progress=progress,
+            )
         )
-        return trainer.run(iterator)
+        return trainer.run(steps)
 
     def state_dict(self) -> dict[str, Any]:
         """The training position (epoch, samples used, steps taken, shuffling seed) and the
@@ -425,76 +388,10 @@ class DynamicBatchProcessor:
         if self._closed:
             raise RuntimeError("this DynamicBatchProcessor is closed")
 
-    def _check_step_size(self, value: object, name: str = "samples_per_step") -> int:
-        size = check_size(name, value)
-        if size < self.min_batch_size:
-            raise ValueError(
-                f"{name} ({size}) must be at least min_batch_size ({self.min_batch_size}): a "
-                "step is cut into micro-batches of at least that many samples"
-            )
-        return size
-
-    def _step_iterator(
-        self,
-        data: Iterable[Any],
-        plan: Callable[[int], StepPlan],
-        capacity: int,
-        *,
-        epochs: int,
-        shuffle: bool,
-        seed: int | None,
-        drop_last: bool,
-        max_steps: int | None,
-        rank: int,
-        world_size: int,
-        progress: bool,
-        ahead: bool = True,
-    ) -> StepIterator:
-        check_size("epochs", epochs)
-        if max_steps is not None:
-            check_size("max_steps", max_steps)
-        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        state = self._training
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-            if state.position > 0 and state.seed is not None and seed != state.seed:
-                raise ValueError(
-                    f"seed={seed} differs from the seed ({state.seed}) of the epoch in "
-                    f"progress ({state.position} samples into epoch {state.epoch})"
-                )
-            state.seed = seed
-        try:
-            iter(data)
-        except TypeError:
-            raise TypeError(
-                f"training data must be an iterable of samples, got {type(data).__name__}"
-            ) from None
-        total = length_of(data)
-        bar = (
-            ProgressBar(None if total is None else total * epochs, self._engine.telemetry)
-            if progress
-            else None
-        )
-        iterator = StepIterator(
-            self._engine,
-            data,
-            state,
-            plan,
-            capacity=capacity,
-            epochs=epochs,
-            max_steps=max_steps,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            progress=bar,
-            ahead=ahead,
-        )
-        self._step_iterators.add(iterator)
-        return iterator
+    def _track(self, steps: StepIterator) -> StepIterator:
+        """Counts a training pass among the live ones (stats, report_oom, close)."""
+        self._step_iterators.add(steps)
+        return steps
 
     def submit(
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None

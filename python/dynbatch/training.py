@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import _core
+from .arguments import check_size
 from .engine import Engine
 from .errors import DynbatchError
 from .progress import ProgressBar
@@ -36,7 +37,10 @@ __all__ = [
     "StepIterator",
     "StepPlan",
     "TrainingState",
+    "check_step_size",
     "epoch_order",
+    "open_pass",
+    "open_steps",
     "paired",
 ]
 
@@ -654,6 +658,115 @@ def _share(count: int, rank: int, world: int) -> tuple[int, int]:
     return low, low + base + (1 if rank < extra else 0)
 
 
-def capacity_for(max_samples_per_step: int, world_size: int) -> int:
-    """The most samples one rank holds in a step."""
-    return max(1, math.ceil(max_samples_per_step / world_size))
+def check_step_size(engine: Engine, value: object, name: str = "samples_per_step") -> int:
+    """A step size: a positive int, at least the processor's min_batch_size."""
+    size = check_size(name, value)
+    low = engine.options.min_batch_size
+    if size < low:
+        raise ValueError(
+            f"{name} ({size}) must be at least min_batch_size ({low}): a step is cut into "
+            "micro-batches of at least that many samples"
+        )
+    return size
+
+
+def open_pass(
+    engine: Engine,
+    state: TrainingState,
+    data: Iterable[Any],
+    plan: Callable[[int], StepPlan],
+    max_samples_per_step: int,
+    *,
+    epochs: int,
+    shuffle: bool,
+    seed: int | None,
+    drop_last: bool,
+    max_steps: int | None,
+    rank: int,
+    world_size: int,
+    progress: bool,
+    ahead: bool = True,
+) -> StepIterator:
+    """A training pass over ``data`` after checking the pass's arguments (``steps`` and
+    ``fit`` share it)."""
+    check_size("epochs", epochs)
+    if max_steps is not None:
+        check_size("max_steps", max_steps)
+    for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if state.position > 0 and state.seed is not None and seed != state.seed:
+            raise ValueError(
+                f"seed={seed} differs from the seed ({state.seed}) of the epoch in progress "
+                f"({state.position} samples into epoch {state.epoch})"
+            )
+        state.seed = seed
+    try:
+        iter(data)
+    except TypeError:
+        raise TypeError(
+            f"training data must be an iterable of samples, got {type(data).__name__}"
+        ) from None
+    total = length_of(data)
+    bar = (
+        ProgressBar(None if total is None else total * epochs, engine.telemetry)
+        if progress
+        else None
+    )
+    return StepIterator(
+        engine,
+        data,
+        state,
+        plan,
+        capacity=max(1, math.ceil(max_samples_per_step / world_size)),
+        epochs=epochs,
+        max_steps=max_steps,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        progress=bar,
+        ahead=ahead,
+    )
+
+
+def open_steps(
+    engine: Engine,
+    state: TrainingState,
+    data: Iterable[Any],
+    *,
+    samples_per_step: int,
+    epochs: int,
+    shuffle: bool,
+    seed: int | None,
+    drop_last: bool,
+    max_steps: int | None,
+    process_group: Any,
+    progress: bool,
+) -> StepIterator:
+    """``processor.steps``: a pass of fixed steps, shared among ``process_group``'s ranks."""
+    size = check_step_size(engine, samples_per_step)
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank(process_group)
+        world = dist.get_world_size(process_group)
+    return open_pass(
+        engine,
+        state,
+        data,
+        lambda step: StepPlan(size),
+        size,
+        epochs=epochs,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        max_steps=max_steps,
+        rank=rank,
+        world_size=world,
+        progress=progress,
+    )
