@@ -3,6 +3,7 @@ fixed-batch loop (digits MLP in float64)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -244,3 +245,23 @@ def test_the_own_loop_example_runs_and_matches_a_plain_loop() -> None:
         r"memory; .* parameters equal a plain batch-64 loop",
         result.stdout,
     )
+
+
+def test_close_stops_an_abandoned_training_pass() -> None:
+    inputs, targets = torch.randn(200, 8), torch.randint(0, 10, (200,))
+    with ds.DynamicBatchProcessor() as warm:  # process-wide helpers start once, and stay
+        list(warm(ds.paired(inputs, targets)))
+    gc.collect()
+    threads = len(os.listdir("/proc/self/task"))
+    processor = ds.DynamicBatchProcessor(max_batch_size=16)
+    steps = processor.steps(ds.paired(inputs, targets), samples_per_step=64)
+    next(steps)
+    assert processor.stats().batches >= 1
+    assert len(os.listdir("/proc/self/task")) > threads  # the pass's core thread
+    processor.close()
+    gc.collect()
+    assert len(os.listdir("/proc/self/task")) == threads
+    with pytest.raises(StopIteration):
+        next(steps)
+    with pytest.raises(RuntimeError, match="closed"):
+        processor.steps(ds.paired(inputs, targets), samples_per_step=64)
