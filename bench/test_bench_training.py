@@ -5,7 +5,8 @@ is the test accuracy fixed batch 32 reaches (the median over seeds of its final 
 after the epoch budget, rounded down to 0.5%). Entries, all SGD with momentum 0.9:
 - ``loader-32``: a plain loop over ``DataLoader(batch_size=32, shuffle=True)``;
 - ``fixed-<k>`` for k in {16, 32, 64, 128, 256}: ``processor.fit(samples_per_step=k)``, each
-  with its learning rate tuned over a small grid (seed 0, the shortest time to target);
+  with its learning rate tuned over a small grid on seed 0: for 32 the best final accuracy
+  (which sets the target), for the others the shortest time to that target;
 - ``auto``: ``processor.fit(samples_per_step="auto")`` with fixed 32's tuned rate, scaled by
   AdaScale's gain.
 Every entry runs the same seeds (5; tiny: 1), interleaved seed by seed so load on the shared
@@ -112,6 +113,7 @@ def test_time_to_accuracy(model_name: str, bench_size: Any, benchmark: Any) -> N
             size: min(grid, key=lambda lr, s=size: _time_to(tuning[(s, lr)], target) or 1e9)
             for size in sizes
         }
+        best_lr[32] = lr32  # the rate auto reads as tuned for its base size of 32
         runs: dict[str, list[RunResult]] = {}
         for seed in seeds:
             entries: list[tuple[str, Callable[[], RunResult]]] = [
@@ -292,7 +294,8 @@ def test_constant_step_throughput(
         mean_micro_batch=processor.stats().mean_batch_size if impl.startswith("dyn") else None,
     )
     processor.close()
-    assert steps == count // STEP
+    # the iterator's steps overshoot 1024 (its batches cross them): one fewer may fit
+    assert steps == count // STEP or (impl == "dynbatch-iterator" and steps == count // STEP - 1)
 
 
 BOUNDARY_IMPLS = ["iterator", "steps-ahead", "steps-on-demand"]

@@ -153,9 +153,13 @@ class AdaptiveSteps:
         self._per_sample_ns = beta * self._per_sample_ns + (1 - beta) * read_ns / samples
         self._observed += 1
 
-    def step_seconds(self, samples: int) -> float | None:
-        """Predicted wall time of a step of ``samples``; None while the costs are unknown."""
-        cost = self._micro_cost()
+    def step_seconds(
+        self, samples: int, cost: tuple[float, float, int] | None = None
+    ) -> float | None:
+        """Predicted wall time of a step of ``samples``; None while the costs are unknown.
+        ``cost``: the engine's micro-batch cost, when the caller has it already."""
+        if cost is None:
+            cost = self._micro_cost()
         if cost is None or self._observed == 0:
             return None
         intercept_ns, slope_ns, micro = cost
@@ -166,9 +170,9 @@ class AdaptiveSteps:
             + samples * (self._per_sample_ns + slope_ns / self.world_size)
         ) * 1e-9
 
-    def goodput(self, samples: int) -> float | None:
+    def goodput(self, samples: int, cost: tuple[float, float, int] | None = None) -> float | None:
         """Predicted samples per second times statistical efficiency (against the base)."""
-        seconds = self.step_seconds(samples)
+        seconds = self.step_seconds(samples, cost)
         noise = self.noise.value
         if seconds is None or seconds <= 0 or noise is None:
             return None
@@ -179,12 +183,13 @@ class AdaptiveSteps:
         """The next step's size (the current one until the estimates are in)."""
         if self.noise.count < _WARMUP_ESTIMATES:
             return self.current
-        current = self.goodput(self.current)
+        cost = self._micro_cost()  # once per decision: it is read from the core
+        current = self.goodput(self.current, cost)
         if current is None:
             return self.current
         best, best_goodput = self.current, current
         for size in self._grid:
-            value = self.goodput(size)
+            value = self.goodput(size, cost)
             if value is not None and value > best_goodput:
                 best, best_goodput = size, value
         if best_goodput > current * (1 + _HYSTERESIS):
