@@ -228,3 +228,15 @@ def test_timeouts_of_any_size_are_accepted() -> None:
             max_delay_ms=float("inf"),
         )
     former.close()
+
+
+def test_errors_hint_at_the_fix() -> None:
+    processor = ds.DynamicBatchProcessor(max_batch_size=8)
+    with pytest.raises(ds.InvalidSampleError, match=r"sample 1: shape \(5,\).*collate='pad'"):
+        list(processor([torch.zeros(3), torch.zeros(5)]))
+    with pytest.raises(ds.InvalidSampleError, match=r"sample 1: .*list of 4.*torch\.tensor\(ids\)"):
+        list(processor([[1, 2, 3], [1, 2, 3, 4]]))
+    # Hints only where they apply: a different rank is no padding case.
+    with pytest.raises(ds.InvalidSampleError) as caught:
+        list(processor([torch.zeros(3), torch.zeros(3, 2)]))
+    assert "collate='pad'" not in str(caught.value)

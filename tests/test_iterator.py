@@ -123,9 +123,10 @@ def test_batches_the_caller_keeps_stay_valid() -> None:
 
 
 def test_next_batch_is_prepared_while_the_caller_works() -> None:
+    # Samples the core copies (over 16 KiB): smaller ones are stacked on the caller's thread.
     processor = ds.DynamicBatchProcessor(max_batch_size=8, min_batch_size=8)
     pause_s = 0.05
-    for _ in processor(tagged(64)):
+    for _ in processor(tagged(64, width=8192)):
         time.sleep(pause_s)
     records = processor._engine.recorder.snapshot()["recent"]
     # (sequence, size, target, first_enqueue, formed, delivered, collate, compute, memory)
@@ -229,3 +230,18 @@ def test_closing_from_another_thread_ends_the_loop_cleanly(no_thread_left: None)
         assert not worker.is_alive() and not errors, errors
         assert all(size == 64 for size in seen[:-1])
         del processor
+
+
+class _Encoding(collections.UserDict):  # type: ignore[type-arg]
+    """Stands in for transformers' BatchEncoding: a mapping type built from a dict."""
+
+
+def test_mapping_samples_keep_their_type_when_it_can_be_built_from_a_dict() -> None:
+    samples = [_Encoding(ids=torch.full((3,), i), mask=torch.ones(3)) for i in range(10)]
+    with ds.DynamicBatchProcessor(max_batch_size=10, min_batch_size=10) as processor:
+        (batch,) = list(processor(samples))
+        assert type(batch) is _Encoding
+        assert torch.equal(batch["ids"][:, 0], torch.arange(10))
+        odd = [collections.defaultdict(int, x=torch.zeros(2)) for _ in range(10)]
+        (plain,) = list(processor(odd))  # defaultdict(mapping) is not a constructor call
+        assert type(plain) is dict and plain["x"].shape == (10, 2)

@@ -100,6 +100,9 @@ py::capsule PyBatch::leaf(std::size_t index) const {
   if (index >= layout->leaf_count()) {
     throw py::index_error("leaf " + std::to_string(index) + " out of range");
   }
+  if (!batch.lease) {
+    throw py::value_error("this batch was not collated by the core (collate=False)");
+  }
   dlpack::DLManagedTensor *tensor =
       export_leaf(batch.lease, *layout, index, batch.ids.size(), batch.padded_length);
   // Unconsumed capsules free their tensor; torch renames consumed ones to "used_dltensor".
@@ -117,6 +120,9 @@ void bind_former(py::module_ &m) {
       .def_property_readonly("sequence", [](const PyBatch &self) { return self.batch.sequence; })
       .def_property_readonly("size", [](const PyBatch &self) { return self.batch.ids.size(); })
       .def_property_readonly("ids", [](const PyBatch &self) { return self.batch.ids; })
+      .def_property_readonly(
+          "first_id",
+          [](const PyBatch &self) { return self.batch.ids.empty() ? 0 : self.batch.ids.front(); })
       .def_property_readonly("target", [](const PyBatch &self) { return self.batch.target; })
       .def_property_readonly("collate_ns",
                              [](const PyBatch &self) { return self.batch.collate_ns; })
@@ -134,7 +140,7 @@ void bind_former(py::module_ &m) {
                        std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
                        std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
                        double aging_ms, std::size_t pad_to_multiple_of, std::size_t max_tokens,
-                       std::size_t bucket_window) {
+                       std::size_t bucket_window, bool collate, bool own_thread) {
              if (!telemetry.sampler) {
                throw py::value_error("telemetry was closed");
              }
@@ -149,6 +155,8 @@ void bind_former(py::module_ &m) {
              options.pad_to_multiple_of = pad_to_multiple_of;
              options.max_tokens = max_tokens;
              options.bucket_window = bucket_window;
+             options.collate = collate;
+             options.own_thread = own_thread;
              return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
                                                   std::move(policy), telemetry.sampler,
                                                   std::move(stats));
@@ -157,7 +165,7 @@ void bind_former(py::module_ &m) {
            py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
            py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0,
            py::arg("pad_to_multiple_of") = 1, py::arg("max_tokens") = 0,
-           py::arg("bucket_window") = 0)
+           py::arg("bucket_window") = 0, py::arg("collate") = true, py::arg("own_thread") = true)
       .def(
           "push",
           [](BatchFormer &former, std::uint64_t first_id, std::size_t count,

@@ -44,7 +44,9 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
   for (std::uint32_t row = 0; row < free_rows_.capacity(); ++row) {
     free_rows_.try_push(row);
   }
-  thread_ = std::thread([this] { run(); });
+  if (options.own_thread) {
+    thread_ = std::thread([this] { run(); });
+  }
 }
 
 BatchFormer::~BatchFormer() {
@@ -54,7 +56,7 @@ BatchFormer::~BatchFormer() {
 std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
                               std::span<const void *const> sources,
                               std::span<const RequestOptions> options) {
-  const std::size_t leaves = layout_->leaf_count();
+  const std::size_t leaves = options_.collate ? layout_->leaf_count() : 0;
   if (sources.size() != ids.size() * leaves) {
     throw std::invalid_argument("BatchFormer::push: expected " +
                                 std::to_string(ids.size() * leaves) + " source pointers, got " +
@@ -283,7 +285,7 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
 void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t target,
                        ReleaseReason reason) {
   const std::size_t count = requests.size();
-  const std::size_t leaves = layout_->leaf_count();
+  const std::size_t leaves = options_.collate ? layout_->leaf_count() : 0;
   FormedBatch batch;
   batch.target = target;
   batch.reason = reason;
@@ -311,9 +313,11 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   }
   const Nanoseconds start = now_ns();
   stats_->record_dispatch(requests, start);
-  batch.lease = pool_->acquire(layout_->batch_bytes(count, batch.padded_length));
-  collate(*layout_, sources, count, batch.lease->data(), batch.lengths, batch.padded_length,
-          &CopyWorkers::shared());
+  if (options_.collate) {
+    batch.lease = pool_->acquire(layout_->batch_bytes(count, batch.padded_length));
+    collate(*layout_, sources, count, batch.lease->data(), batch.lengths, batch.padded_length,
+            &CopyWorkers::shared());
+  }
   batch.formed_ns = now_ns();
   batch.collate_ns = batch.formed_ns - start;
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
@@ -384,6 +388,11 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
       if (result == FormResult::formed || result == FormResult::finished) {
         continue;
       }
+      if (!options_.own_thread && result == FormResult::needs_input) {
+        // Nobody else forms or pushes for this consumer: waiting would never end.
+        throw std::logic_error("BatchFormer without a thread: next_batch() needs a batch's "
+                               "worth of requests pushed, or the input closed");
+      }
     }
     std::unique_lock lock(ready_mutex_);
     if (can_return() || partial_due_) {
@@ -452,9 +461,10 @@ void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback
 
 void BatchFormer::close() {
   std::lock_guard close_lock(close_mutex_);
-  if (!thread_.joinable()) {
+  if (closed_) {
     return;
   }
+  closed_ = true;
   {
     std::lock_guard lock(ready_mutex_);
     stopping_ = true;
@@ -462,7 +472,9 @@ void BatchFormer::close() {
   }
   requests_.close();
   room_.notify();
-  thread_.join();
+  if (thread_.joinable()) {
+    thread_.join();
+  }
   // A consumer may be forming a batch on its own thread: its sources must stay alive until
   // it is done, so close() returns only after that formation.
   std::lock_guard form_lock(form_mutex_);

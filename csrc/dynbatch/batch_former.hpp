@@ -80,6 +80,15 @@ struct FormerOptions {
   std::size_t pad_to_multiple_of = 1;
   std::size_t max_tokens = 0;
   std::size_t bucket_window = 0;
+  // false: the caller collates (small samples the caller stacks faster than it could hand
+  // over their addresses); batches are formed, sized and recorded as usual, but carry no
+  // staging slot and push() takes no sources.
+  bool collate = true;
+  // false: no former thread; the consumer forms every batch in next_batch(), so it must push
+  // a batch's worth of requests (or close the input) before asking: next_batch() throws
+  // std::logic_error rather than wait for input nobody will push. For a consumer that feeds
+  // itself when there is no copy to overlap: a cross-thread wake-up costs more than forming.
+  bool own_thread = true;
 };
 
 // Per request in push(); the defaults make a plain FIFO request.
@@ -101,9 +110,9 @@ public:
   BatchFormer(const BatchFormer &) = delete;
   BatchFormer &operator=(const BatchFormer &) = delete;
 
-  // `sources` holds leaf_count() pointers per request, request-major; `options` is empty (all
-  // defaults) or one per request. Returns how many of `ids` were accepted (a prefix); fewer
-  // when `capacity` requests wait already or the input is closed.
+  // `sources` holds leaf_count() pointers per request, request-major (none without
+  // collation); `options` is empty (all defaults) or one per request. Returns how many of `ids`
+  // were accepted (a prefix); fewer when `capacity` requests wait already or the input is closed.
   std::size_t push(std::span<const std::uint64_t> ids, std::span<const void *const> sources,
                    std::span<const RequestOptions> options = {});
   // Sleeps until a push could be accepted, the input is closed, or the deadline passes;
@@ -179,6 +188,7 @@ private:
   std::exception_ptr error_;
 
   std::mutex close_mutex_;
+  bool closed_ = false; // guarded by close_mutex_
   std::thread thread_;
 };
 

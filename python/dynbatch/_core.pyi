@@ -129,6 +129,8 @@ class Batch:
     @property
     def ids(self) -> list[int]: ...
     @property
+    def first_id(self) -> int: ...
+    @property
     def target(self) -> int: ...
     @property
     def collate_ns(self) -> int: ...
@@ -160,6 +162,8 @@ class BatchFormer:
         pad_to_multiple_of: int = 1,
         max_tokens: int = 0,
         bucket_window: int = 0,
+        collate: bool = True,
+        own_thread: bool = True,
     ) -> None:
         """max_delay_ms None: a short queue waits for the target; 0: dispatched at once."""
     def push(

@@ -12,7 +12,7 @@ import torch
 from . import _core
 from .info import build_info
 from .processor import DynamicBatchProcessor
-from .stats import Stats
+from .stats import Stats, describe_learned_latency
 
 __all__ = ["run_demo"]
 
@@ -33,8 +33,7 @@ class _Row:
     name: str
     mean_batch_size: float
     samples_per_second: float
-    peak_rss_bytes: int
-    memory_total_bytes: int
+    memory_use: float  # peak, as a share of what the device (here: the host) allows
     sizes: str
     learned: str = ""
     stats: Stats | None = field(default=None, repr=False)
@@ -54,16 +53,14 @@ def _run_processor(
     top = sorted(stats.histogram.items(), key=lambda item: -item[1])[:4]
     processor.close()
     learned = (
-        f"{name}: learned latency {stats.latency_intercept_ms:.3f} ms + "
-        f"{stats.latency_slope_ms * 1e3:.2f} us*n, knee {stats.knee}, "
+        f"{name}: learned latency {describe_learned_latency(stats)}, knee {stats.knee}, "
         f"memory ceiling {stats.memory_ceiling}, OOM ceiling {stats.oom_ceiling}"
     )
     return _Row(
         name,
         stats.mean_batch_size,
         stats.throughput,
-        stats.peak_rss_bytes,
-        stats.memory_total_bytes,
+        stats.peak_memory_use,
         ", ".join(f"{size}x{count}" for size, count in top),
         learned,
         stats,
@@ -83,22 +80,21 @@ def _run_stack_loop(model: torch.nn.Module, data: list[torch.Tensor], size: int)
     telemetry.close()
     batches = -(-len(data) // size)
     return _Row(
-        f"torch.stack loop, {size}", len(data) / batches, len(data) / elapsed, peak, total, "-"
+        f"torch.stack loop, {size}", len(data) / batches, len(data) / elapsed, peak / total, "-"
     )
 
 
 def _table(rows: Iterable[_Row], baseline: float) -> str:
     header = (
-        f"{'mode':<28} {'mean batch':>10} {'samples/s':>11} {'vs fixed 32':>11} "
-        f"{'peak RSS':>10} {'of memory':>9}  most used sizes"
+        f"{'mode':<28} {'mean batch':>10} {'samples/s':>11} {'vs stack 32':>11} "
+        f"{'memory use':>10}  most used sizes"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.name:<28} {row.mean_batch_size:>10.1f} {row.samples_per_second:>11,.0f} "
             f"{row.samples_per_second / baseline:>10.2f}x "
-            f"{row.peak_rss_bytes / 2**20:>7,.0f} MiB "
-            f"{100 * row.peak_rss_bytes / max(row.memory_total_bytes, 1):>8.1f}%  {row.sizes}"
+            f"{100 * row.memory_use:>9.1f}%  {row.sizes}"
         )
     return "\n".join(lines)
 
@@ -138,14 +134,18 @@ def run_demo(
             data,
         ),
     ]
-    echo(_table(rows, baseline=rows[1].samples_per_second))
+    # The fairest fixed size is the one dynbatch settled on, in a plain loop.
+    settled = rows[-1].stats.target_batch_size if rows[-1].stats is not None else 32
+    rows.append(_run_stack_loop(model, data, settled))
+    echo(_table(rows, baseline=rows[0].samples_per_second))
     echo("")
     for row in rows:
         if row.learned:
             echo(row.learned)
     echo(
-        "\nPeak RSS is the whole process (host memory here: no GPU), sampled every 20-50 ms "
-        "by the core's telemetry thread; 'of memory' is its share of the machine's total."
+        "\nMemory use is the peak as a share of what the device allows: here the host (no "
+        "GPU), so the process's peak resident size over the memory it may use, sampled every "
+        "20-50 ms by the core's telemetry thread; on a GPU, the device's fullest moment."
     )
     if plot_path is not None:
         from .plots import plot_runs

@@ -105,7 +105,8 @@ class Engine:
 
     def former_for(self, schema: Schema, capacity: int, **options: Any) -> _core.BatchFormer:
         """A core former for ``schema``'s samples with this engine's sizing and padding;
-        ``options`` (serving: max_delay_ms, aging_ms) go to the core as they are."""
+        ``options`` (serving: max_delay_ms, aging_ms; collate=False when the caller stacks)
+        go to the core as they are."""
         return _core.BatchFormer(
             schema.core_descriptors(),
             capacity,
@@ -195,8 +196,11 @@ class Engine:
 
     # ---------------------------------------------------------------------- stats
 
-    def stats(self, live_ns: int, *, isolated_errors: int = 0, queued: int = 0) -> Stats:
-        """A snapshot; ``live_ns`` is the active time of passes still running."""
+    def stats(
+        self, live_ns: int, *, serving: bool = False, isolated_errors: int = 0, queued: int = 0
+    ) -> Stats:
+        """A snapshot; ``live_ns`` is the active time of passes still running; ``serving``:
+        the requests of a server rather than passes over an input."""
         telemetry = self._final_telemetry or self.telemetry_reading()
         return Stats.from_core(
             self.recorder.snapshot(),
@@ -209,6 +213,7 @@ class Engine:
             queued=queued,
             oom_times_ns=list(self._oom_times_ns),
             latency_slo_ms=self.options.latency_slo_ms,
+            serving=serving,
         )
 
     def telemetry_reading(self) -> dict[str, Any]:

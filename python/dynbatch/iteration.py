@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from . import _core
 from .engine import Engine
-from .errors import DynbatchError
+from .errors import DynbatchError, InvalidSampleError
 from .progress import ProgressBar
-from .torch_bridge import Schema, split_outputs
+from .torch_bridge import Schema, split_outputs, stack_small, stacks_small, storage_of
 
 __all__ = ["BatchIterator", "map_batches"]
 
@@ -53,11 +55,18 @@ class BatchIterator(Iterator[Any]):
     """One pass over an input. Closing it (or exhausting it, or dropping it) stops its thread.
 
     Samples are read ahead by up to ``(prefetch + 1) * max_batch_size``, checked against the
-    first sample, and handed to the core, which forms and collates batches on its own thread.
-    An invalid sample or an exception from the input is raised after every batch of the
-    samples before it has been yielded, so nothing read is lost. After an out-of-memory
-    report, batches come back in parts no larger than the lowered ceiling: slices of the
-    collated batch, no copy.
+    first sample, and handed to the core, which forms and collates batches on its own thread
+    (lone CPU tensors of up to 16 KiB are stacked by torch on the caller's thread instead, in
+    batches the core sizes). An invalid sample or an exception from the input is raised after
+    every batch of the samples before it has been yielded, so nothing read is lost. After an
+    out-of-memory report, batches come back in parts no larger than the lowered ceiling:
+    slices of the collated batch, no copy.
+
+    A sample's memory is kept alive until it has been copied (its storage, not just the
+    tensor), but writing into a sample after handing it over races with the copy, as with
+    any asynchronous copy: a source must not refill one buffer and yield it again (a
+    ``RuntimeWarning`` names two samples of a generator that share memory); yield a copy.
+    ``materialized``: the source is a list or tuple, whose samples may repeat harmlessly.
     """
 
     def __init__(
@@ -65,6 +74,8 @@ class BatchIterator(Iterator[Any]):
         engine: Engine,
         source: Iterator[Any],
         progress: ProgressBar | None = None,
+        *,
+        materialized: bool = False,
     ) -> None:
         self._engine = engine
         self._source = source
@@ -76,8 +87,18 @@ class BatchIterator(Iterator[Any]):
         )
         self._schema: Schema | None = None
         self._former: _core.BatchFormer | None = None
-        # Per sample, by index, until its batch is formed (bucketing forms out of order).
+        # Per sample, by index, until its batch is formed (bucketing forms out of order): the
+        # storage the core copies from, so that the caller swapping a tensor's storage
+        # (`x.set_()`) cannot free it under the copy.
         self._kept: dict[int, Any] = {}
+        # Small lone tensors: samples read ahead, in order, stacked by torch at assembly.
+        self._stacking = False
+        self._queue: list[Any] = []
+        self._head = 0  # the queue's first sample not yet in a batch
+        self._invalid_seen = False  # a stacked batch held an invalid sample: nothing after it
+        # Samples of a list or tuple exist before the pass: one repeated is the same sample
+        # (`[x] * n`), not a buffer a generator refills behind the copy.
+        self._warned_shared = materialized
         self._read = 0
         self._delivered = 0
         self._input_done = False
@@ -128,7 +149,7 @@ class BatchIterator(Iterator[Any]):
     @property
     def batch_ids(self) -> list[int]:
         """Input positions of the samples in the batch last yielded."""
-        return self._current.ids if self._current is not None else []
+        return list(self._current.ids) if self._current is not None else []
 
     @property
     def engine(self) -> Engine:
@@ -184,6 +205,7 @@ class BatchIterator(Iterator[Any]):
             self._progress = None
         self._former = None
         self._kept.clear()
+        self._queue.clear()
         self._parts.clear()
         self._current = None
         self._deferred = None
@@ -203,15 +225,11 @@ class BatchIterator(Iterator[Any]):
         )
         self._compute_ns = None
         assert self._former is not None
+        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
         feedback = _core.BatchFeedback(
-            part.size,
-            compute_ns=compute_ns,
-            collate_ns=part.collate_ns,
-            peak_memory_bytes=peak_bytes,
-            reclaimable_bytes=reclaimable_bytes,
-            bucket=self._former.bucket,
+            part.size, compute_ns, part.collate_ns, peak_bytes, reclaimable_bytes
         )
-        self._former.report_feedback(part.sequence, feedback)
+        self._former.report_feedback(part.sequence, feedback)  # fills in the bucket
         if self._progress is not None:
             self._progress.done(part.size)
 
@@ -239,11 +257,13 @@ class BatchIterator(Iterator[Any]):
         if self._former is None and not self._start():
             return None
         assert self._former is not None and self._schema is not None
+        if self._invalid_seen:
+            return None
         self._fill()
         batch = self._former.next_batch()
         if batch is None or self._closed:
             return None
-        return self._assemble(batch)
+        return self._assemble_stacked(batch) if self._stacking else self._assemble(batch)
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -254,10 +274,20 @@ class BatchIterator(Iterator[Any]):
             self.close()
             return False
         self._schema = self._engine.schema_for(first)
-        self._former = self._engine.former_for(self._schema, self._read_ahead)
+        self._stacking = self._schema.fast_path and stacks_small(first)
+        # Stacking leaves the core no copy to overlap: it forms batches on this thread.
+        self._former = self._engine.former_for(
+            self._schema,
+            self._read_ahead,
+            collate=not self._stacking,
+            own_thread=not self._stacking,
+        )
         addresses: list[int] = []
         lengths: list[int] = []
-        self._kept[0] = self._schema.admit(first, 0, addresses, lengths)
+        if self._stacking:
+            self._queue.append(first)
+        else:
+            self._kept[0] = storage_of(self._schema.admit(first, 0, addresses, lengths))
         self._read = 1
         self._push(0, addresses, lengths)
         return True
@@ -267,6 +297,9 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None and self._schema is not None
         room = self._read_ahead - (self._read - self._delivered)
         if self._input_done or room <= 0:
+            return
+        if self._stacking:
+            self._fill_queue(room)
             return
         schema = self._schema
         source = self._source
@@ -294,12 +327,13 @@ class BatchIterator(Iterator[Any]):
                     and not sample.is_neg()
                 ):
                     addresses.append(sample.data_ptr())
-                    kept[index] = sample
+                    kept[index] = sample.untyped_storage()
                 else:
-                    kept[index] = admit(sample, index, addresses, lengths)
+                    kept[index] = storage_of(admit(sample, index, addresses, lengths))
                 index += 1
                 if index - first_id == _PUSH_CHUNK:
                     self._read = index
+                    self._warn_if_shared(first_id, addresses)
                     self._push(first_id, addresses, lengths)
                     first_id, addresses = index, []
                     lengths = [] if lengths is not None else None
@@ -310,9 +344,52 @@ class BatchIterator(Iterator[Any]):
             self._input_done = True
         self._read = index
         if index > first_id:
+            self._warn_if_shared(first_id, addresses)
             self._push(first_id, addresses, lengths)
         if self._input_done:
             self._former.close_input()
+
+    def _fill_queue(self, room: int) -> None:
+        """Stacking: reads up to ``room`` samples ahead, unchecked (torch checks them as it
+        stacks), and hands the core only their count."""
+        assert self._former is not None
+        queue = self._queue
+        before = len(queue)
+        try:
+            queue.extend(itertools.islice(self._source, room))  # keeps what came before a raise
+            if len(queue) - before < room:
+                self._input_done = True
+        except Exception as error:  # raised to the caller after the batches before it
+            self._deferred = error
+            self._input_done = True
+        first_id = self._read
+        self._read += len(queue) - before
+        if self._read > first_id:
+            self._push(first_id, [], None)
+        if self._input_done:
+            self._former.close_input()
+
+    def _warn_if_shared(self, first_id: int, addresses: list[int]) -> None:
+        """One warning per pass when samples handed over together share memory: a source
+        that refills one buffer and yields it again, so every row would hold its last fill."""
+        if self._warned_shared or len(set(addresses)) == len(addresses):
+            return
+        assert self._schema is not None
+        leaves = max(1, len(addresses) // max(1, self._read - first_id))
+        seen: dict[int, int] = {}
+        for position, address in enumerate(addresses):
+            sample = first_id + position // leaves
+            other = seen.setdefault(address, sample)
+            if other != sample:
+                self._warned_shared = True
+                warnings.warn(
+                    f"samples {other} and {sample} share memory: the batch is copied after "
+                    "both were read, so both rows hold what the memory holds then (a source "
+                    "that refills one buffer must yield a copy, e.g. buffer.clone())",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
 
     def _push(self, first_id: int, addresses: list[int], lengths: list[int] | None) -> None:
         """Hands samples first_id .. self._read - 1 (and, padding, their lengths) to the core."""
@@ -343,6 +420,69 @@ class BatchIterator(Iterator[Any]):
         leaves = self._schema.batch_leaves(batch, kept)
         return _Part(leaves, ids, batch.sequence, batch.collate_ns)
 
+    def _assemble_stacked(self, batch: _core.Batch) -> _Part | None:
+        """Stacking: torch stacks the batch's samples, checking their shapes and devices in
+        one call; only the dtype (which torch would cast silently) and shared objects are
+        checked per sample. Anything unusual takes the checked path. None: the first sample
+        was invalid (the error is raised next)."""
+        assert self._schema is not None
+        size, first_id = batch.size, batch.first_id
+        if first_id != self._delivered:
+            raise RuntimeError(
+                f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
+                f"expected {self._delivered}..{self._delivered + size - 1}"
+            )
+        self._engine.note_target(batch.target)
+        head = self._head
+        samples = self._queue[head : head + size]
+        self._head = head + size
+        if self._head > len(self._queue) // 2:
+            del self._queue[: self._head]
+            self._head = 0
+        self._delivered += size
+        started = time.perf_counter_ns()
+        spec = self._schema.leaves[0]
+        # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
+        repeated = not self._warned_shared and len(set(map(id, samples))) != size
+        stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
+        if stacked is None:
+            return self._assemble_checked(batch, samples)
+        return _Part(
+            [stacked],
+            range(first_id, first_id + size),
+            batch.sequence,
+            time.perf_counter_ns() - started,
+        )
+
+    def _assemble_checked(self, batch: _core.Batch, samples: list[Any]) -> _Part | None:
+        """A stacked batch that torch could not stack as it is: each sample checked as the
+        core path checks it (an invalid one ends the pass after the samples before it),
+        then collated by the core."""
+        assert self._schema is not None and self._former is not None
+        first_id = batch.first_id
+        addresses: list[int] = []
+        kept: list[Any] = []
+        for offset, sample in enumerate(samples):
+            try:
+                kept.append(self._schema.admit(sample, first_id + offset, addresses))
+            except InvalidSampleError as error:
+                self._deferred = error
+                self._invalid_seen = True
+                break
+        if not kept:
+            return None
+        self._warn_if_shared(first_id, addresses)
+        started = time.perf_counter_ns()
+        collated = _core.collate(
+            self._schema.core_descriptors(), addresses, len(kept), self._engine.pool
+        )
+        return _Part(
+            self._schema.batch_leaves(collated, kept),
+            range(first_id, first_id + len(kept)),
+            batch.sequence,
+            time.perf_counter_ns() - started,
+        )
+
 
 class _Part:
     """A batch as flat leaves, or a slice of one; ``ids`` are its samples' input positions;
@@ -350,7 +490,9 @@ class _Part:
 
     __slots__ = ("collate_ns", "ids", "leaves", "sequence", "size")
 
-    def __init__(self, leaves: list[Any], ids: list[int], sequence: int, collate_ns: int) -> None:
+    def __init__(
+        self, leaves: list[Any], ids: Sequence[int], sequence: int, collate_ns: int
+    ) -> None:
         self.leaves = leaves
         self.ids = ids
         self.size = len(ids)

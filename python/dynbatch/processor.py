@@ -215,7 +215,9 @@ class DynamicBatchProcessor:
                 f"got {type(data).__name__}"
             ) from None
         bar = ProgressBar(total_of(data), self._engine.telemetry) if progress else None
-        iterator = BatchIterator(self._engine, source, bar)
+        iterator = BatchIterator(
+            self._engine, source, bar, materialized=isinstance(data, (list, tuple))
+        )
         self._iterators.add(iterator)
         return iterator
 
@@ -464,6 +466,7 @@ class DynamicBatchProcessor:
             return self._engine.stats(live_ns)
         return self._engine.stats(
             live_ns + server.active_ns(),
+            serving=True,
             isolated_errors=server.isolated_errors,
             queued=server.queued(),
         )

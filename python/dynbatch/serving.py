@@ -49,7 +49,7 @@ from .futures import (
 from .logs import Throttled
 from .logs import logger as _log
 from .scheduler import Scheduler
-from .torch_bridge import LeafSpec, Schema, split_outputs
+from .torch_bridge import LeafSpec, Schema, split_outputs, storage_of
 
 __all__ = ["Server"]
 
@@ -157,7 +157,7 @@ class Server:
             and sample.is_contiguous()
             and not sample.is_neg()
         ):
-            future._sample = sample
+            future._sample = sample.untyped_storage()
             self._table[request_id] = future
             if former.submit_one(request_id, sample.data_ptr(), priority, timeout_ns):
                 return future
@@ -282,7 +282,7 @@ class Server:
                 and not sample.is_neg()
             ):
                 append(sample.data_ptr())
-                future._sample = sample
+                future._sample = sample.untyped_storage()
             else:
                 future._sample = self._admit(sample, request_id, addresses)
         return addresses, lengths
@@ -292,7 +292,7 @@ class Server:
     ) -> Any:
         assert self._schema is not None
         try:
-            return self._schema.admit(sample, request_id, addresses, lengths)
+            return storage_of(self._schema.admit(sample, request_id, addresses, lengths))
         except InvalidSampleError as error:
             raise type(error)(error.index, error.path, error.problem, noun="request") from None
 

@@ -12,7 +12,7 @@ from .stats_data import BatchPoint, DurationHistogram, StatsRecord
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["BatchPoint", "DurationHistogram", "Stats"]
+__all__ = ["BatchPoint", "DurationHistogram", "Stats", "describe_learned_latency"]
 
 
 def _mib(value: float) -> str:
@@ -40,6 +40,8 @@ class Stats(StatsRecord):
         return plot_runs({title: self}, path)
 
     def __str__(self) -> str:
+        """The table: what applies to this processor (serving rows for a server only), and
+        learned costs only once they are physical (never a negative time or size)."""
         histogram = ", ".join(f"{size}:{count}" for size, count in self.histogram.items())
         rows = [
             ("batches", f"{self.batches:,}"),
@@ -48,9 +50,23 @@ class Stats(StatsRecord):
             ("batch sizes (size:count)", histogram or "-"),
             ("throughput", f"{self.throughput:,.0f} samples/s"),
             (
-                "batch latency p50 / p99",
-                f"{self.latency_p50_ms:.3f} / {self.latency_p99_ms:.3f} ms",
+                "peak memory use",
+                f"{self.peak_memory_use:.1%} of {self.memory_scope} memory"
+                + (
+                    f" (process peak RSS {_mib(self.peak_rss_bytes)})"
+                    if self.memory_scope == "host"
+                    else ""
+                ),
             ),
+        ]
+        if self.serving:  # an iterator's batches wait on its read-ahead, not on a queue
+            rows.append(
+                (
+                    "batch latency p50 / p99",
+                    f"{self.latency_p50_ms:.3f} / {self.latency_p99_ms:.3f} ms",
+                )
+            )
+        rows += [
             ("caller time p50 / p99", f"{self.compute_p50_ms:.3f} / {self.compute_p99_ms:.3f} ms"),
             (
                 "time collating / in caller",
@@ -62,25 +78,21 @@ class Stats(StatsRecord):
                 f"{self.oom_ceiling} / {self.slo_ceiling}"
                 + (" (exploring)" if self.exploring else ""),
             ),
-            (
-                "learned latency a + b*n",
-                f"{self.latency_intercept_ms:.4f} ms + {self.latency_slope_ms * 1e3:.3f} us*n",
-            ),
+            ("learned latency a + b*n", describe_learned_latency(self)),
             (
                 "learned memory m0 + m1*n",
                 f"{_mib(self.memory_intercept_bytes)} + {self.memory_slope_bytes / 1024:.1f} KiB*n"
-                if self.memory_slope_bytes or self.memory_intercept_bytes
+                if self.memory_slope_bytes > 0 and self.memory_intercept_bytes >= 0
                 else "- (no device memory feedback)",
             ),
             ("out-of-memory errors / split batches", f"{self.ooms} / {self.split_batches}"),
-            ("peak process RSS", _mib(self.peak_rss_bytes)),
             ("lowest available memory", _mib(self.min_available_bytes)),
             ("staging buffers", _mib(self.staging_bytes)),
             ("telemetry", self.telemetry_source),
         ]
         if self.padding_efficiency < 1.0:
             rows.append(("padding efficiency (real / padded)", f"{self.padding_efficiency:.1%}"))
-        if any(self.released_by.values()) or self.priorities:
+        if self.serving:
             reasons = ", ".join(f"{k}:{v}" for k, v in self.released_by.items() if v)
             rows.append(("batches released by", reasons or "-"))
             rows.append(
@@ -101,3 +113,14 @@ class Stats(StatsRecord):
         lines = ["dynbatch stats", "-" * (width + 30)]
         lines += [f"{name:<{width}}  {value}" for name, value in rows]
         return "\n".join(lines)
+
+
+def describe_learned_latency(stats: StatsRecord) -> str:
+    """The fitted line, or why there is none yet: a fit through too few or too noisy points
+    can come out with a negative part, which is no cost a batch can have."""
+    a, b = stats.latency_intercept_ms, stats.latency_slope_ms
+    if a == 0 and b == 0:
+        return "- (not measured yet)"
+    if a < 0 or b < 0:
+        return "- (not learned yet: times measured so far do not fit a line with positive parts)"
+    return f"{a:.4f} ms + {b * 1e3:.3f} us*n"

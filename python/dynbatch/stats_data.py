@@ -111,6 +111,12 @@ class StatsRecord:
     # collate="pad": real rows / rows after padding, over every padded batch (1.0: none).
     padding_efficiency: float = 1.0
     memory_available_bytes: int = 0  # the latest reading
+    # Peak memory use as a share of what the device allows (the lecture's "memory use"): on a
+    # GPU (NVML telemetry) the device's fullest moment, (total - lowest available) / total; on
+    # the host this process's peak resident size / the memory it may use (cgroup or machine).
+    peak_memory_use: float = 0.0
+    memory_scope: str = "host"  # "GPU" or "host": what peak_memory_use is a share of
+    serving: bool = False  # requests (submit/infer) rather than passes over an input
     # Prometheus-style histograms (totals, not the window): the caller's (or model's) time per
     # call (a batch, or each part of a split one), and each priority's queue wait.
     compute_histogram: DurationHistogram | None = field(default=None, repr=False)
@@ -136,11 +142,18 @@ class StatsRecord:
         queued: int = 0,
         oom_times_ns: list[int] | None = None,
         latency_slo_ms: float | None = None,
+        serving: bool = False,
     ) -> _Record:
         """Built from the core's recorder snapshot, the sizing state, a telemetry reading and
         the staging pool's stats (what ``Engine.stats`` gathers)."""
         records = snapshot["recent"]
         total_bytes = int(telemetry["total_bytes"])
+        on_gpu = str(telemetry["source"]).startswith("nvml")
+        peak_used = (
+            total_bytes - int(telemetry["min_available_bytes"])
+            if on_gpu
+            else int(telemetry["peak_rss_bytes"])
+        )
         origin_ns = int(records[0][5]) if records else 0
         # record: (sequence, size, target, first_enqueue, formed, delivered, collate, compute, mem)
         latencies = [(r[5] - r[3]) / 1e6 for r in records]
@@ -203,6 +216,9 @@ class StatsRecord:
                 else 1.0
             ),
             memory_available_bytes=int(telemetry.get("available_bytes", 0)),
+            peak_memory_use=max(0.0, peak_used / total_bytes) if total_bytes else 0.0,
+            memory_scope="GPU" if on_gpu else "host",
+            serving=serving,
             compute_histogram=DurationHistogram.from_core(snapshot["compute_time"]),
             queue_wait_histograms={
                 int(priority): DurationHistogram.from_core(entry["queue_wait"])

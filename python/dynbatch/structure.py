@@ -25,7 +25,7 @@ class TreeDef:
 
     kind: str  # "leaf", "dict", "tuple", "list" or "namedtuple"
     keys: tuple[Any, ...] = ()  # dict keys, in order
-    node_type: type | None = None  # the namedtuple class
+    node_type: type | None = None  # the namedtuple class, or a mapping's when not dict
     children: tuple[TreeDef, ...] = ()
 
     def leaf_paths(self, prefix: str = "") -> list[str]:
@@ -51,7 +51,10 @@ def flatten(sample: Any, leaves: list[Any]) -> TreeDef:
     if isinstance(sample, Mapping):
         keys = tuple(sample.keys())
         children = tuple(flatten(sample[key], leaves) for key in keys)
-        return TreeDef("dict", keys=keys, children=children)
+        kind = type(sample)
+        return TreeDef(
+            "dict", keys=keys, node_type=None if kind is dict else kind, children=children
+        )
     if isinstance(sample, tuple):
         children = tuple(flatten(item, leaves) for item in sample)
         if _is_namedtuple(sample):
@@ -74,7 +77,10 @@ def _build(treedef: TreeDef, leaves: Any) -> Any:
         return next(leaves)
     children = [_build(child, leaves) for child in treedef.children]
     if treedef.kind == "dict":
-        return dict(zip(treedef.keys, children, strict=True))
+        mapping = dict(zip(treedef.keys, children, strict=True))
+        return (
+            mapping if treedef.node_type is None else _as_mapping_type(treedef.node_type, mapping)
+        )
     if treedef.kind == "tuple":
         return tuple(children)
     if treedef.kind == "namedtuple":
@@ -83,11 +89,33 @@ def _build(treedef: TreeDef, leaves: Any) -> Any:
     return children
 
 
+# Mapping types that cannot be built from a dict (their first argument means something else):
+# their batches are plain dicts. Learned once per type.
+_unbuildable_mappings: set[type] = set()
+
+
+def _as_mapping_type(kind: type, mapping: dict[Any, Any]) -> Any:
+    """The batch in the samples' own mapping type (a transformers BatchEncoding, an
+    OrderedDict...) when that type can be built from a dict."""
+    if kind in _unbuildable_mappings:
+        return mapping
+    try:
+        rebuilt = kind(mapping)
+    except Exception:  # any constructor that does not take a dict: fall back, once per type
+        _unbuildable_mappings.add(kind)
+        return mapping
+    if not isinstance(rebuilt, Mapping) or list(rebuilt.keys()) != list(mapping):
+        _unbuildable_mappings.add(kind)
+        return mapping
+    return rebuilt
+
+
 def describe_structure(treedef: TreeDef) -> str:
     if treedef.kind == LEAF:
         return "a leaf"
     if treedef.kind == "dict":
-        return f"a dict with keys {list(treedef.keys)!r}"
+        name = "dict" if treedef.node_type is None else treedef.node_type.__name__
+        return f"a {name} with keys {list(treedef.keys)!r}"
     if treedef.kind == "namedtuple":
         assert treedef.node_type is not None
         return f"a {treedef.node_type.__name__} of {len(treedef.children)}"
@@ -107,11 +135,18 @@ def structure_mismatch(
             or len(expected.children) != len(actual.children)
         )
         if differs:
+            hint = (
+                "; a list of numbers is a structure of separate leaves: for a sequence (token "
+                "ids, say) pass torch.tensor(ids), with collate='pad' for different lengths"
+                if expected.kind == actual.kind == "list"
+                and all(child.kind == LEAF for child in (*expected.children, *actual.children))
+                else ""
+            )
             return InvalidSampleError(
                 index,
                 path,
                 f"structure differs from sample {first_index}: expected "
-                f"{describe_structure(expected)}, got {describe_structure(actual)}",
+                f"{describe_structure(expected)}, got {describe_structure(actual)}{hint}",
             )
         labels = expected.keys if expected.kind == "dict" else range(len(expected.children))
         for label, want, got in zip(labels, expected.children, actual.children, strict=True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ from .errors import InvalidSampleError, UnsupportedLeafError
 from .padding import PaddedBatch, pad_element_bytes, padded_length
 from .structure import TreeDef, flatten, structure_mismatch, unflatten
 
-__all__ = ["LeafSpec", "Schema", "split_outputs"]
+__all__ = ["LeafSpec", "Schema", "split_outputs", "stack_small", "stacks_small", "storage_of"]
 
 # torch dtype -> DLPack (type code, bits). Lanes are always 1.
 _DLPACK_TYPES: dict[torch.dtype, tuple[int, int]] = {
@@ -242,6 +244,51 @@ class Schema:
         return unflatten(self.treedef, leaves)
 
 
+# Lone CPU tensors up to this size are stacked by torch on the caller's thread: checking a
+# sample and handing its address to the core (~0.5 us of Python) costs more than copying it.
+_STACK_BELOW_BYTES = 16 * 1024
+_DTYPE = operator.attrgetter("dtype")
+
+
+def stacks_small(first: Any) -> bool:
+    """Whether samples like ``first`` (a lone tensor) are stacked by torch rather than copied
+    by the core: real, on the CPU, strided, and small."""
+    return (
+        type(first) is torch.Tensor
+        and first.is_cpu
+        and first.layout is torch.strided
+        and not first.dtype.is_complex
+        and first.nbytes <= _STACK_BELOW_BYTES
+    )
+
+
+def stack_small(samples: Sequence[Any], dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
+    """``torch.stack(samples)`` when torch can stack them as they are: one native call checks
+    shapes and devices; the dtype, which torch would promote silently, is checked here. None
+    otherwise (not all tensors, mixed dtypes or devices, requiring grad...): the caller then
+    takes the checked path, which names what is wrong."""
+    try:
+        if set(map(_DTYPE, samples)) != {dtype}:
+            return None
+        stacked = torch.stack(samples)  # type: ignore[arg-type]
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    if stacked.shape[1:] != shape or stacked.requires_grad:
+        return None
+    return stacked
+
+
+def storage_of(kept: Any) -> Any:
+    """What keeps a sample's memory alive until the core has copied it (``kept``: what
+    ``Schema.admit`` returned): a tensor's storage rather than the tensor, whose storage the
+    caller may swap (``x.set_()``) meanwhile. Number leaves stay as they are."""
+    if isinstance(kept, torch.Tensor):
+        return kept.untyped_storage()
+    if isinstance(kept, list):
+        return [k.untyped_storage() if isinstance(k, torch.Tensor) else k for k in kept]
+    return kept
+
+
 def split_outputs(output: Any, size: int) -> list[Any]:
     """Per-sample results from a model's batched output (a tensor, or dicts, tuples and lists
     nesting tensors), split along the first dimension."""
@@ -368,6 +415,11 @@ def _check_tensor(spec: LeafSpec, host: Any, index: int, first_index: int) -> No
                 "padding: only the first dimension may differ"
                 if spec.pad is not None
                 else "samples of one stream must share leaf shapes"
+                + (
+                    "; for sequences of different lengths use collate='pad'"
+                    if len(shape) == len(spec.shape) and shape[1:] == spec.shape[1:]
+                    else ""
+                )
             ),
         )
 

@@ -875,6 +875,72 @@ TEST_CASE(wait_for_room_wakes_when_a_batch_forms) {
   CHECK(!former.wait_for_room(now_ns() + hang_bound_ns)); // closed: no room ever
 }
 
+TEST_CASE(without_collation_batches_carry_ids_and_no_slot) {
+  FormerOptions options{64, 1};
+  options.collate = false;
+  Rig rig(fixed_size(8), options);
+  BatchFormer &former = *rig.former;
+  std::vector<std::uint64_t> ids(20);
+  for (std::size_t k = 0; k < ids.size(); ++k) {
+    ids[k] = SampleStore::id_of(k);
+  }
+  CHECK_EQ(former.push(ids, {}), ids.size()); // no sources: the caller collates
+  former.close_input();
+  std::vector<std::size_t> sizes;
+  std::uint64_t next_id = SampleStore::id_of(0);
+  for (FormedBatch batch;
+       former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch;) {
+    CHECK(batch.lease == nullptr);
+    for (const std::uint64_t id : batch.ids) {
+      CHECK_EQ(id, next_id++);
+    }
+    sizes.push_back(batch.ids.size());
+  }
+  CHECK(sizes == std::vector<std::size_t>({8, 8, 4}));
+  CHECK_EQ(rig.stats->snapshot().samples, 20u);
+  CHECK_EQ(rig.pool->stats().acquisitions, 0u);
+}
+
+TEST_CASE(without_a_thread_the_consumer_forms_every_batch) {
+  FormerOptions options{64, 1};
+  options.own_thread = false;
+  Rig rig(fixed_size(8), options);
+  BatchFormer &former = *rig.former;
+  const SampleStore store(20);
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(0, 12, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 12u);
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 8u);
+  CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
+  // Four pushed, eight wanted, input open: nobody will push, so it says so instead of waiting.
+  CHECK_THROWS_AS(former.next_batch(batch, now_ns() + hang_bound_ns), std::logic_error);
+  store.describe(12, 8, ids, sources);
+  CHECK_EQ(former.push(ids, sources), 8u);
+  former.close_input();
+  std::vector<std::size_t> sizes;
+  while (former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch) {
+    CHECK_EQ(content_mismatches(*former.layout(), batch, store), 0u);
+    sizes.push_back(batch.ids.size());
+  }
+  CHECK(sizes == std::vector<std::size_t>({8, 4}));
+  former.close();
+  former.close(); // idempotent without a thread too
+}
+
+TEST_CASE(without_collation_push_rejects_sources) {
+  FormerOptions options{64, 1};
+  options.collate = false;
+  Rig rig(fixed_size(8), options);
+  const SampleStore store(1);
+  std::vector<std::uint64_t> ids;
+  std::vector<const void *> sources;
+  store.describe(0, 1, ids, sources);
+  CHECK_THROWS_AS(rig.former->push(ids, sources), std::invalid_argument);
+}
+
 int main(int argc, char **argv) {
   return dynbatch::testing::run_all(argc, argv);
 }
