@@ -265,3 +265,21 @@ def test_close_stops_an_abandoned_training_pass() -> None:
         next(steps)
     with pytest.raises(RuntimeError, match="closed"):
         processor.steps(ds.paired(inputs, targets), samples_per_step=64)
+
+
+def test_the_training_demo_prints_the_lectures_columns() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynbatch", "demo", "--train", "--quick"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("mode"))
+    for column in ("mean batch", "samples/s", "memory use", "to ", "final acc"):
+        assert column in header
+    for mode in ("DataLoader fixed 32", "dynbatch fixed 32", "dynbatch auto (adascale)"):
+        row = next(line for line in lines if line.startswith(mode))
+        assert re.search(r"\d+\.\d%\s+(-|\d+\.\d\d s)\s+\d+\.\d%$", row), row
