@@ -35,3 +35,15 @@ def no_thread_left() -> Iterator[None]:
     yield
     gc.collect()
     assert os_thread_count() == before
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """torch on one thread for the test: on a loaded 2-core machine two OpenMP threads spin
+    against each other (a digits MLP step takes 40x longer)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -154,3 +154,31 @@ def test_pinning_that_fails_falls_back_to_pageable_with_a_warning_in_stats() -> 
     assert "page-locking failed" in str(stats)
     engine.close()
     processor.close()
+
+
+def test_training_steps_with_a_device() -> None:
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(48, 6), torch.randn(48, 1)
+    model = torch.nn.Linear(6, 1)
+    reference = torch.nn.Linear(6, 1)
+    reference.load_state_dict(model.state_dict())
+    processor = ds.DynamicBatchProcessor(max_batch_size=8, min_batch_size=8, device=SIM)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for micro in processor.steps(ds.paired(inputs, targets), samples_per_step=16):
+        if micro.first:
+            optimizer.zero_grad()
+        x, y = micro.data
+        (torch.nn.functional.mse_loss(model(x), y) * micro.weight).backward()
+        if micro.last:
+            optimizer.step()
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for start in range(0, 48, 16):
+        plain.zero_grad()
+        x, y = inputs[start : start + 16], targets[start : start + 16]
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        plain.step()
+    assert all(
+        torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+    )
+    assert _transfers(processor) == 6

@@ -127,3 +127,32 @@ def test_demo_saves_the_fixed_vs_dynamic_figure(
     demo.main(["--quick", "--plot", str(path)])
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert f"figure: {path}" in capsys.readouterr().out
+
+
+def test_fit_progress_counts_each_sample_once_per_epoch_through_ooms(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The bar counts a step once it is done: a step redone after running out of memory is
+    not counted twice."""
+    model = torch.nn.Linear(4, 1)
+    calls = []
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        if len(calls) in (3, 7):  # the second micro-batch of a step, and another
+            raise FakeOOM("simulated")
+        return model(batch).pow(2).mean()
+
+    bp = ds.DynamicBatchProcessor(max_batch_size=16, min_batch_size=16, oom_errors=(FakeOOM,))
+    result = bp.fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        loss_fn,
+        [torch.randn(4) for _ in range(100)],
+        samples_per_step=50,
+        epochs=2,
+        progress=True,
+    )
+    assert result.oom_retries == 2 and result.samples == 200
+    bar = final_bar(capsys.readouterr().err)
+    assert "200/200" in bar

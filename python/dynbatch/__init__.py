@@ -8,6 +8,9 @@
 
 Serving: ``ds.DynamicBatchProcessor(model=model)`` then ``processor.submit(sample)`` (a
 Future), ``processor.submit_many(samples)`` or ``await processor.infer(sample)``.
+
+Training: ``processor.fit(model, optimizer, loss_fn, data, samples_per_step=64)`` (or
+``"auto"``), or ``for mb in processor.steps(data, samples_per_step=64)`` in a loop of your own.
 """
 
 from __future__ import annotations
@@ -22,27 +25,34 @@ from .errors import (
     RequestTimeout,
     UnsupportedLeafError,
 )
+from .fit import FitResult, StepMetrics
 from .info import build_info, telemetry
 from .padding import PaddedBatch
 from .processor import BatchIterator, DynamicBatchProcessor
 from .scheduler import Scheduler
 from .stats import Stats
+from .training import MicroBatch, StepIterator, paired
 
 __all__ = [
     "BatchIterator",
     "DynamicBatchProcessor",
     "DynbatchError",
+    "FitResult",
     "InvalidSampleError",
+    "MicroBatch",
     "PaddedBatch",
     "ProcessorClosed",
     "QueueFull",
     "RequestTimeout",
     "Scheduler",
     "Stats",
+    "StepIterator",
+    "StepMetrics",
     "UnsupportedLeafError",
     "__version__",
     "build_info",
     "collate",
+    "paired",
     "telemetry",
 ]
 

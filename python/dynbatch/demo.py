@@ -163,7 +163,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--plot", metavar="PATH", help="save the runs over time as a figure (needs matplotlib)"
     )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="the training table instead: the digits MLP with fixed batch 32 and dynamic "
+        "batching (needs scikit-learn)",
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (--train)")
+    parser.add_argument(
+        "--lr", type=float, default=0.1, help="learning rate tuned for batch 32 (--train)"
+    )
     args = parser.parse_args(argv)
+    if args.train:
+        from .train_demo import run_train_demo
+
+        run_train_demo(2 if args.quick else args.epochs, args.lr, print)
+        return
     if args.quick:
         args.samples, args.width = 600, 128
     run_demo(args.samples, args.width, args.max_batch_size, print, args.plot)

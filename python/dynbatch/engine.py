@@ -172,6 +172,18 @@ class Engine:
         )
         return chunk
 
+    def batch_cost(self) -> tuple[float, float, int] | None:
+        """The learned cost of a batch, ``L(n) = a + b*n`` as (a ns, b ns), and the size the
+        sizing asks for now; None until it has two observations to fit."""
+        state = self.policy.state()
+        if int(state["observations"]) < 2 or int(state["target"]) < 1:
+            return None
+        return (
+            max(float(state["latency_intercept_ns"]), 0.0),
+            max(float(state["latency_slope_ns"]), 0.0),
+            int(state["target"]),
+        )
+
     def note_split(self) -> None:
         """A batch formed before the ceiling dropped is delivered in parts."""
         self._split_batches += 1

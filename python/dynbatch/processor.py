@@ -1,6 +1,6 @@
 """DynamicBatchProcessor: the facade. It checks its arguments, builds the engine and hands out
-its consumers: the iterator (``processor(data)``, ``map``) and the server (``submit``,
-``submit_many``, ``infer``)."""
+its consumers: the iterator (``processor(data)``, ``map``), the server (``submit``,
+``submit_many``, ``infer``) and the trainer (``steps``, ``fit``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from . import _core
 from .arguments import check_fraction, check_padding, check_serving_arguments, check_size
 from .engine import Engine, EngineOptions
 from .errors import ProcessorClosed
+from .fit import FitResult, StepMetrics, Trainer
 from .iteration import BatchIterator, map_batches
 from .memory import MemoryMonitor
 from .progress import ProgressBar, total_of
 from .scheduler import Scheduler
 from .serving import Server
 from .stats import Stats
+from .training import StepIterator, TrainingState, length_of, open_steps
 from .transfer import DeviceTarget
 
 __all__ = ["BatchIterator", "DynamicBatchProcessor"]
@@ -195,6 +197,8 @@ class DynamicBatchProcessor:
             target=target,
         )
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
+        self._step_iterators: weakref.WeakSet[StepIterator] = weakref.WeakSet()
+        self._training = TrainingState()
         self._closed = False
         self.model = model
         self._server: Server | None = None
@@ -246,6 +250,165 @@ class DynamicBatchProcessor:
         if not callable(fn):
             raise TypeError(f"map needs a callable model, got {type(fn).__name__}")
         return map_batches(self(data, progress=progress), fn)
+
+    def steps(
+        self,
+        data: Iterable[Any],
+        /,
+        *,
+        samples_per_step: int,
+        epochs: int = 1,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+        max_steps: int | None = None,
+        process_group: Any = None,
+        progress: bool = False,
+    ) -> StepIterator:
+        """Micro-batches of optimizer steps of ``samples_per_step`` samples, for a training
+        loop of your own; see ``fit`` for one that owns the step.
+
+        Each ``MicroBatch`` has ``data`` (the batch), ``weight`` (its share of the step),
+        ``step``, ``epoch``, ``first``, ``last`` and ``indices``; the engine sizes the
+        micro-batches as it sizes inference batches, and none holds samples of two steps::
+
+            for mb in processor.steps(data, samples_per_step=64, shuffle=True, seed=0):
+                (loss_fn(model, mb.data) * mb.weight).backward()
+                if mb.last:
+                    optimizer.step()
+                    optimizer.zero_grad()
+
+        Out of memory: zero the gradients and call ``report_oom()`` (on the iterator or the
+        processor); the whole step comes again in smaller micro-batches. ``epochs`` counts the
+        epoch ends this pass crosses, from where the last ``steps``/``fit`` call stopped (the
+        processor keeps the position: ``state_dict()``); ``max_steps`` stops it sooner. With
+        ``process_group`` (e.g. ``torch.distributed.group.WORLD``), every step is shared among
+        its ranks (``samples_per_step`` counts them all) and ``weight`` is scaled for
+        DistributedDataParallel's gradient averaging.
+        """
+        self._check_open()
+        return self._track(
+            open_steps(
+                self._engine,
+                self._training,
+                data,
+                samples_per_step=samples_per_step,
+                epochs=epochs,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                max_steps=max_steps,
+                process_group=process_group,
+                progress=progress,
+            )
+        )
+
+    def fit(
+        self,
+        model: Any,
+        optimizer: Any,
+        loss_fn: Callable[[Any, Any], Any],
+        data: Iterable[Any],
+        /,
+        *,
+        samples_per_step: int | str,
+        epochs: int = 1,
+        shuffle: bool = False,
+        seed: int | None = None,
+        max_grad_norm: float | None = None,
+        lr_scheduler: Any = None,
+        drop_last: bool = False,
+        progress: bool = False,
+        grad_scaler: Any = None,
+        max_steps: int | None = None,
+        lr_scaling: str | None = "adascale",
+        base_samples_per_step: int = 32,
+        max_samples_per_step: int | None = None,
+        on_step: Callable[[StepMetrics], object] | None = None,
+    ) -> FitResult:
+        """Trains ``model`` on ``data``: optimizer steps of ``samples_per_step`` samples in
+        micro-batches the engine sizes; returns per-step metrics (``FitResult``).
+
+        ``data`` yields samples (typically ``(input, target)`` tuples; ``dynbatch.paired(X,
+        y)`` makes them from two tensors); ``loss_fn(model, batch)`` returns the batch's mean
+        loss as a scalar tensor. Each step: gradients zeroed, forward and backward per
+        micro-batch (the loss scaled by its share of the step, so the step's gradient is a
+        batch of ``samples_per_step``'s), then clipping to ``max_grad_norm``,
+        ``optimizer.step()`` (through ``grad_scaler`` when given) and ``lr_scheduler.step()``.
+        The model's train/eval mode is left as it is. A DistributedDataParallel model shares
+        each step among its ranks and synchronises gradients on the step's last micro-batch
+        only (``no_sync()`` on the others).
+
+        Out of memory in forward or backward: the gradients are zeroed and the step runs
+        again in smaller micro-batches (the lower ceiling holds for the rest of the run). A
+        non-finite loss skips the step (counted in ``skipped_steps``; one warning).
+
+        ``samples_per_step="auto"``: each step's size is chosen for goodput (throughput times
+        statistical efficiency from the measured gradient noise scale) between
+        ``base_samples_per_step`` (32) and ``max_samples_per_step`` (default 32 times the
+        base, at most the data's length), and the optimizer's learning rate, read as tuned
+        for ``base_samples_per_step``, is scaled for the chosen size: ``lr_scaling=
+        "adascale"`` (AdaScale's gain from the noise scale), ``"sqrt"``, ``"linear"`` or None.
+        A fixed ``samples_per_step`` uses the learning rate as it is.
+
+        Calling ``fit`` again continues where the last call (or ``steps`` pass) stopped: the
+        sample order's position, the learned sizes and the adaptive state; ``epochs`` counts
+        the epoch ends this call crosses and ``max_steps`` stops it sooner. ``on_step`` is
+        called with each step's ``StepMetrics`` (evaluation, logging); returning True stops
+        training after that step.
+        """
+        self._check_open()
+        trainer = Trainer(
+            self._engine,
+            self._training,
+            model,
+            optimizer,
+            loss_fn,
+            samples_per_step=samples_per_step,
+            length=length_of(data),
+            base_samples_per_step=base_samples_per_step,
+            max_samples_per_step=max_samples_per_step,
+            lr_scaling=lr_scaling,
+            max_grad_norm=max_grad_norm,
+            lr_scheduler=lr_scheduler,
+            grad_scaler=grad_scaler,
+            on_step=on_step,
+        )
+        steps = self._track(
+            trainer.open(
+                data,
+                epochs=epochs,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                max_steps=max_steps,
+                progress=progress,
+            )
+        )
+        return trainer.run(steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (epoch, samples used, steps taken, shuffling seed) and the
+        adaptive step-size state, for ``load_state_dict`` in a restarted job. The sizing's
+        learned costs are not in it: the core does not export them, and a fresh processor
+        learns them again within its first batches."""
+        return {"version": 1, "training": self._training.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a ``state_dict()``: the next ``fit``/``steps`` call resumes the same
+        sample order where it stopped."""
+        if not isinstance(state, dict) or state.get("version") != 1 or "training" not in state:
+            raise ValueError("load_state_dict expects what DynamicBatchProcessor.state_dict() made")
+        self._training.load_state_dict(state["training"])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this DynamicBatchProcessor is closed")
+
+    def _track(self, steps: StepIterator) -> StepIterator:
+        """Counts a training pass among the live ones (stats, report_oom, close)."""
+        self._step_iterators.add(steps)
+        return steps
 
     def submit(
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
@@ -299,16 +462,20 @@ class DynamicBatchProcessor:
         error, before asking for the next batch."""
         holding = [
             (since, iterator)
-            for iterator in list(self._iterators)
+            for iterator in self._passes()
             if (since := iterator.outstanding_since_ns) is not None
         ]
         if not holding:
             raise RuntimeError("report_oom() needs a batch from a live iteration to report")
         max(holding, key=lambda pair: pair[0])[1].report_oom()
 
+    def _passes(self) -> list[BatchIterator | StepIterator]:
+        """The live iterations: batch passes and training passes."""
+        return [*self._iterators, *self._step_iterators]
+
     def stats(self) -> Stats:
         """Counters, batch-size histogram, throughput, latency, memory and the learned costs."""
-        live_ns = sum(iterator.active_ns() for iterator in list(self._iterators))
+        live_ns = sum(iterator.active_ns() for iterator in self._passes())
         server = self._server
         if server is None:
             return self._engine.stats(live_ns)
@@ -336,7 +503,7 @@ class DynamicBatchProcessor:
         self._closed = True
         if self._server is not None:
             self._server.close(drain, timeout)
-        for iterator in list(self._iterators):
+        for iterator in self._passes():
             iterator.close()
         self._engine.close()
 
