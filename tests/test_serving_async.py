@@ -126,7 +126,9 @@ def test_infer_waits_for_room_off_the_event_loop() -> None:
         asyncio.get_running_loop().call_later(0.05, model_released.set)
         results = await asyncio.gather(first, *queued)
         await ticking
-        assert ticks > 5
+        # A loop blocked while a caller waits for room would not tick until the model let go
+        # (how often it ticks depends on the host's load: only that it ticked is checked).
+        assert ticks >= 2
         return results
 
     with ds.DynamicBatchProcessor(

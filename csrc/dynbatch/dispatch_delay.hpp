@@ -11,7 +11,9 @@
 //   `max_slack_ns` (a deadline batch is never released more than that early, however slow
 //   the consumer was). It errs high on purpose: a request found late is lost, a batch
 //   released a little early is only smaller; a stall leaves the window after `window`
-//   batches.
+//   batches. Before any delay is measured it is `initial_slack_ns`: a Python worker's claim
+//   on a loaded host takes milliseconds, and the first requests lost to a 1 ms guess cost more
+//   than a first deadline batch released 10 ms early.
 
 #include <array>
 #include <atomic>
@@ -27,6 +29,7 @@ public:
   static constexpr std::size_t window = 16;
   static constexpr Nanoseconds min_slack_ns = 1'000'000;
   static constexpr Nanoseconds max_slack_ns = 100'000'000;
+  static constexpr Nanoseconds initial_slack_ns = 10'000'000;
 
   void record(Nanoseconds delay_ns);
   Nanoseconds slack() const noexcept {
@@ -38,7 +41,7 @@ private:
   std::array<Nanoseconds, window> recent_{}; // guarded by mutex_
   std::size_t count_ = 0;                    // delays recorded, up to window
   std::size_t next_ = 0;                     // where the next delay goes
-  std::atomic<Nanoseconds> slack_{min_slack_ns};
+  std::atomic<Nanoseconds> slack_{initial_slack_ns};
 };
 
 } // namespace dynbatch

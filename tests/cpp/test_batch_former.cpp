@@ -892,7 +892,7 @@ TEST_CASE(a_request_expiring_while_the_consumer_asks_teaches_the_slack) {
   const SampleStore store(10);
   Rig rig(fixed_size(8), serving(64, no_deadline));
   BatchFormer &former = *rig.former;
-  CHECK_EQ(former.deadline_slack(), 1 * ms);
+  CHECK_EQ(former.deadline_slack(), dynbatch::DispatchDelay::initial_slack_ns);
   CHECK_EQ(push_with(former, store, 0, 8, {}), 8u);
   FormedBatch batch;
   REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch); // full
@@ -900,7 +900,7 @@ TEST_CASE(a_request_expiring_while_the_consumer_asks_teaches_the_slack) {
   CHECK_EQ(push_with(former, store, 8, 1, {0, 20 * ms}), 1u);
   std::this_thread::sleep_for(std::chrono::milliseconds(40));
   REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::expired);
-  CHECK_EQ(former.deadline_slack(), 1 * ms);
+  CHECK_EQ(former.deadline_slack(), dynbatch::DispatchDelay::initial_slack_ns);
   // Now it asks before the next request is due, and comes back 40 ms after.
   CHECK(former.next_batch(batch, now_ns() + 1 * ms) == NextStatus::timeout);
   CHECK_EQ(push_with(former, store, 9, 1, {0, 20 * ms}), 1u);
