@@ -14,6 +14,7 @@
 #include "dynbatch/build_info.hpp"
 #include "dynbatch/collator.hpp"
 #include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/fork_guard.hpp"
 #include "dynbatch/sizing_controller.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
@@ -75,6 +76,11 @@ py::dict histogram_buckets(const LatencyHistogram &histogram) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dynbatch's compiled core (private: use the dynbatch package)";
   m.attr("__version__") = DYNBATCH_VERSION; // without the device probe build_info() runs
+
+  watch_forks();
+  py::register_exception<ForkedError>(m, "ForkedError", PyExc_RuntimeError);
+  m.def("fork_generation", &fork_generation,
+        "0 in the process that loaded the core; one more in each forked child.");
 
   m.def("build_info", [] {
     const BuildInfo info = build_info();

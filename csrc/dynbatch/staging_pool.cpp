@@ -30,6 +30,9 @@ SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer 
     : pool_(std::move(pool)), slot_(slot), buffer_(std::move(buffer)), capacity_(bytes) {}
 
 SlotLease::~SlotLease() {
+  if (pool_->stamp_.forked()) {
+    return; // the parent's pool: the buffer is freed, the pool left alone
+  }
   if (slot_ >= 0) {
     pool_->release(slot_, std::move(buffer_), capacity_);
   } else {
@@ -38,7 +41,12 @@ SlotLease::~SlotLease() {
 }
 
 std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots) {
-  return std::shared_ptr<StagingPool>(new StagingPool(slots));
+  auto *pool = new StagingPool(slots);
+  return std::shared_ptr<StagingPool>(pool, [](StagingPool *object) noexcept {
+    if (!object->stamp_.forked()) {
+      delete object;
+    }
+  });
 }
 
 StagingPool::StagingPool(std::size_t slots) : slots_(slots) {
@@ -46,6 +54,9 @@ StagingPool::StagingPool(std::size_t slots) : slots_(slots) {
 }
 
 std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
+  if (stamp_.forked()) {
+    throw ForkedError("this staging pool");
+  }
   std::unique_lock lock(mutex_);
   ++stats_.acquisitions;
   for (std::size_t index = 0; index < slots_.size(); ++index) {

@@ -10,12 +10,17 @@
 //   the batch and by every tensor exported from it (DLPack deleters hold a reference).
 // - A lease keeps its pool alive, so a tensor may outlive the processor that made it.
 // - All calls are thread-safe; acquire/release take a short mutex once per batch.
+// - Fork: in a forked child, acquire() on the parent's pool throws ForkedError (its mutex may be
+//   held by a thread that does not exist there), a lease of the parent's pool frees its buffer
+//   without touching the pool, and the pool is leaked rather than destroyed.
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#include "dynbatch/fork_guard.hpp"
 
 namespace dynbatch {
 
@@ -61,6 +66,8 @@ public:
 
   std::shared_ptr<SlotLease> acquire(std::size_t bytes);
   StagingPoolStats stats() const;
+  // True in a process forked after the pool was made.
+  bool forked() const noexcept { return stamp_.forked(); }
 
 private:
   friend class SlotLease;
@@ -73,6 +80,7 @@ private:
     std::size_t capacity = 0;
     bool in_use = false;
   };
+  const ForkStamp stamp_;
   mutable std::mutex mutex_;
   std::vector<Slot> slots_;
   StagingPoolStats stats_;

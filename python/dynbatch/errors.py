@@ -6,6 +6,7 @@ __all__ = [
     "DynbatchError",
     "InvalidSampleError",
     "ProcessorClosed",
+    "ProcessorForked",
     "QueueFull",
     "RequestTimeout",
     "UnsupportedLeafError",
@@ -47,3 +48,10 @@ class RequestTimeout(DynbatchError, TimeoutError):
 class ProcessorClosed(DynbatchError):
     """The processor was closed: no new requests, and ``close(drain=False)`` ends every
     request still waiting with this error."""
+
+
+class ProcessorForked(ProcessorClosed):
+    """The processor (or scheduler) was created before ``fork()``: it belongs to the parent
+    process, whose threads, queues and device state do not exist in this one. Create a new
+    one in this process (in a ``DataLoader`` worker: in ``worker_init_fn`` or in the dataset).
+    Requests the parent had queued end with this error in the child; the parent serves them."""

@@ -97,6 +97,7 @@ class BatchIterator(Iterator[Any]):
         resumed_ns = self._engine.clock()
         if self._closed:
             raise StopIteration
+        self._engine.check_process()  # a forked child: the core thread is the parent's
         self._busy = True
         try:
             self._finish_current(resumed_ns)

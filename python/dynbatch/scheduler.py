@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from . import _core
 from .devices import nvml_index_of_device
+from .errors import ProcessorForked
 
 __all__ = ["Scheduler"]
 
@@ -19,6 +21,17 @@ _GIVE_UP_CHECK_S = 0.05
 _registry_lock = threading.Lock()
 _shared: dict[str, Scheduler] = {}
 _task_ids = itertools.count(1)
+
+
+def _forget_shared_after_fork() -> None:
+    """A forked child makes its own shared schedulers: the parent's hold the parent's grants
+    (and their lock may be held by a thread that does not exist here)."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_forget_shared_after_fork)
 
 
 def _device_name(device: str | torch.device | None) -> str:
@@ -84,6 +97,8 @@ class Scheduler:
             concurrency, float(aging_ms), float(memory_margin), self._telemetry
         )
         self._closed = False
+        self._pid = os.getpid()
+        self._fork_generation = _core.fork_generation()
 
     @classmethod
     def shared(cls, device: str | torch.device | None = None) -> Scheduler:
@@ -110,6 +125,11 @@ class Scheduler:
     ) -> bool:
         """Waits for the batch's turn (the GIL is released only when it must wait); False
         when the scheduler is closed or ``give_up()`` turns true while waiting."""
+        if self._fork_generation != _core.fork_generation():
+            raise ProcessorForked(
+                f"this Scheduler belongs to the parent process (pid {self._pid}): it was "
+                "created before fork(); create a new one in this process"
+            )
         if self._core.try_acquire(task, task_priority, reservation_bytes):
             return True
         since = _core.now_ns()  # keeps the batch's age across the slices of the wait
@@ -133,7 +153,8 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
-        self._core.close()
+        if self._fork_generation == _core.fork_generation():  # else the parent's: left alone
+            self._core.close()
         self._telemetry.close()
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import itertools
 import math
+import os
 import threading
 import time
 import weakref
@@ -64,6 +65,18 @@ def _close_live_servers() -> None:
 
 
 atexit.register(_close_live_servers)
+
+
+def _disown_servers_after_fork() -> None:
+    """In a forked child, every live server is the parent's: it refuses requests, and the
+    child's copies of the parent's pending futures end with ProcessorForked."""
+    servers = list(_live_servers)
+    _live_servers.clear()
+    for server in servers:
+        server.disown()
+
+
+os.register_at_fork(after_in_child=_disown_servers_after_fork)
 
 
 def _check_priority(priority: object) -> int:
@@ -124,6 +137,7 @@ class Server:
         self._closing = False
         self._fatal: BaseException | None = None
         self._abandoned = False  # closed without draining: waiting batches give up
+        self._running: list[Any] | None = None  # the requests of the batch being dispatched
         self._started_ns = 0
         self.isolated_errors = 0
         self._shed_full = Throttled("requests refused: the queue was full (max_queue_size)")
@@ -300,7 +314,7 @@ class Server:
         """The first request fixes the structure every later one must share."""
         with self._start_lock:
             if self._closing:
-                raise ProcessorClosed("this DynamicBatchProcessor is closed")
+                raise self._refusal()
             if self._former is not None:
                 return self._former
             try:
@@ -352,6 +366,8 @@ class Server:
         return bool(former.wait_for_room(remaining_ns / 1e9)) and not self._closing
 
     def _refusal(self, count: int = 1) -> DynbatchError:
+        if self._engine.forked():
+            return self._engine.forked_error()
         if self._fatal is not None:
             error = ProcessorClosed(f"the processor stopped after an internal error: {self._fatal}")
             error.__cause__ = self._fatal
@@ -408,6 +424,7 @@ class Server:
             if states is None
             else [r for r, s in zip(requests, states, strict=True) if s == LIVE]
         )
+        self._running = live  # what close() abandons while the model has it
         try:
             assert self._schema is not None
             if states is None:  # every request is live: the common case
@@ -422,6 +439,8 @@ class Server:
         except BaseException as error:  # anything past the claim: these requests get it
             _log.exception("dynbatch batch of %d requests failed outside the model", len(live))
             fail(self._group, live, error)
+        finally:
+            self._running = None
 
     def _account(self, requests: list[Any], states: list[int]) -> None:
         """Ends the late requests of a batch and counts its cancelled ones."""
@@ -542,6 +561,19 @@ class Server:
         if not on_worker:
             worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         self._fail_waiting(ProcessorClosed("the processor was closed before this request ran"))
+
+    def disown(self) -> None:
+        """In a forked child: the worker, the core and the requests are the parent's. New
+        requests are refused (ProcessorForked); the child's copies of the pending futures end
+        with it; nothing of the parent's is joined, woken or locked (the core leaks it)."""
+        self._closing = True
+        self._start_lock = threading.Lock()  # a parent thread may have held them at the fork
+        self._group.condition = threading.Condition()
+        self._former = None  # released: the core leaks an inherited former
+        with self._group.condition:
+            waiting = list(self._table.values())
+            self._table.clear()
+        fail(self._group, waiting + (self._running or []), self._engine.forked_error())
 
     def _fail_waiting(self, error: DynbatchError, cause: BaseException | None = None) -> None:
         with self._group.condition:
