@@ -118,6 +118,7 @@ def test_an_inherited_processor_says_it_belongs_to_the_parent() -> None:
         iterating = ds.DynamicBatchProcessor(max_batch_size=4)
         it = iterating(torch.ones(2) for _ in range(100))
         next(it)
+        scheduler = ds.Scheduler("cpu")
         pid = os.fork()
         if pid == 0:
             def error_of(call):
@@ -135,8 +136,14 @@ def test_an_inherited_processor_says_it_belongs_to_the_parent() -> None:
                 error_of(lambda: iterating.map(lambda b: b, [torch.ones(2)])),
                 error_of(bp.stats),
             ]
+            on_parents = ds.DynamicBatchProcessor(model=lambda b: b, scheduler=scheduler)
+            checks.append(
+                isinstance(on_parents.submit(torch.ones(3)).exception(10), ds.ProcessorForked)
+            )
+            on_parents.close()
             bp.close()  # does not touch the parent's threads
             iterating.close()
+            scheduler.close()
             own = ds.DynamicBatchProcessor(model=lambda b: b * 2)
             checks.append(own.submit(torch.ones(3)).result(10).sum().item() == 6.0)
             own.close()
@@ -150,7 +157,7 @@ def test_an_inherited_processor_says_it_belongs_to_the_parent() -> None:
         """
     )
     assert lines == [
-        "child checks [True, True, True, True, True, True, True, True]",
+        "child checks [True, True, True, True, True, True, True, True, True]",
         "child 0",
         "parent 3.0 3.0 True",
     ]

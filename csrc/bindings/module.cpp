@@ -15,6 +15,7 @@
 #include "dynbatch/collator.hpp"
 #include "dynbatch/dlpack_export.hpp"
 #include "dynbatch/fork_guard.hpp"
+#include "dynbatch/memory_release.hpp"
 #include "dynbatch/sizing_controller.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
@@ -81,6 +82,13 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<ForkedError>(m, "ForkedError", PyExc_RuntimeError);
   m.def("fork_generation", &fork_generation,
         "0 in the process that loaded the core; one more in each forked child.");
+  m.def(
+      "release_cached_memory",
+      [] {
+        py::gil_scoped_release release;
+        release_cached_memory();
+      },
+      "Returns the free memory malloc keeps cached in its arenas to the OS (glibc).");
 
   m.def("build_info", [] {
     const BuildInfo info = build_info();

@@ -1,7 +1,8 @@
 #include "dynbatch/staging_pool.hpp"
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstdlib>
 #include <new>
 
 #include "dynbatch/platform.hpp"
@@ -13,16 +14,18 @@ constexpr std::size_t growth_granularity = 64 * 1024;
 } // namespace
 
 void AlignedFree::operator()(std::byte *pointer) const noexcept {
-  std::free(pointer);
+  if (pointer != nullptr) {
+    munmap(pointer, bytes);
+  }
 }
 
 AlignedBuffer allocate_aligned(std::size_t bytes) {
   const std::size_t size = align_up(bytes == 0 ? 1 : bytes, page_size);
-  void *pointer = std::aligned_alloc(page_size, size);
-  if (pointer == nullptr) {
+  void *pointer = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (pointer == MAP_FAILED) {
     throw std::bad_alloc();
   }
-  return AlignedBuffer(static_cast<std::byte *>(pointer));
+  return AlignedBuffer(static_cast<std::byte *>(pointer), AlignedFree{size});
 }
 
 SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer,

@@ -1,5 +1,6 @@
 #pragma once
 // StagingPool: reusable page-aligned host buffers that batches are collated into.
+// allocate_aligned() maps fresh pages (see AlignedFree); freeing one unmaps it.
 //
 // Contract
 // - acquire() never blocks: it hands out a pooled slot when one is free (growing it to the
@@ -26,7 +27,12 @@ namespace dynbatch {
 
 class StagingPool;
 
+// Buffers are mapped pages of their own (mmap), not malloc'ed: a slot is freed by whichever
+// thread drops the last tensor of its batch, and glibc would keep a large malloc'ed chunk
+// cached in that thread's arena (processors come and go with their threads, each thread gets
+// an arena) and raise its mmap threshold so that later large allocations stay in arenas too.
 struct AlignedFree {
+  std::size_t bytes = 0; // the mapping's length
   void operator()(std::byte *pointer) const noexcept;
 };
 using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;

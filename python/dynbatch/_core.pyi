@@ -16,6 +16,9 @@ class ForkedError(RuntimeError):
 def fork_generation() -> int:
     """0 in the process that loaded the core; one more in each forked child."""
 
+def release_cached_memory() -> None:
+    """Returns the free memory malloc keeps cached in its arenas to the OS (glibc)."""
+
 def build_info() -> dict[str, Any]: ...
 def host_telemetry() -> dict[str, Any]: ...
 def nvml_status(library: str | PathLike[str] | None = None) -> dict[str, Any]:

@@ -252,5 +252,7 @@ class Engine:
         self._closed = True
         if not self.forked():
             self._final_telemetry = self.telemetry_reading()
+            # What this processor's threads freed stays cached in their malloc arenas.
+            _core.release_cached_memory()
         if self._owns_telemetry:
             self.telemetry.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -88,6 +89,7 @@ class BatchIterator(Iterator[Any]):
         self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
         self._busy = False  # inside __next__: close() from another thread defers the release
+        self._stepping = threading.Lock()  # held inside __next__: a second thread is refused
         self._closed = False
 
     def __iter__(self) -> BatchIterator:
@@ -98,6 +100,13 @@ class BatchIterator(Iterator[Any]):
         if self._closed:
             raise StopIteration
         self._engine.check_process()  # a forked child: the core thread is the parent's
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError(
+                "another thread is iterating this BatchIterator at the same time: an "
+                "iteration has one consumer at a time (the time from one batch to the next "
+                "request is that batch's cost); give each thread its own pass "
+                "(processor(data)), or hand batches out from one thread through a queue"
+            )
         self._busy = True
         try:
             self._finish_current(resumed_ns)
@@ -113,6 +122,7 @@ class BatchIterator(Iterator[Any]):
             raise
         finally:
             self._busy = False
+            self._stepping.release()
             if self._closed:
                 self._release()
         assert self._schema is not None

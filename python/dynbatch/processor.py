@@ -195,6 +195,8 @@ class DynamicBatchProcessor:
                 scheduler=scheduler,
                 task_priority=task_priority,
             )
+            # Dropped without close(): the worker finishes the queue and stops on its own.
+            weakref.finalize(self, self._server.release)
 
     def __call__(self, data: Iterable[Any], /, *, progress: bool = False) -> BatchIterator:
         """Batches of ``data`` (any iterable of samples), as an iterator.
@@ -310,8 +312,11 @@ class DynamicBatchProcessor:
 
         Serving: no request is accepted after ``close``. With ``drain`` (the default) every
         queued request is still run (``timeout`` bounds the wait, in seconds); without it, or
-        past the timeout, every request not yet dispatched ends with ``ProcessorClosed``.
-        Idempotent.
+        past the timeout, close() does not wait for the model: every request not done ends
+        with ``ProcessorClosed``, those of a batch in the model included (that call runs to
+        its end in the background and its output is discarded). From a done-callback, drain
+        returns at once and the queue is run once the callback returns. Idempotent. A
+        processor dropped without ``close`` runs its queue and then stops.
         """
         if self._closed:
             return

@@ -133,6 +133,7 @@ class Server:
         self._lone_tensor: LeafSpec | None = None  # the schema's one leaf, for the fast path
         self._former: _core.BatchFormer | None = None
         self._worker: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closing = False
         self._fatal: BaseException | None = None
@@ -332,9 +333,15 @@ class Server:
             self._worker = threading.Thread(
                 target=self._work, args=(former,), name="dynbatch-worker", daemon=True
             )
+            # Ends requests whose deadline passes while the worker is in the model; it sleeps
+            # in the core and wakes only at a deadline.
+            self._watcher = threading.Thread(
+                target=self._watch, args=(former,), name="dynbatch-deadlines", daemon=True
+            )
             self._former = former
             self._started_ns = time.perf_counter_ns()
             self._worker.start()
+            self._watcher.start()
             return former
 
     def _push_refused(
@@ -355,8 +362,15 @@ class Server:
         raise self._refusal()
 
     def _room_deadline(self) -> int:
-        """When a caller waiting for room gives up (time.monotonic_ns); 0: it does not wait."""
-        return 0 if self._block_timeout_ns < 0 else time.monotonic_ns() + self._block_timeout_ns
+        """When a caller waiting for room gives up (time.monotonic_ns); 0: it does not wait.
+        A done-callback on the worker never waits: only the worker makes room."""
+        if self._block_timeout_ns < 0 or self._on_worker():
+            return 0
+        return time.monotonic_ns() + self._block_timeout_ns
+
+    def _on_worker(self) -> bool:
+        worker = self._worker
+        return worker is not None and worker.ident == threading.get_ident()
 
     def _wait_for_room(self, former: _core.BatchFormer, deadline_ns: int) -> bool:
         """Sleeps (GIL released) until a request may fit; False once `deadline_ns` passed."""
@@ -374,11 +388,15 @@ class Server:
             return error
         if self._closing:
             return ProcessorClosed("this DynamicBatchProcessor is closed")
-        waited = (
-            f" after waiting {self._block_timeout_ns / 1e9:g} s"
-            if self._block_timeout_ns >= 0
-            else ""
-        )
+        if self._block_timeout_ns < 0:
+            waited = ""
+        elif self._on_worker():
+            waited = (
+                " (not waiting for room: this done-callback runs on the processor's worker, "
+                "which is the one that makes room)"
+            )
+        else:
+            waited = f" after waiting {self._block_timeout_ns / 1e9:g} s"
         self._shed_full.add(count)
         return QueueFull(
             f"{self._max_queue_size} requests are already waiting (max_queue_size){waited}"
@@ -391,6 +409,7 @@ class Server:
             while True:
                 batch = former.next_batch()
                 if batch is None:
+                    former.close()  # drained (or closed): the deadline watcher stops too
                     return
                 if batch.expired:
                     self._expire(batch.expired)
@@ -408,6 +427,25 @@ class Server:
         with self._group.condition:  # close() takes from the table under the same lock
             late = [request for request in (pop(i, None) for i in ids) if request is not None]
         self._end_late(late)
+
+    def _watch(self, former: _core.BatchFormer) -> None:
+        """The deadline watcher: requests never formed (expired; the core counted them) and
+        requests in a batch formed ahead but not yet dispatched (late; counted here, and the
+        worker drops them from their batch: they are no longer in the table)."""
+        try:
+            while (found := former.wait_late()) is not None:
+                expired, late = found
+                if expired:
+                    self._expire(expired)
+                if late:
+                    pop = self._table.pop
+                    with self._group.condition:
+                        ended = [r for r in (pop(i, None) for i in late) if r is not None]
+                    for priority, count in Counter(r._priority for r in ended).items():
+                        self._engine.recorder.record_outcome(priority, "timed_out", count)
+                    self._end_late(ended)
+        except BaseException as error:  # the worker still serves; deadlines then wait for it
+            _log.error("dynbatch deadline watcher stopped: %s", error)
 
     def _end_late(self, late: list[Any]) -> None:
         self._shed_late.add(len(late))
@@ -466,6 +504,10 @@ class Server:
         ):
             why = "closed without draining" if self._abandoned else "its scheduler was closed"
             fail(self._group, requests, ProcessorClosed(f"the processor was {why}"))
+            return
+        if self._abandoned:  # closed while this batch waited: close() no longer waits for it
+            scheduler.release(self._task, self._task_priority, reservation)
+            fail(self._group, requests, ProcessorClosed("the processor was closed"))
             return
         failure: BaseException | None = None
         output: Any = None
@@ -542,25 +584,57 @@ class Server:
     def close(self, drain: bool, timeout: float | None) -> None:
         """Stops taking requests; finishes (drain) or fails (no drain) those waiting.
 
-        ``timeout`` bounds the whole wait; past it (or without drain) whatever has not been
-        dispatched ends with ProcessorClosed. A batch already in the model finishes (it cannot
-        be interrupted); close() from a done-callback (the worker itself) does not wait."""
+        ``timeout`` bounds the whole wait. Past it, or without drain, close() does not wait
+        for the model: every request not done ends with ProcessorClosed, those of a batch in
+        the model included (the call runs to its end in the background and its output is
+        discarded; a hung call keeps the worker thread, nothing else). From a done-callback on
+        the worker, drain stops the input and returns at once: the worker runs what is queued
+        once the callback returns, then stops."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
         with self._start_lock:
             self._closing = True
         _live_servers.discard(self)
-        former, worker = self._former, self._worker
+        former, worker, watcher = self._former, self._worker, self._watcher
         if former is None or worker is None:
             return
-        on_worker = worker is threading.current_thread()
-        if drain and not on_worker:
+        here = threading.current_thread()
+        if drain:
             former.close_input()
-            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            if worker is here:
+                return
+            worker.join(remaining())
         self._abandoned = True  # a batch waiting for its scheduler grant gives up
         former.close()  # nothing more is formed; undelivered batches are dropped
-        if not on_worker:
-            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        running = self._running
+        if running:  # in the model (or about to be): abandoned, not waited for
+            fail(
+                self._group,
+                running,
+                ProcessorClosed(
+                    "the processor was closed while this request's batch was in "
+                    "the model: it was abandoned, its output is discarded"
+                ),
+            )
+        elif worker is not here:
+            worker.join(remaining())  # not in the model: it stops at once
+        if watcher is not None and watcher is not here:
+            watcher.join(remaining())  # former.close() woke it
         self._fail_waiting(ProcessorClosed("the processor was closed before this request ran"))
+
+    def release(self) -> None:
+        """The processor was dropped without close(): no more requests; the worker runs what
+        is queued and stops on its own, and this server is freed when it has. Never waits (it
+        runs as a finalizer, on whichever thread dropped the processor)."""
+        if self._closing:
+            return
+        self._closing = True
+        former = self._former
+        if former is not None:
+            former.close_input()
 
     def disown(self) -> None:
         """In a forked child: the worker, the core and the requests are the parent's. New

@@ -1,0 +1,15 @@
+#include "dynbatch/memory_release.hpp"
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+namespace dynbatch {
+
+void release_cached_memory() noexcept {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
+} // namespace dynbatch
