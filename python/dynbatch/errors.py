@@ -38,7 +38,8 @@ class UnsupportedLeafError(InvalidSampleError, TypeError):
 
 class QueueFull(DynbatchError):
     """``submit`` found ``max_queue_size`` requests already waiting (after ``block_timeout``
-    seconds of waiting for room, when one was given)."""
+    seconds of waiting for room, when one was given; at once from a done-callback running on
+    the processor's worker, which is what makes room)."""
 
 
 class RequestTimeout(DynbatchError, TimeoutError):

@@ -58,7 +58,8 @@ class BatchIterator(Iterator[Any]):
     An invalid sample or an exception from the input is raised after every batch of the
     samples before it has been yielded, so nothing read is lost. After an out-of-memory
     report, batches come back in parts no larger than the lowered ceiling: slices of the
-    collated batch, no copy.
+    collated batch, no copy. One consumer at a time: threads may take turns, but a thread
+    calling ``next`` while another is inside it gets a RuntimeError (nothing is lost).
     """
 
     def __init__(

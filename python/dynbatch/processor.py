@@ -236,7 +236,9 @@ class DynamicBatchProcessor:
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
     ) -> Future[Any]:
         """Queues one sample for ``model``; returns its future (thread-safe, never blocks
-        unless ``block_timeout`` allows waiting for room in a full queue).
+        unless ``block_timeout`` allows waiting for room in a full queue; from a done-callback
+        running on the processor's worker it never waits: only the worker makes room, so a
+        full queue raises ``QueueFull`` at once).
 
         Larger ``priority`` runs first. A request still waiting ``timeout`` seconds after
         ``submit`` ends with ``RequestTimeout`` and never reaches the model. The future's
