@@ -107,6 +107,7 @@ def test_a_blocking_submit_from_a_done_callback_fails_at_once_when_the_queue_is_
         for i in (1, 2, 3):  # one batch formed ahead, then two queued: the queue is full
             bp.submit(tag(i))
         outcome: list[BaseException | None] = []
+        called = threading.Event()
 
         def submit_more(_: Any) -> None:
             try:
@@ -114,10 +115,11 @@ def test_a_blocking_submit_from_a_done_callback_fails_at_once_when_the_queue_is_
                 outcome.append(None)
             except BaseException as error:
                 outcome.append(error)
+            called.set()
 
         first.add_done_callback(submit_more)
         model.release()
-        first.result(HANG_S)
+        assert called.wait(HANG_S)
         assert len(outcome) == 1 and isinstance(outcome[0], ds.QueueFull)
         assert "done-callback" in str(outcome[0])
     finally:

@@ -8,6 +8,7 @@ held), not by a clock; the bounds given to waits only turn a hang into a failure
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 import dynbatch as ds
 
+from .conftest import os_thread_count
 from .serving_models import RecordingModel, tag, wait_until
 
 HANG_S = 20.0  # longer than any correct run takes; only a hang reaches it
@@ -145,19 +147,22 @@ def test_close_abandons_a_hung_model_call_past_its_drain_timeout() -> None:
         gate.set()
 
 
-@pytest.mark.usefixtures("no_thread_left")
 def test_an_abandoned_worker_stops_once_its_model_call_returns() -> None:
+    assert wait_until(lambda: not _dynbatch_threads(), HANG_S)  # earlier tests' workers
+    gc.collect()
+    baseline = os_thread_count()
     model = RecordingModel()
     bp = processor(model, max_batch_size=1)
     model.hold()
     bp.submit(tag(0))
     assert model.entered.wait(HANG_S)
     bp.close(drain=False)
+    assert [t.name for t in _dynbatch_threads()] == ["dynbatch-worker"]  # still in the model
     model.release()
     del bp
-    # no_thread_left: the worker ends after the model returns (and nothing else lingers)
-    assert wait_until(lambda: model.seen == [0], HANG_S)
+    # The worker ends once the model returns, and no core thread lingers.
     assert wait_until(lambda: not _dynbatch_threads(), HANG_S)
+    assert wait_until(lambda: (gc.collect(), os_thread_count())[1] == baseline, HANG_S)
 
 
 def _dynbatch_threads() -> list[threading.Thread]:
