@@ -1,5 +1,7 @@
 #include "dynbatch/memory_release.hpp"
 
+#include <cstdlib> // defines __GLIBC__ (through <features.h>) where it applies
+
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
