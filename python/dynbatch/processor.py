@@ -243,7 +243,9 @@ class DynamicBatchProcessor:
         Larger ``priority`` runs first. A request still waiting ``timeout`` seconds after
         ``submit`` ends with ``RequestTimeout`` and never reaches the model. The future's
         ``cancel()`` works until the request is dispatched. The result is the request's row of
-        the model's output; a model error reaches only the request(s) that cause it.
+        the model's output; a model error reaches only the request(s) that cause it. Done-
+        callbacks run on the thread that ended the request (the worker, the deadline watcher,
+        or the caller of ``cancel``/``close``), after waiters have woken.
         """
         server = self._server
         if server is None or self._closed:
