@@ -108,6 +108,12 @@ class BatchIterator(Iterator[Any]):
                 "request is that batch's cost); give each thread its own pass "
                 "(processor(data)), or hand batches out from one thread through a queue"
             )
+        try:
+            return self._step(resumed_ns)
+        finally:
+            self._stepping.release()
+
+    def _step(self, resumed_ns: int) -> Any:
         self._busy = True
         try:
             self._finish_current(resumed_ns)
@@ -123,7 +129,6 @@ class BatchIterator(Iterator[Any]):
             raise
         finally:
             self._busy = False
-            self._stepping.release()
             if self._closed:
                 self._release()
         assert self._schema is not None
