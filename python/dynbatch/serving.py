@@ -434,18 +434,23 @@ class Server:
         worker drops them from their batch: they are no longer in the table)."""
         try:
             while (found := former.wait_late()) is not None:
-                expired, late = found
-                if expired:
-                    self._expire(expired)
-                if late:
-                    pop = self._table.pop
-                    with self._group.condition:
-                        ended = [r for r in (pop(i, None) for i in late) if r is not None]
-                    for priority, count in Counter(r._priority for r in ended).items():
-                        self._engine.recorder.record_outcome(priority, "timed_out", count)
-                    self._end_late(ended)
+                # Handled in calls, so that no request stays referenced while this thread
+                # sleeps: a request's error, once raised to its caller, holds the caller's
+                # frames (and all they reference) until the request is freed.
+                if found[0]:
+                    self._expire(found[0])
+                if found[1]:
+                    self._expire_in_batch(found[1])
         except BaseException as error:  # the worker still serves; deadlines then wait for it
             _log.error("dynbatch deadline watcher stopped: %s", error)
+
+    def _expire_in_batch(self, ids: list[int]) -> None:
+        pop = self._table.pop
+        with self._group.condition:
+            late = [request for request in (pop(i, None) for i in ids) if request is not None]
+        for priority, count in Counter(r._priority for r in late).items():
+            self._engine.recorder.record_outcome(priority, "timed_out", count)
+        self._end_late(late)
 
     def _end_late(self, late: list[Any]) -> None:
         self._shed_late.add(len(late))
