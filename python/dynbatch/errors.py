@@ -48,7 +48,7 @@ class RequestTimeout(DynbatchError, TimeoutError):
 
 class ProcessorClosed(DynbatchError):
     """The processor was closed: no new requests, and ``close(drain=False)`` ends every
-    request still waiting with this error."""
+    request not done with this error (those of a batch in the model too: it is abandoned)."""
 
 
 class ProcessorForked(ProcessorClosed):
