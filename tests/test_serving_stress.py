@@ -128,12 +128,15 @@ def stress(producers: int, per_producer: int, rounds: int) -> None:
         f"{r / 2**20:.0f} MiB resident"
         for i, (a, r) in enumerate(zip(after, resident, strict=True))
     )
-    # A leak of one object per 20 requests, or of 8 bytes per request, fails these.
+    # A leak of one Python object per 20 requests fails the first; of one allocation per
+    # request (32 bytes at least in glibc: 6.1 MiB a round) the second. What may still grow
+    # after the first round is a high-water mark: the request table (a dict, which never
+    # shrinks) doubling once more when a round queues more at once, ~2.6 MiB (seen 1 run in 30).
     grown_blocks = after[-1].python_blocks - after[0].python_blocks
     assert grown_blocks < requests // 20, f"{grown_blocks} more Python objects live: {trace}"
     if after[0].native_bytes >= 0:
         grown = after[-1].native_bytes - after[0].native_bytes
-        assert grown < 8 * requests, f"{grown / 2**20:.1f} MiB more in use: {trace}"
+        assert grown < 4 * 2**20, f"{grown / 2**20:.1f} MiB more in use: {trace}"
     assert stats.samples + stats.timeouts + stats.cancellations >= producers * per_producer
 
 
