@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/fork_guard.hpp"
 #include "dynbatch/staging_pool.hpp"
 #include "telemetry_bindings.hpp"
 
@@ -136,7 +137,7 @@ void bind_former(py::module_ &m) {
                              [](const PyBatch &self) { return self.batch.padded_length; })
       .def("leaf", &PyBatch::leaf, py::arg("index"));
 
-  py::class_<BatchFormer>(m, "BatchFormer")
+  py::class_<BatchFormer, std::shared_ptr<BatchFormer>>(m, "BatchFormer")
       .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
                        std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
                        std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
@@ -159,9 +160,9 @@ void bind_former(py::module_ &m) {
              options.bucket_window = bucket_window;
              options.collate = collate;
              options.own_thread = own_thread;
-             return std::make_unique<BatchFormer>(make_layout(leaves), options, std::move(pool),
-                                                  std::move(policy), telemetry.sampler,
-                                                  std::move(stats));
+             return make_fork_safe_shared<BatchFormer>(make_layout(leaves), options,
+                                                       std::move(pool), std::move(policy),
+                                                       telemetry.sampler, std::move(stats));
            }),
            py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
            py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
@@ -274,6 +275,24 @@ void bind_former(py::module_ &m) {
                 throw py::error_already_set();
               }
             }
+          },
+          py::arg("timeout_s") = py::none())
+      .def(
+          "wait_late",
+          [](BatchFormer &former, std::optional<double> timeout_s)
+              -> std::optional<std::pair<std::vector<std::uint64_t>, std::vector<std::uint64_t>>> {
+            const Nanoseconds deadline = deadline_after(timeout_s);
+            std::vector<std::uint64_t> expired;
+            std::vector<std::uint64_t> late;
+            NextStatus status = NextStatus::timeout;
+            {
+              py::gil_scoped_release release; // a watcher thread, woken only at deadlines
+              status = former.wait_late(expired, late, deadline);
+            }
+            if (status == NextStatus::finished) {
+              return std::nullopt;
+            }
+            return std::pair(std::move(expired), std::move(late));
           },
           py::arg("timeout_s") = py::none())
       .def("report_feedback", &BatchFormer::report_feedback, py::arg("sequence"),

@@ -16,6 +16,8 @@
 #include "dynbatch/collator.hpp"
 #include "dynbatch/device.hpp"
 #include "dynbatch/dlpack_export.hpp"
+#include "dynbatch/fork_guard.hpp"
+#include "dynbatch/memory_release.hpp"
 #include "dynbatch/sizing_controller.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
@@ -78,6 +80,18 @@ py::dict histogram_buckets(const LatencyHistogram &histogram) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dynbatch's compiled core (private: use the dynbatch package)";
   m.attr("__version__") = DYNBATCH_VERSION; // without the device probe build_info() runs
+
+  watch_forks();
+  py::register_exception<ForkedError>(m, "ForkedError", PyExc_RuntimeError);
+  m.def("fork_generation", &fork_generation,
+        "0 in the process that loaded the core; one more in each forked child.");
+  m.def(
+      "release_cached_memory",
+      [] {
+        py::gil_scoped_release release;
+        release_cached_memory();
+      },
+      "Returns the free memory malloc keeps cached in its arenas to the OS (glibc).");
 
   m.def("build_info", [] {
     const BuildInfo info = build_info();

@@ -7,6 +7,7 @@
 
 #include "batch_bindings.hpp"
 #include "dynbatch/device_scheduler.hpp"
+#include "dynbatch/fork_guard.hpp"
 #include "telemetry_bindings.hpp"
 
 namespace py = pybind11;
@@ -39,7 +40,7 @@ void bind_scheduler(py::module_ &m) {
              options.aging_ns = std::max<Nanoseconds>(static_cast<Nanoseconds>(aging_ms * 1e6), 1);
              options.margin_fraction = margin_fraction;
              options.max_hold_ns = static_cast<Nanoseconds>(max_hold_ms * 1e6);
-             return std::make_shared<DeviceScheduler>(options, telemetry.sampler);
+             return make_fork_safe_shared<DeviceScheduler>(options, telemetry.sampler);
            }),
            py::arg("concurrency"), py::arg("aging_ms"), py::arg("margin_fraction"),
            py::arg("telemetry"), py::arg("max_hold_ms") = 50.0)

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "dynbatch/fork_guard.hpp"
 #include "dynbatch/nvml_shim.hpp"
 #include "dynbatch/nvml_telemetry.hpp"
 
@@ -95,6 +96,9 @@ TelemetrySampler &open_sampler(const PyTelemetry &self) {
   if (!self.sampler) {
     throw std::runtime_error("this Telemetry is closed");
   }
+  if (self.sampler->forked()) {
+    throw ForkedError("this Telemetry");
+  }
   return *self.sampler;
 }
 
@@ -161,9 +165,9 @@ void bind_telemetry(py::module_ &m) {
           [](double period_s) {
             const Nanoseconds period = period_ns(period_s);
             py::gil_scoped_release release;
-            return PyTelemetry{
-                std::make_shared<TelemetrySampler>(std::make_shared<HostTelemetrySource>(), period),
-                nullptr};
+            return PyTelemetry{make_fork_safe_shared<TelemetrySampler>(
+                                   std::make_shared<HostTelemetrySource>(), period),
+                               nullptr};
           },
           py::arg("period_s") = 0.05)
       .def_static(
@@ -171,9 +175,9 @@ void bind_telemetry(py::module_ &m) {
           [](int device_index, double period_s) {
             const Nanoseconds period = period_ns(period_s);
             py::gil_scoped_release release;
-            return PyTelemetry{
-                std::make_shared<TelemetrySampler>(make_telemetry_source(device_index), period),
-                nullptr};
+            return PyTelemetry{make_fork_safe_shared<TelemetrySampler>(
+                                   make_telemetry_source(device_index), period),
+                               nullptr};
           },
           py::arg("device_index") = -1, py::arg("period_s") = 0.05)
       .def_static(
@@ -192,7 +196,7 @@ void bind_telemetry(py::module_ &m) {
               auto source = NvmlTelemetrySource::open(std::move(nvml),
                                                       static_cast<unsigned>(device_index), why_not);
               if (source) {
-                sampler = std::make_shared<TelemetrySampler>(std::move(source), period);
+                sampler = make_fork_safe_shared<TelemetrySampler>(std::move(source), period);
               }
             }
             if (!sampler) {
@@ -210,7 +214,7 @@ void bind_telemetry(py::module_ &m) {
                 make_sample(total, available, rss, utilization));
             const Nanoseconds period = period_ns(period_s);
             py::gil_scoped_release release;
-            return PyTelemetry{std::make_shared<TelemetrySampler>(source, period), source};
+            return PyTelemetry{make_fork_safe_shared<TelemetrySampler>(source, period), source};
           },
           py::arg("memory_total_bytes"), py::arg("memory_available_bytes"),
           py::arg("process_rss_bytes") = 0, py::arg("utilization") = 0.0,
@@ -226,6 +230,9 @@ void bind_telemetry(py::module_ &m) {
             const std::shared_ptr<TelemetrySampler> sampler = self.sampler; // kept across release
             if (!sampler) {
               throw std::runtime_error("this Telemetry is closed");
+            }
+            if (sampler->forked()) {
+              throw ForkedError("this Telemetry");
             }
             py::gil_scoped_release release;
             sampler->refresh();

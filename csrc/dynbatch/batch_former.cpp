@@ -33,6 +33,12 @@ BatchFormer::BatchFormer(BatchLayout layout, FormerOptions options,
   if (options.prefetch_depth < 1) {
     throw std::invalid_argument("BatchFormer: prefetch_depth must be at least 1");
   }
+  if (telemetry_->forked()) {
+    throw ForkedError("the telemetry of this batch former");
+  }
+  if (pool_->forked()) {
+    throw ForkedError("the staging pool of this batch former");
+  }
   if (options.capacity < 1 || options.max_delay_ns < 0 || options.pad_to_multiple_of < 1) {
     throw std::invalid_argument(
         "BatchFormer: capacity and pad_to_multiple_of must be positive, max_delay_ns >= 0");
@@ -98,12 +104,21 @@ std::size_t BatchFormer::push(std::span<const std::uint64_t> ids,
       // The former thread may sleep past this deadline: it re-plans when this count moves.
       deadlines_pushed_.fetch_add(1, std::memory_order_release); // pairs with acquire in run()
       requests_.wake_consumers();
+      // Dekker with wait_late(): either its gathering sees this request, or this load sees
+      // its planning value (the minimum, or a plan made after the fence) and wakes it.
+      std::atomic_thread_fence(std::memory_order_seq_cst); // pairs with the fence in wait_late
+      if (deadline < watch_until_.load(std::memory_order_relaxed)) { // ordered by the fences
+        deadline_watch_.notify();
+      }
     }
   }
   return ids.size();
 }
 
 bool BatchFormer::wait_for_room(Nanoseconds deadline_ns) {
+  if (stamp_.forked()) {
+    throw ForkedError("this batch former");
+  }
   for (;;) {
     const EventCount::Key key = room_.prepare_wait();
     if (requests_.closed()) {
@@ -121,6 +136,9 @@ bool BatchFormer::wait_for_room(Nanoseconds deadline_ns) {
 }
 
 void BatchFormer::close_input() {
+  if (stamp_.forked()) {
+    return; // waking the parent's waiters could block on their condition variables
+  }
   requests_.close();
   room_.notify();
 }
@@ -296,6 +314,13 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
       })->enqueue_ns;
   batch.ids.reserve(count);
   std::vector<const void *> sources(count * leaves);
+  if (std::any_of(requests.begin(), requests.end(),
+                  [](const RequestDescriptor &r) { return r.deadline_ns != no_deadline; })) {
+    batch.deadlines.reserve(count);
+    for (const RequestDescriptor &request : requests) {
+      batch.deadlines.push_back(request.deadline_ns);
+    }
+  }
   for (std::size_t i = 0; i < count; ++i) {
     batch.ids.push_back(requests[i].id);
     for (std::size_t j = 0; j < leaves; ++j) {
@@ -331,6 +356,9 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
 }
 
 NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
+  if (stamp_.forked()) {
+    throw ForkedError("this batch former");
+  }
   const auto can_return = [&] {
     return !ready_.empty() || !expired_.empty() || finished_ || stopping_ || error_ != nullptr;
   };
@@ -423,6 +451,9 @@ NextStatus BatchFormer::next_batch(FormedBatch &out, Nanoseconds deadline_ns) {
 }
 
 NextStatus BatchFormer::try_next_batch(FormedBatch &out) {
+  if (stamp_.forked()) {
+    throw ForkedError("this batch former");
+  }
   {
     std::lock_guard lock(ready_mutex_);
     if (!ready_.empty()) {
@@ -472,6 +503,63 @@ void BatchFormer::record_delivery(const FormedBatch &batch) {
   stats_->record_batch(record);
 }
 
+NextStatus BatchFormer::wait_late(std::vector<std::uint64_t> &expired,
+                                  std::vector<std::uint64_t> &late, Nanoseconds deadline_ns) {
+  if (stamp_.forked()) {
+    throw ForkedError("this batch former");
+  }
+  for (;;) {
+    {
+      std::lock_guard lock(ready_mutex_);
+      if (stopping_ || error_) {
+        return NextStatus::finished;
+      }
+    }
+    // Planning: until the plan is stored, every push with a deadline wakes this wait.
+    watch_until_.store(std::numeric_limits<Nanoseconds>::min(), std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst); // pairs with the fence in push()
+    const EventCount::Key key = deadline_watch_.prepare_wait();
+    const Nanoseconds now = now_ns();
+    Nanoseconds next = no_deadline;
+    {
+      std::lock_guard form_lock(form_mutex_);
+      gather_pending(now); // expires the late into expired_
+      next = pending_.earliest_deadline_ns();
+    }
+    {
+      std::lock_guard lock(ready_mutex_);
+      if (stopping_ || error_) { // checked again: close() may have signalled before the key
+        deadline_watch_.cancel_wait();
+        return NextStatus::finished;
+      }
+      expired.insert(expired.end(), expired_.begin(), expired_.end());
+      expired_.clear();
+      for (FormedBatch &batch : ready_) {
+        for (std::size_t i = 0; i < batch.deadlines.size(); ++i) {
+          if (batch.deadlines[i] <= now) {
+            late.push_back(batch.ids[i]);
+            batch.deadlines[i] = no_deadline; // reported once
+          } else {
+            next = std::min(next, batch.deadlines[i]);
+          }
+        }
+      }
+    }
+    if (!expired.empty() || !late.empty()) {
+      deadline_watch_.cancel_wait();
+      return NextStatus::batch;
+    }
+    if (now >= deadline_ns) {
+      deadline_watch_.cancel_wait();
+      return NextStatus::timeout;
+    }
+    const Nanoseconds wake_at = std::min(next, deadline_ns);
+    watch_until_.store(wake_at, std::memory_order_relaxed); // read by push after its fence
+    std::atomic_thread_fence(std::memory_order_seq_cst);    // pairs with the fence in push()
+    deadline_watch_.wait_until(key, wake_at);
+  }
+}
+
 void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback) {
   feedback.bucket = bucket();
   policy_->on_feedback(feedback);
@@ -494,6 +582,9 @@ std::size_t BatchFormer::backlog() {
 }
 
 void BatchFormer::close() {
+  if (stamp_.forked()) {
+    return; // the parent's thread and locks: never touched here
+  }
   std::lock_guard close_lock(close_mutex_);
   if (closed_) {
     return;
@@ -506,6 +597,7 @@ void BatchFormer::close() {
   }
   requests_.close();
   room_.notify();
+  deadline_watch_.notify();
   if (thread_.joinable()) {
     thread_.join();
   }

@@ -25,10 +25,20 @@
 //   tells when a batch was dispatched (claimed: its requests can no longer expire); the time
 //   since its `released_ns` is the delay a deadline release allows for (DispatchDelay), as is
 //   the time since a request was due for release, when it expired while the consumer asked.
+// - wait_late() (one thread at a time, for a consumer busy with a batch) sleeps until a request
+//   that has not reached the consumer passes its deadline: it reports the requests that expired
+//   while waiting to be formed (exactly once, shared with next_batch's expired_ids) and those
+//   in a formed batch not yet delivered (each once; the batch keeps them, its consumer drops
+//   them). It wakes only at a deadline, or for a push whose deadline comes before the one it
+//   sleeps for: no per-request wake-up.
 // - close() is idempotent: it stops and joins the thread and drops undelivered batches (their
 //   slots return to the pool); requests still waiting are simply never formed (their owner
 //   fails them). The destructor calls it. An error inside the thread (e.g. no memory for a
 //   slot) is rethrown by next_batch(), never lost.
+// - Fork: make it with make_fork_safe_shared. In a forked child the former is inert: its
+//   thread does not exist, so next_batch() and the other waits throw ForkedError, close()
+//   and close_input() do nothing, and its owner's release leaks it (fork_guard.hpp). push() is not
+//   checked (it is the per-request path): its caller must not push to an inherited former.
 
 #include <atomic>
 #include <condition_variable>
@@ -36,6 +46,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -46,6 +57,7 @@
 #include "dynbatch/collator.hpp"
 #include "dynbatch/dispatch_delay.hpp"
 #include "dynbatch/event_count.hpp"
+#include "dynbatch/fork_guard.hpp"
 #include "dynbatch/pending_requests.hpp"
 #include "dynbatch/sizing_policy.hpp"
 #include "dynbatch/staging_pool.hpp"
@@ -69,6 +81,9 @@ struct FormedBatch {
   // became due (a partial one: a late wake-up on a loaded machine counts), or when the
   // consumer began asking for its next batch (over several next_batch() calls), the later.
   Nanoseconds released_ns = 0;
+  // Per request, its deadline, when any request of the batch has one (else empty); one that
+  // wait_late() reported becomes no_deadline.
+  std::vector<Nanoseconds> deadlines;
   // Padded leaves: each sample's length, and the batch's length (the longest, rounded up).
   std::vector<std::uint32_t> lengths;
   std::size_t padded_length = 0;
@@ -130,6 +145,10 @@ public:
   void close_input();
 
   NextStatus next_batch(FormedBatch &out, Nanoseconds deadline_ns);
+  // `batch` when `expired` or `late` got ids, `finished` once close() was called or the thread
+  // failed, `timeout` when deadline_ns passed first. Appends to both vectors.
+  NextStatus wait_late(std::vector<std::uint64_t> &expired, std::vector<std::uint64_t> &late,
+                       Nanoseconds deadline_ns);
   // A batch (or expired ids) already there, else `timeout`: never waits, never forms, so it
   // may run with the GIL held (a release costs a GIL hand-off when other threads are busy).
   NextStatus try_next_batch(FormedBatch &out);
@@ -170,6 +189,7 @@ private:
   // The consumer, holding ready_mutex_: moves the expired ids into `out`.
   void hand_over_expired(FormedBatch &out);
 
+  const ForkStamp stamp_;
   const std::shared_ptr<const BatchLayout> layout_;
   const FormerOptions options_;
   const std::shared_ptr<StagingPool> pool_;
@@ -191,6 +211,10 @@ private:
   std::atomic<std::uint64_t> deadlines_pushed_{0};
   EventCount room_; // signalled when requests leave the table
   DispatchDelay dispatch_delay_;
+  // wait_late(): when it next wakes (the minimum while it plans: every timed push wakes it),
+  // and what a push with an earlier deadline, or close(), signals.
+  std::atomic<Nanoseconds> watch_until_{no_deadline};
+  EventCount deadline_watch_;
 
   std::mutex form_mutex_; // one batch formed at a time, by the thread or the consumer
   // Guarded by form_mutex_: popped and not yet formed, and scratch space for one batch.

@@ -1,7 +1,10 @@
 #include "dynbatch/copy_workers.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+
+#include "dynbatch/fork_guard.hpp"
 
 namespace dynbatch {
 
@@ -24,9 +27,26 @@ CopyWorkers::~CopyWorkers() {
 }
 
 CopyWorkers &CopyWorkers::shared() {
-  static CopyWorkers workers(
-      std::min<std::size_t>(std::max(std::thread::hardware_concurrency(), 1u) - 1, 3));
-  return workers;
+  struct Instance {
+    ForkStamp stamp;
+    CopyWorkers workers{
+        std::min<std::size_t>(std::max(std::thread::hardware_concurrency(), 1u) - 1, 3)};
+  };
+  // Never destroyed: a copy may still run on a thread Python has not stopped at exit.
+  static std::atomic<Instance *> current{nullptr};
+  Instance *instance = current.load(std::memory_order_acquire); // pairs with the exchange
+  while (instance == nullptr || instance->stamp.forked()) {
+    auto *fresh = new Instance;
+    // The release publishes the new instance to acquire loads above; a loser's acquire sees
+    // the winner's.
+    if (current.compare_exchange_strong(instance, fresh, std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) {
+      instance = fresh; // the parent's instance, if any, is leaked
+    } else {
+      delete fresh; // another thread of this process was first: its threads are ours to join
+    }
+  }
+  return instance->workers;
 }
 
 void CopyWorkers::work() {

@@ -8,7 +8,9 @@
 // - One parallel_for runs at a time; a caller that finds the helpers busy runs the whole
 //   range itself (a copy never waits for another copy).
 // - shared() is a process-wide instance with min(cores - 1, 3) helpers, created on first use
-//   and joined at static destruction (the helpers never touch Python).
+//   and never destroyed (the helpers sleep until the process ends; they never touch Python).
+//   A forked child gets an instance of its own on first use: the parent's helpers do not
+//   exist there, and the parent's instance is leaked, not touched (fork_guard.hpp).
 
 #include <condition_variable>
 #include <cstddef>

@@ -1,8 +1,11 @@
 #include "dynbatch/nvml_shim.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <dlfcn.h>
 #include <utility>
+
+#include "dynbatch/fork_guard.hpp"
 
 namespace dynbatch {
 namespace {
@@ -108,10 +111,24 @@ const std::shared_ptr<const NvmlLibrary> &NvmlLibrary::process_default() {
   // a sampler thread owned by a Python object the interpreter has not freed yet, or another
   // static destructor of this or another shared object (their order is unspecified), may
   // still call into NVML, and unloading its code under them would crash the exit. The OS
-  // releases everything NVML holds when the process ends.
-  static const auto *library =
-      new std::shared_ptr<const NvmlLibrary>(std::make_shared<const NvmlLibrary>(default_path()));
-  return *library;
+  // releases everything NVML holds when the process ends. A forked child opens its own (the
+  // parent's is leaked there too: shutting it down would tear down the parent's NVML state).
+  struct Instance {
+    ForkStamp stamp;
+    std::shared_ptr<const NvmlLibrary> library;
+  };
+  static std::atomic<Instance *> current{nullptr};
+  Instance *instance = current.load(std::memory_order_acquire); // pairs with the exchange
+  while (instance == nullptr || instance->stamp.forked()) {
+    auto *fresh = new Instance{ForkStamp{}, std::make_shared<const NvmlLibrary>(default_path())};
+    if (current.compare_exchange_strong(instance, fresh, std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) { // publishes `fresh`
+      instance = fresh;
+    } else {
+      delete fresh; // another thread opened it first (its nvmlInit is balanced here)
+    }
+  }
+  return instance->library;
 }
 
 std::string NvmlLibrary::error_string(nvml::nvmlReturn_t rc) const {

@@ -118,7 +118,8 @@ public:
   // DYNBATCH_NVML_LIBRARY when set and not empty (read once, at the first call), else
   // libnvidia-ml.so.1.
   static const std::string &default_path();
-  // The library at default_path(), opened at the first call and kept for the whole process.
+  // The library at default_path(), opened at the first call and kept for the whole process
+  // (a forked child opens its own at its first call).
   static const std::shared_ptr<const NvmlLibrary> &process_default();
 
   bool available() const noexcept { return reason_.empty(); }

@@ -1,7 +1,8 @@
 #include "dynbatch/staging_pool.hpp"
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstdlib>
 #include <new>
 
 #include "dynbatch/device.hpp"
@@ -16,18 +17,18 @@ constexpr std::size_t growth_granularity = 64 * 1024;
 void AlignedFree::operator()(std::byte *pointer) const noexcept {
   if (pinned_by != nullptr) {
     pinned_by->free_pinned(pointer);
-  } else {
-    std::free(pointer);
+  } else if (pointer != nullptr) {
+    munmap(pointer, bytes);
   }
 }
 
 AlignedBuffer allocate_aligned(std::size_t bytes) {
   const std::size_t size = align_up(bytes == 0 ? 1 : bytes, page_size);
-  void *pointer = std::aligned_alloc(page_size, size);
-  if (pointer == nullptr) {
+  void *pointer = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (pointer == MAP_FAILED) {
     throw std::bad_alloc();
   }
-  return AlignedBuffer(static_cast<std::byte *>(pointer));
+  return AlignedBuffer(static_cast<std::byte *>(pointer), AlignedFree{nullptr, size});
 }
 
 SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer buffer,
@@ -35,6 +36,14 @@ SlotLease::SlotLease(std::shared_ptr<StagingPool> pool, int slot, AlignedBuffer 
     : pool_(std::move(pool)), slot_(slot), buffer_(std::move(buffer)), capacity_(bytes) {}
 
 SlotLease::~SlotLease() {
+  if (pool_->stamp_.forked()) {
+    // The parent's pool: the buffer is freed, the pool left alone; a pinned buffer is leaked,
+    // since its device's driver does not work in a forked child.
+    if (buffer_.get_deleter().pinned_by != nullptr) {
+      static_cast<void>(buffer_.release());
+    }
+    return;
+  }
   if (slot_ >= 0) {
     pool_->release(slot_, std::move(buffer_), capacity_);
   } else {
@@ -44,7 +53,12 @@ SlotLease::~SlotLease() {
 
 std::shared_ptr<StagingPool> StagingPool::create(std::size_t slots,
                                                  std::shared_ptr<Device> pinned_by) {
-  return std::shared_ptr<StagingPool>(new StagingPool(slots, std::move(pinned_by)));
+  auto *pool = new StagingPool(slots, std::move(pinned_by));
+  return std::shared_ptr<StagingPool>(pool, [](StagingPool *object) noexcept {
+    if (!object->stamp_.forked()) {
+      delete object;
+    }
+  });
 }
 
 StagingPool::StagingPool(std::size_t slots, std::shared_ptr<Device> pinned_by)
@@ -60,7 +74,7 @@ AlignedBuffer StagingPool::allocate(std::size_t bytes) {
       auto *pointer = static_cast<std::byte *>(pinned_by_->allocate_pinned(size));
       std::lock_guard lock(mutex_);
       stats_.pinned_bytes += bytes;
-      return AlignedBuffer(pointer, AlignedFree{pinned_by_.get()});
+      return AlignedBuffer(pointer, AlignedFree{pinned_by_.get(), size});
     } catch (const std::exception &failure) {
       error = failure.what(); // pinned memory is scarce (a limit, or a lost device): go pageable
     }
@@ -72,6 +86,9 @@ AlignedBuffer StagingPool::allocate(std::size_t bytes) {
 }
 
 std::shared_ptr<SlotLease> StagingPool::acquire(std::size_t bytes) {
+  if (stamp_.forked()) {
+    throw ForkedError("this staging pool");
+  }
   std::unique_lock lock(mutex_);
   ++stats_.acquisitions;
   for (std::size_t index = 0; index < slots_.size(); ++index) {

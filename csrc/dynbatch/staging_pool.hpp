@@ -1,5 +1,6 @@
 #pragma once
 // StagingPool: reusable page-aligned host buffers that batches are collated into.
+// allocate_aligned() maps fresh pages (see AlignedFree); freeing one unmaps it.
 //
 // Contract
 // - acquire() never blocks: it hands out a pooled slot when one is free (growing it to the
@@ -15,6 +16,9 @@
 //   is pageable instead, counted in stats (pinned_fallbacks, pinned_error): a warning, never an
 //   error. Whether a slot may be rewritten is the lease's business: a CopyEngine holds the
 //   lease until the copy from it ran.
+// - Fork: in a forked child, acquire() on the parent's pool throws ForkedError (its mutex may be
+//   held by a thread that does not exist there), a lease of the parent's pool frees its buffer
+//   without touching the pool, and the pool is leaked rather than destroyed.
 
 #include <cstddef>
 #include <cstdint>
@@ -23,14 +27,21 @@
 #include <string>
 #include <vector>
 
+#include "dynbatch/fork_guard.hpp"
+
 namespace dynbatch {
 
 class Device;
 class StagingPool;
 
-// Frees an aligned buffer, or a pinned one through the device that allocated it.
+// Buffers are mapped pages of their own (mmap), not malloc'ed: a slot is freed by whichever
+// thread drops the last tensor of its batch, and glibc would keep a large malloc'ed chunk
+// cached in that thread's arena (processors come and go with their threads, each thread gets
+// an arena) and raise its mmap threshold so that later large allocations stay in arenas too.
+// A pinned buffer is freed through the device that allocated it.
 struct AlignedFree {
   Device *pinned_by = nullptr;
+  std::size_t bytes = 0; // the mapping's length
   void operator()(std::byte *pointer) const noexcept;
 };
 using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
@@ -75,6 +86,8 @@ public:
 
   std::shared_ptr<SlotLease> acquire(std::size_t bytes);
   StagingPoolStats stats() const;
+  // True in a process forked after the pool was made.
+  bool forked() const noexcept { return stamp_.forked(); }
 
 private:
   friend class SlotLease;
@@ -89,6 +102,7 @@ private:
     bool in_use = false;
   };
   const std::shared_ptr<Device> pinned_by_; // outlives every buffer: destroyed after slots_
+  const ForkStamp stamp_;
   mutable std::mutex mutex_;
   std::vector<Slot> slots_;
   StagingPoolStats stats_;

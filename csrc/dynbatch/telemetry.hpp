@@ -6,6 +6,8 @@
 //   file I/O and never touches Python.
 // - TelemetrySampler owns one thread that polls its source every period; latest() and the peak
 //   counters are thread-safe and never block on I/O. The destructor stops and joins the thread.
+//   Make it with make_fork_safe_shared: in a forked child its thread does not exist and it
+//   must be leaked, not destroyed (fork_guard.hpp); forked() says so.
 // - HostTelemetrySource reports host memory (the tighter of /proc/meminfo and the cgroup limit)
 //   and whole-machine CPU utilization. ScriptedTelemetrySource returns what a test set.
 //   NvmlTelemetrySource (nvml_telemetry.hpp) reads a GPU through NVML.
@@ -17,6 +19,7 @@
 #include <string>
 #include <thread>
 
+#include "dynbatch/fork_guard.hpp"
 #include "dynbatch/platform.hpp"
 
 namespace dynbatch {
@@ -77,11 +80,14 @@ public:
   // Takes a sample now, so a test that just changed a scripted source sees it at once.
   void refresh();
   std::string source_name() const { return source_->name(); }
+  // True in a process forked after this sampler was made: it samples nothing there.
+  bool forked() const noexcept { return stamp_.forked(); }
 
 private:
   void run();
   void record(const TelemetrySample &sample);
 
+  const ForkStamp stamp_;
   const std::shared_ptr<TelemetrySource> source_;
   const Nanoseconds period_ns_;
   mutable std::mutex mutex_;

@@ -10,6 +10,15 @@ LeafDescriptor = tuple[list[int], int, int, int] | tuple[list[int], int, int, in
 
 __version__: str
 
+class ForkedError(RuntimeError):
+    """A core object used in a process forked after it was made (it belongs to the parent)."""
+
+def fork_generation() -> int:
+    """0 in the process that loaded the core; one more in each forked child."""
+
+def release_cached_memory() -> None:
+    """Returns the free memory malloc keeps cached in its arenas to the OS (glibc)."""
+
 def build_info() -> dict[str, Any]: ...
 def host_telemetry() -> dict[str, Any]: ...
 def nvml_status(library: str | PathLike[str] | None = None) -> dict[str, Any]:
@@ -288,6 +297,9 @@ class BatchFormer:
     def wait_for_room(self, timeout_s: float | None = None) -> bool: ...
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
+    def wait_late(self, timeout_s: float | None = None) -> tuple[list[int], list[int]] | None:
+        """Sleeps until waiting requests pass their deadlines: (expired, late in a formed
+        batch not yet delivered); None once closed."""
     def report_feedback(self, sequence: int, feedback: BatchFeedback) -> None: ...
     def report_dispatch(self, released_ns: int) -> None:
         """The batch released at released_ns is dispatched now (deadline releases allow

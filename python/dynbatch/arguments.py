@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from .scheduler import Scheduler
 
-__all__ = ["check_fraction", "check_padding", "check_serving_arguments", "check_size"]
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "check_fraction",
+    "check_padding",
+    "check_serving_arguments",
+    "check_size",
+]
+
+# As large as an iteration may read ahead (processor.py); ~600 MiB of request table.
+MAX_QUEUE_SIZE = 2**22
 
 
 def check_fraction(name: str, value: object, *, inclusive: bool) -> None:
@@ -53,6 +62,11 @@ def check_serving_arguments(
         if not low <= value <= high:
             raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}")
     check_size("max_queue_size", max_queue_size)
+    if max_queue_size > MAX_QUEUE_SIZE:  # type: ignore[operator]
+        raise ValueError(
+            f"max_queue_size must be at most {MAX_QUEUE_SIZE} (its request table is allocated "
+            f"up front, ~150 bytes per request), got {max_queue_size}"
+        )
     if block_timeout is not None:
         if isinstance(block_timeout, bool) or not isinstance(block_timeout, (int, float)):
             raise TypeError(

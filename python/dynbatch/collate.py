@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,16 @@ __all__ = ["collate"]
 
 # Shared by every call: two slots so that a batch still in use does not force an allocation.
 _pool = _core.StagingPool(2)
+
+
+def _new_pool_after_fork() -> None:
+    """A forked child (a DataLoader worker) collates into a pool of its own: the parent's
+    may be locked by a thread that does not exist here (the core leaks it)."""
+    global _pool
+    _pool = _core.StagingPool(2)
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
 def collate(

@@ -9,6 +9,7 @@ reach into each other or into the facade.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ import torch
 
 from . import _core
 from .devices import default_telemetry
+from .errors import ProcessorForked
 from .logs import logger
 from .memory import MemoryMonitor, default_memory_monitor
 from .stats import Stats
@@ -102,11 +104,34 @@ class Engine:
         self._last_target = 0
         self._final_telemetry: dict[str, Any] | None = None
         self._closed = False
+        self._pid = os.getpid()
+        self._fork_generation = _core.fork_generation()
+
+    # ------------------------------------------------------------------------ fork
+
+    def forked(self) -> bool:
+        """Whether this process was forked after the engine was made (its threads, core
+        objects and queued work are the parent's)."""
+        return self._fork_generation != _core.fork_generation()
+
+    def check_process(self) -> None:
+        """Raises ProcessorForked in a process forked after the engine was made."""
+        if self._fork_generation != _core.fork_generation():
+            raise self.forked_error()
+
+    def forked_error(self) -> ProcessorForked:
+        return ProcessorForked(
+            f"this DynamicBatchProcessor belongs to the parent process (pid {self._pid}): it "
+            "was created before fork(), and its threads, queues and device state live there. "
+            "Create a new processor in this process (in a DataLoader worker: in "
+            "worker_init_fn or in the dataset)"
+        )
 
     # ------------------------------------------------------------------ forming batches
 
     def schema_for(self, first: Any) -> Schema:
         """The checks every later sample must pass, from the first one."""
+        self.check_process()
         return Schema(
             first,
             0,
@@ -233,6 +258,7 @@ class Engine:
     ) -> Stats:
         """A snapshot; ``live_ns`` is the active time of passes still running; ``serving``:
         the requests of a server rather than passes over an input."""
+        self.check_process()
         telemetry = self._final_telemetry or self.telemetry_reading()
         return Stats.from_core(
             self.recorder.snapshot(),
@@ -260,6 +286,7 @@ class Engine:
 
     def reset_stats(self) -> None:
         """Starts the counters and the memory peaks afresh (the learned costs are kept)."""
+        self.check_process()
         self.recorder.reset()
         if not self._closed:
             self.telemetry.reset_peak()
@@ -267,11 +294,15 @@ class Engine:
         self._oom_times_ns.clear()
 
     def close(self) -> None:
-        """Keeps the last telemetry reading for stats() and stops the sampler. Idempotent."""
+        """Keeps the last telemetry reading for stats() and stops the sampler. Idempotent. In
+        a forked child it only lets go of the parent's sampler (the core leaks it there)."""
         if self._closed:
             return
         self._closed = True
-        self._final_telemetry = self.telemetry_reading()
+        if not self.forked():
+            self._final_telemetry = self.telemetry_reading()
+            # What this processor's threads freed stays cached in their malloc arenas.
+            _core.release_cached_memory()
         if self._owns_telemetry:
             self.telemetry.close()
         if self.target is not None:

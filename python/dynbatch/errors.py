@@ -6,6 +6,7 @@ __all__ = [
     "DynbatchError",
     "InvalidSampleError",
     "ProcessorClosed",
+    "ProcessorForked",
     "QueueFull",
     "RequestTimeout",
     "UnsupportedLeafError",
@@ -37,7 +38,8 @@ class UnsupportedLeafError(InvalidSampleError, TypeError):
 
 class QueueFull(DynbatchError):
     """``submit`` found ``max_queue_size`` requests already waiting (after ``block_timeout``
-    seconds of waiting for room, when one was given)."""
+    seconds of waiting for room, when one was given; at once from a done-callback running on
+    the processor's worker, which is what makes room)."""
 
 
 class RequestTimeout(DynbatchError, TimeoutError):
@@ -46,4 +48,11 @@ class RequestTimeout(DynbatchError, TimeoutError):
 
 class ProcessorClosed(DynbatchError):
     """The processor was closed: no new requests, and ``close(drain=False)`` ends every
-    request still waiting with this error."""
+    request not done with this error (those of a batch in the model too: it is abandoned)."""
+
+
+class ProcessorForked(ProcessorClosed):
+    """The processor (or scheduler) was created before ``fork()``: it belongs to the parent
+    process, whose threads, queues and device state do not exist in this one. Create a new
+    one in this process (in a ``DataLoader`` worker: in ``worker_init_fn`` or in the dataset).
+    Requests the parent had queued end with this error in the child; the parent serves them."""

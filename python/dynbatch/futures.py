@@ -276,13 +276,16 @@ def claim(
 
 def complete(group: CompletionGroup, requests: list[Any], results: list[Any]) -> None:
     """Ends each (running) request with its row of ``results``: one lock, one notify, one
-    hand-off per event loop, and per request only two attribute writes."""
+    hand-off per event loop, and per request only two attribute writes. A request already
+    failed (abandoned by close) keeps its error."""
     outcome = BatchOutcome(results)
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
     notify: list[RequestFuture] = []
     with group.condition:
         for row, request in enumerate(requests):
             if type(request) is RequestFuture:
+                if request._own_state is FINISHED:  # failed meanwhile (close abandoned it)
+                    continue
                 request._row = row
                 request._outcome = outcome
                 if request._waiter_list or request._callback_list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 import warnings
 from collections import deque
@@ -68,6 +69,8 @@ class BatchIterator(Iterator[Any]):
     any asynchronous copy: a source must not refill one buffer and yield it again (a
     ``RuntimeWarning`` names two samples of a generator that share memory); yield a copy.
     ``materialized``: the source is a list or tuple, whose samples may repeat harmlessly.
+    One consumer at a time: threads may take turns, but a thread calling ``next`` while
+    another is inside it gets a RuntimeError (nothing is lost).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class BatchIterator(Iterator[Any]):
         self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
         self._busy = False  # inside __next__: close() from another thread defers the release
+        self._stepping = threading.Lock()  # held inside __next__: a second thread is refused
         self._closed = False
 
     def __iter__(self) -> BatchIterator:
@@ -125,6 +129,20 @@ class BatchIterator(Iterator[Any]):
         resumed_ns = self._engine.clock()
         if self._closed:
             raise StopIteration
+        self._engine.check_process()  # a forked child: the core thread is the parent's
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError(
+                "another thread is iterating this BatchIterator at the same time: an "
+                "iteration has one consumer at a time (the time from one batch to the next "
+                "request is that batch's cost); give each thread its own pass "
+                "(processor(data)), or hand batches out from one thread through a queue"
+            )
+        try:
+            return self._step(resumed_ns)
+        finally:
+            self._stepping.release()
+
+    def _step(self, resumed_ns: int) -> Any:
         self._busy = True
         try:
             self._finish_current(resumed_ns)

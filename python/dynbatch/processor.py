@@ -214,6 +214,8 @@ class DynamicBatchProcessor:
                 scheduler=scheduler,
                 task_priority=task_priority,
             )
+            # Dropped without close(): the worker finishes the queue and stops on its own.
+            weakref.finalize(self, self._server.release)
 
     def __call__(self, data: Iterable[Any], /, *, progress: bool = False) -> BatchIterator:
         """Batches of ``data`` (any iterable of samples), as an iterator.
@@ -414,12 +416,16 @@ class DynamicBatchProcessor:
         self, sample: Any, /, *, priority: int = 0, timeout: float | None = None
     ) -> Future[Any]:
         """Queues one sample for ``model``; returns its future (thread-safe, never blocks
-        unless ``block_timeout`` allows waiting for room in a full queue).
+        unless ``block_timeout`` allows waiting for room in a full queue; from a done-callback
+        running on the processor's worker it never waits: only the worker makes room, so a
+        full queue raises ``QueueFull`` at once).
 
         Larger ``priority`` runs first. A request still waiting ``timeout`` seconds after
         ``submit`` ends with ``RequestTimeout`` and never reaches the model. The future's
         ``cancel()`` works until the request is dispatched. The result is the request's row of
-        the model's output; a model error reaches only the request(s) that cause it.
+        the model's output; a model error reaches only the request(s) that cause it. Done-
+        callbacks run on the thread that ended the request (the worker, the deadline watcher,
+        or the caller of ``cancel``/``close``), after waiters have woken.
         """
         server = self._server
         if server is None or self._closed:
@@ -495,8 +501,11 @@ class DynamicBatchProcessor:
 
         Serving: no request is accepted after ``close``. With ``drain`` (the default) every
         queued request is still run (``timeout`` bounds the wait, in seconds); without it, or
-        past the timeout, every request not yet dispatched ends with ``ProcessorClosed``.
-        Idempotent.
+        past the timeout, close() does not wait for the model: every request not done ends
+        with ``ProcessorClosed``, those of a batch in the model included (that call runs to
+        its end in the background and its output is discarded). From a done-callback, drain
+        returns at once and the queue is run once the callback returns. Idempotent. A
+        processor dropped without ``close`` runs its queue and then stops.
         """
         if self._closed:
             return

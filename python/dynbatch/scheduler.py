@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from . import _core, grants
 from .devices import nvml_index_of_device
+from .errors import ProcessorForked
 
 __all__ = ["Scheduler"]
 
@@ -19,6 +21,17 @@ _GIVE_UP_CHECK_S = 0.05
 _registry_lock = threading.Lock()
 _shared: dict[str, Scheduler] = {}
 _task_ids = itertools.count(1)
+
+
+def _forget_shared_after_fork() -> None:
+    """A forked child makes its own shared schedulers: the parent's hold the parent's grants
+    (and their lock may be held by a thread that does not exist here)."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_forget_shared_after_fork)
 
 
 def _device_name(device: str | torch.device | None) -> str:
@@ -98,6 +111,8 @@ class Scheduler:
             concurrency, float(aging_ms), float(memory_margin), self._telemetry, float(max_hold_ms)
         )
         self._closed = False
+        self._pid = os.getpid()
+        self._fork_generation = _core.fork_generation()
 
     @classmethod
     def shared(cls, device: str | torch.device | None = None) -> Scheduler:
@@ -128,6 +143,11 @@ class Scheduler:
         The grant is this thread's until ``release``: while the thread waits for another
         processor's result it is lent (see the class). A thread that already holds this
         scheduler's only grant gets a ``RuntimeError``: a second one would never come."""
+        if self._fork_generation != _core.fork_generation():
+            raise ProcessorForked(
+                f"this Scheduler belongs to the parent process (pid {self._pid}): it was "
+                "created before fork(); create a new one in this process"
+            )
         if self.concurrency == 1:
             for grant in grants.held():
                 if grant.owner is self and not grant.lent:
@@ -188,7 +208,8 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
-        self._core.close()
+        if self._fork_generation == _core.fork_generation():  # else the parent's: left alone
+            self._core.close()
         self._telemetry.close()
 
     def __repr__(self) -> str:

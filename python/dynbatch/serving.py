@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import itertools
 import math
+import os
 import threading
 import time
 import weakref
@@ -58,12 +59,30 @@ _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
 def _close_live_servers() -> None:
-    """At interpreter exit no worker may still wait inside the core: close them all first."""
-    for server in list(_live_servers):
+    """At interpreter exit no worker may still run: a daemon thread that comes back to Python
+    during finalization is ended by a forced unwind, which torch's C++ frames turn into
+    std::terminate. Close them all, then give batches in the model 5 s in all to return."""
+    servers = list(_live_servers)
+    deadline = time.monotonic() + 5.0
+    for server in servers:
         server.close(drain=False, timeout=5.0)
+    for server in servers:
+        server.join(max(deadline - time.monotonic(), 0.0))
 
 
 atexit.register(_close_live_servers)
+
+
+def _disown_servers_after_fork() -> None:
+    """In a forked child, every live server is the parent's: it refuses requests, and the
+    child's copies of the parent's pending futures end with ProcessorForked."""
+    servers = list(_live_servers)
+    _live_servers.clear()
+    for server in servers:
+        server.disown()
+
+
+os.register_at_fork(after_in_child=_disown_servers_after_fork)
 
 
 def _check_priority(priority: object) -> int:
@@ -121,10 +140,12 @@ class Server:
         self._lone_tensor: LeafSpec | None = None  # the schema's one leaf, for the fast path
         self._former: _core.BatchFormer | None = None
         self._worker: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closing = False
         self._fatal: BaseException | None = None
         self._abandoned = False  # closed without draining: waiting batches give up
+        self._running: list[Any] | None = None  # the requests of the batch being dispatched
         self._started_ns = 0
         self.isolated_errors = 0
         self._shed_full = Throttled("requests refused: the queue was full (max_queue_size)")
@@ -302,7 +323,7 @@ class Server:
         """The first request fixes the structure every later one must share."""
         with self._start_lock:
             if self._closing:
-                raise ProcessorClosed("this DynamicBatchProcessor is closed")
+                raise self._refusal()
             if self._former is not None:
                 return self._former
             try:
@@ -320,9 +341,15 @@ class Server:
             self._worker = threading.Thread(
                 target=self._work, args=(former,), name="dynbatch-worker", daemon=True
             )
+            # Ends requests whose deadline passes while the worker is in the model; it sleeps
+            # in the core and wakes only at a deadline.
+            self._watcher = threading.Thread(
+                target=self._watch, args=(former,), name="dynbatch-deadlines", daemon=True
+            )
             self._former = former
             self._started_ns = time.perf_counter_ns()
             self._worker.start()
+            self._watcher.start()
             return former
 
     def _push_refused(
@@ -343,8 +370,15 @@ class Server:
         raise self._refusal()
 
     def _room_deadline(self) -> int:
-        """When a caller waiting for room gives up (time.monotonic_ns); 0: it does not wait."""
-        return 0 if self._block_timeout_ns < 0 else time.monotonic_ns() + self._block_timeout_ns
+        """When a caller waiting for room gives up (time.monotonic_ns); 0: it does not wait.
+        A done-callback on the worker never waits: only the worker makes room."""
+        if self._block_timeout_ns < 0 or self._on_worker():
+            return 0
+        return time.monotonic_ns() + self._block_timeout_ns
+
+    def _on_worker(self) -> bool:
+        worker = self._worker
+        return worker is not None and worker.ident == threading.get_ident()
 
     def _wait_for_room(self, former: _core.BatchFormer, deadline_ns: int) -> bool:
         """Sleeps (GIL released) until a request may fit; False once `deadline_ns` passed."""
@@ -354,17 +388,23 @@ class Server:
         return bool(former.wait_for_room(remaining_ns / 1e9)) and not self._closing
 
     def _refusal(self, count: int = 1) -> DynbatchError:
+        if self._engine.forked():
+            return self._engine.forked_error()
         if self._fatal is not None:
             error = ProcessorClosed(f"the processor stopped after an internal error: {self._fatal}")
             error.__cause__ = self._fatal
             return error
         if self._closing:
             return ProcessorClosed("this DynamicBatchProcessor is closed")
-        waited = (
-            f" after waiting {self._block_timeout_ns / 1e9:g} s"
-            if self._block_timeout_ns >= 0
-            else ""
-        )
+        if self._block_timeout_ns < 0:
+            waited = ""
+        elif self._on_worker():
+            waited = (
+                " (not waiting for room: this done-callback runs on the processor's worker, "
+                "which is the one that makes room)"
+            )
+        else:
+            waited = f" after waiting {self._block_timeout_ns / 1e9:g} s"
         self._shed_full.add(count)
         return QueueFull(
             f"{self._max_queue_size} requests are already waiting (max_queue_size){waited}"
@@ -378,6 +418,7 @@ class Server:
             while True:
                 batch = former.next_batch()
                 if batch is None:
+                    former.close()  # drained (or closed): the deadline watcher stops too
                     return
                 if batch.expired:
                     self._expire(batch.expired)
@@ -394,6 +435,30 @@ class Server:
         pop = self._table.pop
         with self._group.condition:  # close() takes from the table under the same lock
             late = [request for request in (pop(i, None) for i in ids) if request is not None]
+        self._end_late(late)
+
+    def _watch(self, former: _core.BatchFormer) -> None:
+        """The deadline watcher: requests never formed (expired; the core counted them) and
+        requests in a batch formed ahead but not yet dispatched (late; counted here, and the
+        worker drops them from their batch: they are no longer in the table)."""
+        try:
+            while (found := former.wait_late()) is not None:
+                # Handled in calls, so that no request stays referenced while this thread
+                # sleeps: a request's error, once raised to its caller, holds the caller's
+                # frames (and all they reference) until the request is freed.
+                if found[0]:
+                    self._expire(found[0])
+                if found[1]:
+                    self._expire_in_batch(found[1])
+        except BaseException as error:  # the worker still serves; deadlines then wait for it
+            _log.error("dynbatch deadline watcher stopped: %s", error)
+
+    def _expire_in_batch(self, ids: list[int]) -> None:
+        pop = self._table.pop
+        with self._group.condition:
+            late = [request for request in (pop(i, None) for i in ids) if request is not None]
+        for priority, count in Counter(r._priority for r in late).items():
+            self._engine.recorder.record_outcome(priority, "timed_out", count)
         self._end_late(late)
 
     def _end_late(self, late: list[Any]) -> None:
@@ -413,6 +478,7 @@ class Server:
             if states is None
             else [r for r, s in zip(requests, states, strict=True) if s == LIVE]
         )
+        self._running = live  # what close() abandons while the model has it
         try:
             assert self._schema is not None
             if states is None:  # every request is live: the common case
@@ -429,6 +495,8 @@ class Server:
         except BaseException as error:  # anything past the claim: these requests get it
             _log.exception("dynbatch batch of %d requests failed outside the model", len(live))
             fail(self._group, live, error)
+        finally:
+            self._running = None
 
     def _account(self, requests: list[Any], states: list[int]) -> None:
         """Ends the late requests of a batch and counts its cancelled ones."""
@@ -454,6 +522,10 @@ class Server:
         ):
             why = "closed without draining" if self._abandoned else "its scheduler was closed"
             fail(self._group, requests, ProcessorClosed(f"the processor was {why}"))
+            return
+        if self._abandoned:  # closed while this batch waited: close() no longer waits for it
+            scheduler.release(self._task, self._task_priority, reservation)
+            fail(self._group, requests, ProcessorClosed("the processor was closed"))
             return
         failure: BaseException | None = None
         output: Any = None
@@ -532,25 +604,78 @@ class Server:
     def close(self, drain: bool, timeout: float | None) -> None:
         """Stops taking requests; finishes (drain) or fails (no drain) those waiting.
 
-        ``timeout`` bounds the whole wait; past it (or without drain) whatever has not been
-        dispatched ends with ProcessorClosed. A batch already in the model finishes (it cannot
-        be interrupted); close() from a done-callback (the worker itself) does not wait."""
+        ``timeout`` bounds the whole wait. Past it, or without drain, close() does not wait
+        for the model: every request not done ends with ProcessorClosed, those of a batch in
+        the model included (the call runs to its end in the background and its output is
+        discarded; a hung call keeps the worker thread, nothing else). From a done-callback on
+        the worker, drain stops the input and returns at once: the worker runs what is queued
+        once the callback returns, then stops."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
         with self._start_lock:
             self._closing = True
         _live_servers.discard(self)
-        former, worker = self._former, self._worker
+        former, worker, watcher = self._former, self._worker, self._watcher
         if former is None or worker is None:
             return
-        on_worker = worker is threading.current_thread()
-        if drain and not on_worker:
+        here = threading.current_thread()
+        if drain:
             former.close_input()
-            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            if worker is here:
+                return
+            worker.join(remaining())
         self._abandoned = True  # a batch waiting for its scheduler grant gives up
         former.close()  # nothing more is formed; undelivered batches are dropped
-        if not on_worker:
-            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        running = self._running
+        if running:  # in the model (or about to be): abandoned, not waited for
+            fail(
+                self._group,
+                running,
+                ProcessorClosed(
+                    "the processor was closed while this request's batch was in "
+                    "the model: it was abandoned, its output is discarded"
+                ),
+            )
+        elif worker is not here:
+            worker.join(remaining())  # not in the model: it stops at once
+        if watcher is not None and watcher is not here:
+            watcher.join(remaining())  # former.close() woke it
         self._fail_waiting(ProcessorClosed("the processor was closed before this request ran"))
+
+    def join(self, timeout: float) -> None:
+        """Waits up to ``timeout`` for the worker and the deadline watcher to end (after
+        close(); a model call abandoned by close() keeps the worker until it returns)."""
+        deadline = time.monotonic() + timeout
+        for thread in (self._worker, self._watcher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def release(self) -> None:
+        """The processor was dropped without close(): no more requests; the worker runs what
+        is queued and stops on its own, and this server is freed when it has. Never waits (it
+        runs as a finalizer, on whichever thread dropped the processor)."""
+        if self._closing:
+            return
+        self._closing = True
+        former = self._former
+        if former is not None:
+            former.close_input()
+
+    def disown(self) -> None:
+        """In a forked child: the worker, the core and the requests are the parent's. New
+        requests are refused (ProcessorForked); the child's copies of the pending futures end
+        with it; nothing of the parent's is joined, woken or locked (the core leaks it)."""
+        self._closing = True
+        self._start_lock = threading.Lock()  # a parent thread may have held them at the fork
+        self._group.condition = threading.Condition()
+        self._former = None  # released: the core leaks an inherited former
+        with self._group.condition:
+            waiting = list(self._table.values())
+            self._table.clear()
+        fail(self._group, waiting + (self._running or []), self._engine.forked_error())
 
     def _fail_waiting(self, error: DynbatchError, cause: BaseException | None = None) -> None:
         with self._group.condition:

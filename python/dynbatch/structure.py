@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import InvalidSampleError
 
-__all__ = ["TreeDef", "describe_structure", "flatten", "unflatten"]
+__all__ = ["MAX_DEPTH", "NestingTooDeep", "TreeDef", "describe_structure", "flatten", "unflatten"]
 
 LEAF = "leaf"
 
@@ -46,22 +46,40 @@ def _is_namedtuple(value: object) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "_fields")
 
 
+class NestingTooDeep(ValueError):
+    """A sample (or output) with more than MAX_DEPTH containers inside one another."""
+
+
+# Deeper than any real sample; well within Python's recursion limit for the walks below.
+MAX_DEPTH = 100
+
+
 def flatten(sample: Any, leaves: list[Any]) -> TreeDef:
-    """Appends the leaves of ``sample`` to ``leaves`` and returns its tree def."""
+    """Appends the leaves of ``sample`` to ``leaves`` and returns its tree def; raises
+    NestingTooDeep past MAX_DEPTH levels (a cycle, e.g. a list holding itself, included)."""
+    return _flatten(sample, leaves, 0)
+
+
+def _flatten(sample: Any, leaves: list[Any], depth: int) -> TreeDef:
+    if isinstance(sample, (Mapping, tuple, list)) and depth == MAX_DEPTH:
+        raise NestingTooDeep(
+            f"nested more than {MAX_DEPTH} levels deep (dicts, tuples and lists inside one "
+            "another); dynbatch batches samples nested up to that depth"
+        )
     if isinstance(sample, Mapping):
         keys = tuple(sample.keys())
-        children = tuple(flatten(sample[key], leaves) for key in keys)
+        children = tuple(_flatten(sample[key], leaves, depth + 1) for key in keys)
         kind = type(sample)
         return TreeDef(
             "dict", keys=keys, node_type=None if kind is dict else kind, children=children
         )
     if isinstance(sample, tuple):
-        children = tuple(flatten(item, leaves) for item in sample)
+        children = tuple(_flatten(item, leaves, depth + 1) for item in sample)
         if _is_namedtuple(sample):
             return TreeDef("namedtuple", node_type=type(sample), children=children)
         return TreeDef("tuple", children=children)
     if isinstance(sample, list):
-        return TreeDef("list", children=tuple(flatten(item, leaves) for item in sample))
+        return TreeDef("list", children=tuple(_flatten(item, leaves, depth + 1) for item in sample))
     leaves.append(sample)
     return _LEAF_DEF
 

@@ -14,7 +14,7 @@ from torch.utils.dlpack import from_dlpack
 from . import _core
 from .errors import InvalidSampleError, UnsupportedLeafError
 from .padding import PaddedBatch, pad_element_bytes, padded_length
-from .structure import TreeDef, flatten, structure_mismatch, unflatten
+from .structure import NestingTooDeep, TreeDef, flatten, structure_mismatch, unflatten
 
 __all__ = ["LeafSpec", "Schema", "split_outputs", "stack_small", "stacks_small", "storage_of"]
 
@@ -108,7 +108,10 @@ class Schema:
         self.pad_multiple = pad_multiple
         self.max_tokens = max_tokens  # padding: a sample whose padded length exceeds it fails
         leaves: list[Any] = []
-        self.treedef: TreeDef = flatten(first_sample, leaves)
+        try:
+            self.treedef: TreeDef = flatten(first_sample, leaves)
+        except NestingTooDeep as error:
+            raise InvalidSampleError(first_index, "", str(error)) from None
         self.first_index = first_index
         paths = self.treedef.leaf_paths()
         specs: list[LeafSpec] = []
@@ -158,8 +161,8 @@ class Schema:
                 sample.dtype is spec.dtype
                 and sample.shape == spec.shape
                 and sample.is_cpu
+                and sample.layout is torch.strided  # first: a sparse one raises in the next
                 and sample.is_contiguous()
-                and sample.layout is torch.strided
                 and not sample.is_neg()
             ):
                 addresses.append(sample.data_ptr())
@@ -172,8 +175,8 @@ class Schema:
                 and len(shape) == len(spec.shape)
                 and shape[1:] == spec.shape[1:]
                 and sample.is_cpu
+                and sample.layout is torch.strided  # first: a sparse one raises in the next
                 and sample.is_contiguous()
-                and sample.layout is torch.strided
                 and not sample.is_neg()
                 and (
                     not self.max_tokens
@@ -184,7 +187,10 @@ class Schema:
                 lengths.append(shape[0])
                 return sample
         leaves: list[Any] = []
-        treedef = flatten(sample, leaves)
+        try:
+            treedef = flatten(sample, leaves)
+        except NestingTooDeep as error:
+            raise InvalidSampleError(index, "", str(error)) from None
         if treedef != self.treedef:
             raise structure_mismatch(index, self.treedef, treedef, self.first_index)
         kept: list[Any] = []
@@ -293,7 +299,10 @@ def split_outputs(output: Any, size: int) -> list[Any]:
     """Per-sample results from a model's batched output (a tensor, or dicts, tuples and lists
     nesting tensors), split along the first dimension."""
     leaves: list[Any] = []
-    treedef = flatten(output, leaves)
+    try:
+        treedef = flatten(output, leaves)
+    except NestingTooDeep as error:
+        raise ValueError(f"model output: {error}") from None
     columns: list[Any] = []
     for path, leaf in zip(treedef.leaf_paths(), leaves, strict=True):
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:

@@ -1049,6 +1049,72 @@ TEST_CASE(without_collation_push_rejects_sources) {
   CHECK_THROWS_AS(rig.former->push(ids, sources), std::invalid_argument);
 }
 
+// A consumer busy with a batch does not call next_batch: wait_late() reports, at their
+// deadlines, the requests still waiting to be formed (expired) and those in a formed batch
+// not delivered yet (late), each once; the batch keeps its late requests.
+TEST_CASE(wait_late_reports_expired_and_late_requests_while_the_consumer_is_busy) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(2), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(push_with(former, store, 0, 2, {0, 40 * ms}), 2u); // formed ahead, not delivered
+  REQUIRE(eventually([&] { return former.queued() == 0; }));
+  CHECK_EQ(push_with(former, store, 2, 1, {0, 20 * ms}), 1u); // waits for a second request
+  std::vector<std::uint64_t> expired;
+  std::vector<std::uint64_t> late;
+  while (expired.size() + late.size() < 3) {
+    REQUIRE(former.wait_late(expired, late, now_ns() + hang_bound_ns) == NextStatus::batch);
+  }
+  CHECK(expired == (std::vector<std::uint64_t>{SampleStore::id_of(2)}));
+  std::sort(late.begin(), late.end());
+  CHECK(late == (std::vector<std::uint64_t>{SampleStore::id_of(0), SampleStore::id_of(1)}));
+  // Reported once: nothing more comes before the next (absent) deadline.
+  expired.clear();
+  late.clear();
+  CHECK(former.wait_late(expired, late, now_ns() + 30 * ms) == NextStatus::timeout);
+  FormedBatch batch;
+  REQUIRE(former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch);
+  CHECK_EQ(batch.ids.size(), 2u);   // the consumer drops the late ones itself
+  CHECK(batch.expired_ids.empty()); // id 2 was reported by wait_late, not again here
+}
+
+TEST_CASE(wait_late_wakes_for_a_push_with_an_earlier_deadline) {
+  const SampleStore store(8);
+  Rig rig(fixed_size(4), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  CHECK_EQ(push_with(former, store, 0, 1, {0, 60'000 * ms}), 1u); // a minute away
+  std::atomic<bool> done{false};
+  std::vector<std::uint64_t> expired;
+  std::vector<std::uint64_t> late;
+  std::thread watcher([&] {
+    while (expired.empty()) {
+      if (former.wait_late(expired, late, now_ns() + hang_bound_ns) != NextStatus::batch) {
+        break;
+      }
+    }
+    done.store(true);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20)); // the watcher sleeps for a minute
+  CHECK_EQ(push_with(former, store, 1, 1, {0, 10 * ms}), 1u);
+  watcher.join();
+  CHECK(done.load());
+  CHECK(expired == (std::vector<std::uint64_t>{SampleStore::id_of(1)}));
+}
+
+TEST_CASE(wait_late_returns_finished_when_closed) {
+  Rig rig(fixed_size(4), serving(64, no_deadline));
+  BatchFormer &former = *rig.former;
+  std::atomic<int> status{-1};
+  std::thread watcher([&] {
+    std::vector<std::uint64_t> expired;
+    std::vector<std::uint64_t> late;
+    status.store(static_cast<int>(former.wait_late(expired, late, no_deadline)));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  former.close();
+  watcher.join();
+  CHECK_EQ(status.load(), static_cast<int>(NextStatus::finished));
+}
+
 int main(int argc, char **argv) {
   return dynbatch::testing::run_all(argc, argv);
 }
