@@ -13,7 +13,8 @@ The "sizing-" groups (batch sizing, issue 3) get a table of their own, in throug
 (simulated: samples / simulated seconds, from ``extra_info``; real: samples / median wall
 time), its ratio to the best fixed size of the group and to fixed 32 (> 1 is faster), and the
 OOMs, lost samples and recomputed samples of each approach. The "serve-" groups (issue 4) get
-theirs too: microseconds per request, and latency and throughput under load.
+theirs too: microseconds per request, and latency and throughput under load; the "noise-"
+groups (issue 11) the settled size over the true knee per seed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ SIZING_PREFIX = "sizing-"
 # Issue 3's targets for the dynamic entries: within 5% of the best fixed size, and at least
 # 1.25x fixed 32 where the best fixed size is larger than 32.
 TARGET_VS_BEST, TARGET_VS_32 = 0.95, 1.25
+
+# Groups with this prefix report where the sizing settles under timing noise (issue 11).
+NOISE_PREFIX = "noise-"
+TARGET_NOISE = 1.3  # settled size within this factor of the true knee, either way
 
 # Group-name prefix -> the `impl` parameter of the peer every entry is divided by.
 PEERS = {
@@ -122,9 +127,12 @@ def report(data: dict[str, Any]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     sizing: dict[str, list[dict[str, Any]]] = {}
     serving: dict[str, list[dict[str, Any]]] = {}
+    noise: list[dict[str, Any]] = []
     for bench in data["benchmarks"]:
         group = bench["group"] or "(no group)"
-        if group.startswith(SIZING_PREFIX):
+        if group.startswith(NOISE_PREFIX):
+            noise.append(bench)
+        elif group.startswith(SIZING_PREFIX):
             sizing.setdefault(group, []).append(bench)
         elif group.startswith(SERVE_PREFIX):
             serving.setdefault(group, []).append(bench)
@@ -135,7 +143,39 @@ def report(data: dict[str, Any]) -> str:
         parts.append(sizing_report(sizing, data))
     if serving:
         parts.append(serving_report(serving) + f"\n({_machine(data)})")
+    if noise:
+        parts.append(noise_report(noise))
     return "\n\n".join(parts)
+
+
+def noise_report(benches: list[dict[str, Any]]) -> str:
+    """Per seed: the settled size over the true knee, and whether it is within the target."""
+    headers = ("group", "seed", "noise", "knee", "settled", "settled/knee", "mean n")
+    rows: list[tuple[str, ...]] = []
+    ratios: list[float] = []
+    for bench in sorted(benches, key=lambda b: (b["group"], b["extra_info"]["seed"])):
+        info = bench["extra_info"]
+        ratios.append(info["settled_over_knee"])
+        rows.append(
+            (
+                bench["group"],
+                str(info["seed"]),
+                f"{info['noise']:.0%}",
+                str(info["knee"]),
+                f"{info['settled']:g}",
+                f"{info['settled_over_knee']:.2f}",
+                f"{info['mean_batch']:.0f}",
+            )
+        )
+    inside = sum(1 / TARGET_NOISE <= r <= TARGET_NOISE for r in ratios)
+    lines = _table(headers, rows, 1)
+    lines.append(
+        f"(settled: median size of the last quarter of one cold pass; {inside} of {len(ratios)}"
+        f" seeds within {TARGET_NOISE}x of the knee: "
+        f"{'met' if inside == len(ratios) else 'MISSED'}; range {min(ratios):.2f}-"
+        f"{max(ratios):.2f})"
+    )
+    return "\n".join(lines)
 
 
 def _peer_report(groups: dict[str, list[dict[str, Any]]], data: dict[str, Any]) -> str:

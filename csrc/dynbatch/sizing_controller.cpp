@@ -9,7 +9,9 @@ namespace dynbatch {
 namespace {
 constexpr double boost_step = 1.25;
 constexpr double max_boost = 8.0;
-constexpr std::size_t knee_evidence = 3; // distinct sizes measured before exploring may stop
+constexpr std::size_t knee_evidence = 3;   // distinct sizes measured before exploring may stop
+constexpr std::size_t intercept_rung = 16; // the neighbour below sits at or below knee / this
+constexpr std::size_t verify_patience = 4; // batches a planned neighbour may wait for its turn
 } // namespace
 
 SizingController::SizingController(const ControllerOptions &options)
@@ -21,7 +23,8 @@ SizingController::SizingController(const ControllerOptions &options)
   if (!(options.knee_tolerance > 0.0 && options.knee_tolerance < 1.0)) {
     throw std::invalid_argument("SizingController: knee_tolerance must be in (0, 1)");
   }
-  if (options.latency_slo_ns < 0 || options.max_buckets < 1 || options.probe_after < 1) {
+  if (options.latency_slo_ns < 0 || options.max_buckets < 1 || options.probe_after < 1 ||
+      options.verify_every < 1) {
     throw std::invalid_argument("SizingController: invalid options");
   }
 }
@@ -32,7 +35,9 @@ std::size_t SizingController::clamp(double size) const {
   if (std::isnan(size)) {
     return options_.min_batch_size;
   }
-  return static_cast<std::size_t>(std::clamp(std::floor(size), low, high));
+  // A limit computed as exactly n comes out a rounding error below it: keep n.
+  constexpr double rounding = 1e-9;
+  return static_cast<std::size_t>(std::clamp(std::floor(size * (1.0 + rounding)), low, high));
 }
 
 SizingController::Bucket &SizingController::bucket(std::uint64_t key) {
@@ -100,9 +105,54 @@ std::size_t SizingController::next_batch_size(const SizingInputs &inputs) {
 
 std::size_t SizingController::decide(const Ceilings &limit) const {
   const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
-  const std::size_t wanted =
-      exploring_ ? explore_size_ : clamp(static_cast<double>(limit.knee) * boost_);
+  std::size_t wanted = exploring_ ? explore_size_ : clamp(static_cast<double>(limit.knee) * boost_);
+  if (!exploring_ && verify_size_ != 0) {
+    wanted = verify_size_;
+  }
   return std::max(options_.min_batch_size, std::min(wanted, hard));
+}
+
+std::size_t SizingController::neighbour(std::size_t knee, std::size_t hard) const {
+  // Rungs of the exploring ladder, so each neighbour is a size measured before and again.
+  std::size_t below = options_.min_batch_size;
+  while (below * 2 <= knee / intercept_rung) {
+    below *= 2;
+  }
+  std::size_t above = options_.min_batch_size;
+  while (above * 2 <= 2 * knee && above * 2 <= options_.max_batch_size) {
+    above *= 2;
+  }
+  above = std::min({above, hard, options_.max_batch_size});
+  const bool below_useful = below < knee;
+  const bool above_useful = above > knee;
+  if (verify_above_ ? above_useful : !below_useful) {
+    return above_useful ? above : 0;
+  }
+  return below;
+}
+
+void SizingController::plan_verification(const Ceilings &limit, std::size_t hard,
+                                         std::size_t size) {
+  if (verify_size_ != 0) {
+    // Measured (or it waited long enough behind batches formed ahead): back to the knee.
+    if (size == std::min(verify_size_, hard) || ++verify_waited_ > verify_patience) {
+      verify_size_ = 0;
+      verify_waited_ = 0;
+      since_verified_ = 0;
+      verify_above_ = !verify_above_;
+    }
+    return;
+  }
+  // Only where the knee is what sets the size: a memory, SLO or OOM limit is not estimated
+  // from the line, and the utilization boost moves away from the knee on purpose.
+  if (boost_ != 1.0 || limit.knee >= hard || ++since_verified_ < options_.verify_every) {
+    return;
+  }
+  verify_size_ = neighbour(limit.knee, hard);
+  if (verify_size_ == 0) {
+    since_verified_ = 0;
+    verify_above_ = !verify_above_;
+  }
 }
 
 void SizingController::on_feedback(const BatchFeedback &feedback) {
@@ -154,6 +204,9 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
     } else {
       explore_size_ = clamp(static_cast<double>(explore_size_) * 2.0);
     }
+  }
+  if (!exploring_) {
+    plan_verification(limit, hard, size);
   }
   if (oom_ceiling_ < options_.max_batch_size && size >= oom_ceiling_ &&
       ++good_batches_at_ceiling_ >= probe_wait_) {

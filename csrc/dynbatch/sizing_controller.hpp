@@ -18,6 +18,12 @@
 // It explores first: from min it doubles after each batch of the current size, until the
 // latency line, fitted through three sizes at least, puts the knee at or below that size or a
 // memory/SLO/OOM limit stops it.
+// Once settled where the knee is the limit, it keeps the line honest: every `verify_every`
+// batches one batch goes to a neighbour of the knee on the exploring ladder (min * 2^k), in
+// turn the rung at or below knee/16 (where the fixed cost is most of the time, so it pins the
+// intercept that places the knee) and the highest rung up to 2 * knee (within the limits). The
+// same sizes come back, so their medians firm up, and the points that place the knee are never
+// forgotten. Under timing noise the knee is thus estimated, not ratcheted by lucky samples.
 
 #include <cstddef>
 #include <cstdint>
@@ -41,6 +47,7 @@ struct ControllerOptions {
   std::size_t probe_after = 16;
   double probe_step = 0.1;
   std::size_t max_buckets = 16;
+  std::size_t verify_every = 16; // batches at the knee between two neighbour measurements
 };
 
 class SizingController final : public SizingPolicy {
@@ -65,6 +72,9 @@ private:
   Bucket &bucket(std::uint64_t key);
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
   std::size_t decide(const Ceilings &limit) const;
+  // The next neighbour of `knee` to measure (alternating below and above), or 0 for none.
+  std::size_t neighbour(std::size_t knee, std::size_t hard) const;
+  void plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size);
   std::size_t clamp(double size) const;
 
   const ControllerOptions options_;
@@ -84,6 +94,10 @@ private:
   std::uint64_t reclaimable_bytes_ = 0;
   double boost_ = 1.0; // growth past the knee while utilization stays low
   double last_utilization_ = 0.0;
+  std::size_t since_verified_ = 0; // batches since the last neighbour measurement
+  std::size_t verify_size_ = 0;    // a neighbour to measure next; 0: none
+  std::size_t verify_waited_ = 0;  // batches that came back at another size meanwhile
+  bool verify_above_ = false;      // which neighbour comes next
   SizingInputs last_inputs_;
 };
 
