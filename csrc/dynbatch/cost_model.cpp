@@ -7,7 +7,8 @@
 
 namespace dynbatch {
 
-LinearFit::LinearFit(Robust robust, std::size_t history) : robust_(robust), history_(history) {
+LinearFit::LinearFit(Robust robust, std::size_t history, bool binned)
+    : robust_(robust), history_(history), binned_(binned) {
   if (history < 2) {
     throw std::invalid_argument("LinearFit: history must be at least 2");
   }
@@ -25,9 +26,20 @@ double LinearFit::representative(const Point &point) const {
   return point.filled % 2 == 1 ? values[half] : 0.5 * (values[half - 1] + values[half]);
 }
 
+double LinearFit::x_of(const Point &point) noexcept {
+  double sum = 0.0;
+  for (std::size_t i = 0; i < point.filled; ++i) {
+    sum += point.recent_x[i];
+  }
+  return point.filled > 0 ? sum / static_cast<double>(point.filled) : 0.0;
+}
+
 void LinearFit::add(double x, double y) {
   ++count_;
-  Point &point = points_[x];
+  constexpr double bins_per_octave = 8.0;
+  const double key = binned_ && x > 0.0 ? std::round(std::log2(x) * bins_per_octave) : x;
+  Point &point = points_[key];
+  point.recent_x[point.next] = x;
   point.recent[point.next] = y;
   point.next = (point.next + 1) % window();
   point.filled = std::min(point.filled + 1, window());
@@ -48,7 +60,7 @@ void LinearFit::add(double x, double y) {
 double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
   const auto ratio = [&](const auto &entry) {
     const double y = representative(entry.second);
-    return y > 0.0 ? entry.first / y : 0.0;
+    return y > 0.0 ? x_of(entry.second) / y : 0.0;
   };
   const auto error = [&](const auto &entry) {
     return 2.0 * spread_ / std::sqrt(static_cast<double>(entry.second.filled));
@@ -59,10 +71,21 @@ double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
   }
   for (const auto &entry : points_) { // ordered by x: the first that qualifies is the smallest
     if (ratio(entry) * (1.0 + error(entry)) >= (1.0 - tolerance) * best) {
-      return entry.first;
+      return x_of(entry.second);
     }
   }
   return 0.0;
+}
+
+double LinearFit::largest_relative_residual() const noexcept {
+  double largest = 0.0;
+  for (const auto &[key, point] : points_) {
+    const double y = representative(point);
+    if (y > 0.0) {
+      largest = std::max(largest, std::abs(y - (intercept_ + slope_ * x_of(point))) / y);
+    }
+  }
+  return largest;
 }
 
 void LinearFit::measure_spread() {
@@ -71,7 +94,7 @@ void LinearFit::measure_spread() {
     return;
   }
   std::vector<double> deviations;
-  for (const auto &[x, point] : points_) {
+  for (const auto &[key, point] : points_) {
     if (point.filled < 2) {
       continue;
     }
@@ -92,7 +115,8 @@ void LinearFit::measure_spread() {
 void LinearFit::refit() {
   measure_spread();
   if (points_.size() == 1) {
-    const auto &[x, point] = *points_.begin();
+    const Point &point = points_.begin()->second;
+    const double x = x_of(point);
     intercept_ = 0.0;
     slope_ = x != 0.0 ? representative(point) / x : 0.0;
     return;
@@ -102,7 +126,8 @@ void LinearFit::refit() {
     return robust_ == Robust::median && y > 0.0 ? 1.0 / (y * y) : 1.0;
   };
   double total = 0.0, mean_x = 0.0, mean_y = 0.0;
-  for (const auto &[x, point] : points_) {
+  for (const auto &[key, point] : points_) {
+    const double x = x_of(point);
     const double y = representative(point);
     const double w = weight(y);
     total += w;
@@ -112,7 +137,8 @@ void LinearFit::refit() {
   mean_x /= total;
   mean_y /= total;
   double sxx = 0.0, sxy = 0.0;
-  for (const auto &[x, point] : points_) {
+  for (const auto &[key, point] : points_) {
+    const double x = x_of(point);
     const double y = representative(point);
     const double w = weight(y);
     sxx += w * (x - mean_x) * (x - mean_x);

@@ -25,11 +25,13 @@ namespace dynbatch {
 // A point not measured again within `history` additions is forgotten, oldest first, so a
 // drifting workload is followed; the two most recent points always stay, so a size held for
 // long keeps its line.
+// Binned (for x that rarely repeats exactly, such as the padded tokens of a batch): x values
+// within 9% of each other (bins of 2^(1/8)) share a point, whose x is the mean of its recent x.
 class LinearFit {
 public:
   enum class Robust { median, high };
 
-  explicit LinearFit(Robust robust, std::size_t history = 64);
+  explicit LinearFit(Robust robust, std::size_t history = 64, bool binned = false);
 
   void add(double x, double y);
   std::size_t count() const noexcept { return count_; }
@@ -50,12 +52,15 @@ public:
   // estimate: the median absolute relative deviation from each x's median); 0 before any x has
   // two measurements, and always 0 for Robust::high.
   double relative_spread() const noexcept { return spread_; }
+  // How far the line misses the worst point, relative to the point (0 without points).
+  double largest_relative_residual() const noexcept;
 
 private:
   static constexpr std::size_t median_window = 5;
   static constexpr std::size_t high_window = 3;
   struct Point {
     std::array<double, median_window> recent{};
+    std::array<double, median_window> recent_x{};
     std::size_t filled = 0;
     std::size_t next = 0;
     std::uint64_t last_added = 0;
@@ -64,11 +69,13 @@ private:
     return robust_ == Robust::median ? median_window : high_window;
   }
   double representative(const Point &point) const;
+  static double x_of(const Point &point) noexcept;
   void refit();
   void measure_spread();
 
   Robust robust_;
   std::size_t history_;
+  bool binned_;
   std::map<double, Point> points_;
   std::uint64_t count_ = 0;
   double intercept_ = 0.0;
@@ -76,11 +83,12 @@ private:
   double spread_ = 0.0;
 };
 
-// Per input-shape bucket: latency L(n) = a + b*n (ns) and peak memory M(n) = m0 + m1*n (bytes).
+// Per input-shape bucket: latency L(n) = a + b*n (ns) and peak memory M(n) = m0 + m1*n (bytes),
+// n in samples, or in padded tokens (binned) for padded layouts.
 struct CostModel {
-  explicit CostModel(std::size_t history)
-      : latency_ns(LinearFit::Robust::median, history),
-        memory_bytes(LinearFit::Robust::high, history) {}
+  explicit CostModel(std::size_t history, bool binned = false)
+      : latency_ns(LinearFit::Robust::median, history, binned),
+        memory_bytes(LinearFit::Robust::high, history, binned) {}
   LinearFit latency_ns;
   LinearFit memory_bytes;
 };

@@ -84,6 +84,7 @@ class BatchFeedback:
         reclaimable_bytes: int = 0,
         out_of_memory: bool = False,
         bucket: int = 0,
+        tokens: int = 0,
     ) -> None: ...
 
 class SizingPolicy:
@@ -95,6 +96,7 @@ class SizingPolicy:
         memory_total_bytes: int = 0,
         utilization: float = 0.0,
         bucket: int = 0,
+        longest: int = 0,
     ) -> int: ...
     def on_feedback(self, feedback: BatchFeedback) -> None: ...
     def state(self) -> dict[str, Any]: ...
@@ -112,6 +114,7 @@ class SizingController(SizingPolicy):
         history: int = 64,
         probe_after: int = 16,
         probe_step: float = 0.1,
+        tokens: bool = False,
     ) -> None: ...
 
 class StatsRecorder:

@@ -256,6 +256,8 @@ class DynamicBatchProcessor:
             # A GPU's utilization says whether it has compute to spare; a host's does not
             # (other processes, the loader's own threads).
             utilization_target=_GPU_UTILIZATION_TARGET if on_gpu else 0.0,
+            # Padding: a batch costs its padded tokens; the controller picks a token budget.
+            tokens=collate == "pad",
         )
         self._final_telemetry: dict[str, Any] | None = None
         self._oom_types: tuple[type[BaseException], ...] = (

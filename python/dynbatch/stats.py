@@ -110,6 +110,10 @@ class Stats:
     queued: int = 0  # requests waiting right now
     # collate="pad": real rows / rows after padding, over every padded batch (1.0: none).
     padding_efficiency: float = 1.0
+    # collate="pad": the padded tokens (samples x padded length) the sizing allows a batch; its
+    # latency and memory lines are then per token, and the ceilings above are samples of the
+    # longest length seen. 0: sizes are sample counts.
+    token_budget: int = 0
     memory_available_bytes: int = 0  # the latest reading
     # Prometheus-style histograms (totals, not the window): the caller's (or model's) time per
     # call (a batch, or each part of a split one), and each priority's queue wait.
@@ -200,6 +204,7 @@ class Stats:
                 if int(snapshot["padded_rows"])
                 else 1.0
             ),
+            token_budget=int(sizing.get("token_budget", 0)),
             memory_available_bytes=int(telemetry.get("available_bytes", 0)),
             compute_histogram=DurationHistogram._from_core(snapshot["compute_time"]),
             queue_wait_histograms={
@@ -280,6 +285,8 @@ class Stats:
             ("staging buffers", _mib(self.staging_bytes)),
             ("telemetry", self.telemetry_source),
         ]
+        if self.token_budget:
+            rows.append(("token budget (padded tokens per batch)", f"{self.token_budget:,}"))
         if self.padding_efficiency < 1.0:
             rows.append(("padding efficiency (real / padded)", f"{self.padding_efficiency:.1%}"))
         if any(self.released_by.values()) or self.priorities:

@@ -160,6 +160,17 @@ TEST_CASE(the_best_ratio_allows_for_the_measured_noise) {
   CHECK_NEAR(noisy.smallest_x_near_best_ratio(0.05), 400.0);
 }
 
+TEST_CASE(residual_says_how_far_the_line_misses_a_point) {
+  LinearFit fit(LinearFit::Robust::median);
+  CHECK_NEAR(fit.largest_relative_residual(), 0.0);
+  for (const double x : {1.0, 4.0, 16.0}) {
+    fit.add(x, 10.0 + 2.0 * x);
+  }
+  CHECK_LT(fit.largest_relative_residual(), 1e-12);
+  fit.add(64.0, 0.5 * (10.0 + 2.0 * 64.0)); // per-sample cost halves at 64: off the line
+  CHECK_GT(fit.largest_relative_residual(), 0.2);
+}
+
 TEST_CASE(high_fit_takes_the_max_of_the_last_three_values) {
   LinearFit fit(LinearFit::Robust::high);
   fit.add(1.0, 110.0);

@@ -47,7 +47,8 @@ struct Device {
   bool report_peak = true;     // false: peak_memory_bytes = 0 (unknown)
   double utilization = 0.0;
   std::uint64_t bucket = 0;
-  std::size_t bytes_per_sample = 1024; // staged host bytes: small, never the binding limit
+  // Staged host bytes: never the binding limit, and large enough that exploring starts at min.
+  std::size_t bytes_per_sample = 1024 * 1024;
 
   double latency(std::size_t n) const { return a_ns + b_ns * static_cast<double>(n); }
   double memory(std::size_t n) const { return m0 + m1 * static_cast<double>(n); }
@@ -210,7 +211,7 @@ TEST_CASE(constructor_rejects_bad_options) {
 }
 
 // (a)
-TEST_CASE(starts_at_min_and_doubles_while_exploring) {
+TEST_CASE(explores_from_the_staged_size_growing_4x) {
   const ControllerOptions o = options(3, 4096);
   SizingController controller(o);
   const SizingState fresh = controller.state();
@@ -219,22 +220,33 @@ TEST_CASE(starts_at_min_and_doubles_while_exploring) {
   CHECK_EQ(fresh.ooms, 0u);
   CHECK_EQ(fresh.oom_ceiling, 4096u);
 
-  Driver driver{controller, knee_device()};
+  Driver driver{controller, knee_device()}; // 1 MiB samples: from min
   const std::size_t knee = knee_of(driver.device, o);
   REQUIRE(knee == 301u);
-  // 3, 6, .., 192 are below the knee; 384 is the first size past it, which ends exploring.
-  for (std::size_t i = 0; i < 8; ++i) {
+  // 3, 12, 48, 192 are below the knee; 768 is the first size past it, which ends exploring.
+  for (std::size_t i = 0; i < 5; ++i) {
     CHECK(controller.state().exploring);
-    CHECK_EQ(driver.step(), std::size_t{3} << i);
+    CHECK_EQ(driver.step(), std::size_t{3} << (2 * i));
   }
   CHECK(!controller.state().exploring);
   CHECK_EQ(controller.state().knee, knee);
   driver.steps(15); // before the first neighbour is measured (verify_every = 16)
-  for (std::size_t i = 8; i < driver.sizes.size(); ++i) {
+  for (std::size_t i = 5; i < driver.sizes.size(); ++i) {
     CHECK_EQ(driver.sizes[i], knee);
   }
   CHECK_EQ(driver.unstable_asks, 0u);
   CHECK_EQ(driver.ooms, 0u);
+
+  // Samples of 1 KiB: exploring starts at the ladder rung that stages 64 KiB, 48 (3 * 16).
+  SizingController small(o);
+  Driver from_bytes{small, knee_device()};
+  from_bytes.device.bytes_per_sample = 1024;
+  CHECK_EQ(from_bytes.step(), 48u);
+  CHECK_EQ(from_bytes.step(), 192u);
+  CHECK_EQ(from_bytes.step(), 768u);
+  CHECK(!small.state().exploring);
+  CHECK_EQ(from_bytes.step(), knee);
+  CHECK_EQ(from_bytes.unstable_asks, 0u);
 }
 
 TEST_CASE(asking_twice_returns_the_same_size) {
@@ -247,7 +259,8 @@ TEST_CASE(asking_twice_returns_the_same_size) {
   Driver driver{controller, knee_device()};
   driver.device.utilization = 0.3;
   driver.device.report_peak = false;
-  driver.device.available = driver.device.memory(400); // an OOM on the way up, at 512
+  driver.device.bytes_per_sample = 1024; // the staged-bytes limit stays out of the way
+  driver.device.available = driver.device.memory(400); // an OOM on the way up, at the SLO (600)
   driver.steps(60);
   driver.device.utilization = 0.95;
   driver.steps(30);
@@ -315,7 +328,7 @@ TEST_CASE(latency_slo_caps_the_size) {
     std::size_t over_slo = 0;
     for (std::size_t b = 0; b < 300; ++b) {
       const std::size_t n = driver.step();
-      // The first two batches (sizes 1 and 2) give the model its two sizes.
+      // The first two batches (sizes 1 and 4) give the model its two sizes.
       over_slo += (b >= 2 && n > slo_limit) ? 1 : 0;
     }
     CHECK_EQ(over_slo, 0u);
@@ -339,7 +352,7 @@ TEST_CASE(oom_halves_the_ceiling_then_creeps_back_below_the_failed_size) {
   d.total = 8 * gib;
   d.available = 8 * gib;
   REQUIRE(d.fits(255) && !d.fits(256)); // 520 + 30 * 255 = 8170 <= 8192 < 8200 MiB
-  // Exploring 1, 2, .., 128 fit; 256 does not.
+  // Exploring 1, 4, 16, 64 fit; 256 does not.
   std::size_t failed = 0;
   for (int b = 0; b < 12 && failed == 0; ++b) {
     const std::size_t n = driver.step();
@@ -348,17 +361,17 @@ TEST_CASE(oom_halves_the_ceiling_then_creeps_back_below_the_failed_size) {
   REQUIRE(failed == 256u);
   SizingState state = controller.state();
   CHECK_EQ(state.ooms, 1u);
-  CHECK_EQ(state.oom_ceiling, 128u);
+  CHECK_EQ(state.oom_ceiling, 64u);
   CHECK(!state.exploring);
-  // 16 good batches at the ceiling raise it by 10 %: ceil(128 * 1.1) = 141.
+  // 16 good batches at the ceiling raise it by 10 %: ceil(64 * 1.1) = 71.
   for (std::size_t b = 1; b < o.probe_after; ++b) {
-    CHECK_EQ(driver.step(), 128u);
+    CHECK_EQ(driver.step(), 64u);
   }
-  CHECK_EQ(controller.state().oom_ceiling, 128u);
-  CHECK_EQ(driver.step(), 128u);
-  CHECK_EQ(controller.state().oom_ceiling, 141u);
-  CHECK_EQ(driver.step(), 141u);
-  // 141, 156, 172, 190, 209, 230, 253, then 255: never the size that failed.
+  CHECK_EQ(controller.state().oom_ceiling, 64u);
+  CHECK_EQ(driver.step(), 64u);
+  CHECK_EQ(controller.state().oom_ceiling, 71u);
+  CHECK_EQ(driver.step(), 71u);
+  // 71, 79, 87, .., 211, 233, then 255: never the size that failed.
   const std::size_t after = driver.sizes.size();
   driver.steps(300);
   std::size_t largest = 0;
@@ -384,8 +397,8 @@ TEST_CASE(failed_probes_fall_back_to_the_largest_success_and_back_off) {
   d.total = 8 * gib;
   d.available = 520 * mib + 30 * mib * 245.5;
   REQUIRE(d.fits(245) && !d.fits(246));
-  // OOM at 256 (exploring), ceiling 128; creeping 141, 156, 172, 190, 210, 232, then 255
-  // fails: the ceiling falls to 232, the largest size that worked below 255.
+  // OOM at 256 (exploring), ceiling 64; creeping 71, 79, 87, 96, .., 191, 211, 233, then 255
+  // fails: the ceiling falls to 233, the largest size that worked below 255.
   std::vector<std::size_t> oom_at;
   std::size_t largest_success = 0;
   for (std::size_t b = 0; b < 1200; ++b) {
@@ -398,7 +411,7 @@ TEST_CASE(failed_probes_fall_back_to_the_largest_success_and_back_off) {
     oom_at.push_back(b);
     if (oom_at.size() == 2) {
       CHECK_EQ(n, 255u);
-      CHECK_EQ(largest_success, 232u);
+      CHECK_EQ(largest_success, 233u);
       CHECK_EQ(controller.state().oom_ceiling, largest_success);
     }
   }
@@ -591,7 +604,7 @@ TEST_CASE(low_utilization_boosts_past_the_knee_up_to_the_memory_limit) {
   REQUIRE(knee == 301u);
   REQUIRE(ceiling == 1037u);
   Driver driver{controller, d};
-  driver.steps(10); // exploring: 1, 2, .., 512 (the first size past the knee)
+  driver.steps(10); // exploring: 1, 4, .., 1024 (the first size past the knee), boosted
   CHECK(!controller.state().exploring);
   driver.steps(20);
   // Boosted by 1.25 a batch: 376, 470, 587, 734, 918, then the memory limit.
@@ -656,7 +669,7 @@ TEST_CASE(memory_drop_after_a_long_hold_does_not_oom) {
   CHECK_EQ(driver.sizes.back(), memory_limit(driver.device, o));
 }
 
-// Exploring doubles explore_size past the memory limit (1024 -> 2048 > 1044); the batches then
+// Exploring grows explore_size past the memory limit (1024 -> 4096 > 1044); the batches then
 // run at the limit, below explore_size, so `size >= explore_size_` never holds again and the
 // controller reports exploring forever (and never applies the utilization boost).
 TEST_CASE(exploring_ends_at_a_memory_limit) {
@@ -668,8 +681,8 @@ TEST_CASE(exploring_ends_at_a_memory_limit) {
   CHECK(!controller.state().exploring);
 }
 
-// One noisy batch while exploring does not end it. Here the second batch (size 2) is measured
-// 3x slower than it is (as when it ran while another thread held the GIL): with two sizes,
+// One noisy batch while exploring does not end it. Here the second batch (size 4) is measured
+// 5x slower than it is (as when it ran while another thread held the GIL): with two sizes,
 // size 1 looks best and the knee landed at 1, where it stayed (nothing bigger was measured
 // again). A third size is measured before exploring may stop, and the true knee (301) is found.
 TEST_CASE(a_noisy_batch_while_exploring_does_not_end_it_at_the_smallest_size) {
@@ -678,12 +691,12 @@ TEST_CASE(a_noisy_batch_while_exploring_does_not_end_it_at_the_smallest_size) {
   Driver driver{controller, knee_device()};
   CHECK_EQ(driver.step(), 1u);
   const SizingInputs in = driver.device.inputs();
-  CHECK_EQ(controller.next_batch_size(in), 2u);
-  BatchFeedback slow = driver.device.run(2);
-  slow.compute_ns *= 3;
+  CHECK_EQ(controller.next_batch_size(in), 4u);
+  BatchFeedback slow = driver.device.run(4);
+  slow.compute_ns *= 5;
   controller.on_feedback(slow);
   CHECK(controller.state().exploring);
-  CHECK_EQ(controller.next_batch_size(in), 4u);
+  CHECK_EQ(controller.next_batch_size(in), 16u);
   driver.steps(100); // the noisy point bends the line until it is forgotten (64 additions)
   const std::size_t knee = knee_of(driver.device, o);
   CHECK_GE(driver.sizes.back(), lower10(knee));
@@ -697,12 +710,12 @@ TEST_CASE(the_knee_s_neighbours_are_measured_again_in_turn) {
   const ControllerOptions o = options(1, 4096);
   SizingController controller(o);
   Driver driver{controller, knee_device()};
-  driver.steps(10); // 1 .. 512 exploring, then the knee
+  driver.steps(6); // 1, 4, .., 1024 exploring, then the knee
   driver.steps(17 * 6);
   std::vector<std::size_t> off;
-  for (std::size_t i = 10; i < driver.sizes.size(); ++i) {
+  for (std::size_t i = 6; i < driver.sizes.size(); ++i) {
     if (driver.sizes[i] != 301u) {
-      CHECK_EQ(i % 17, 8u); // after 16 batches (the last exploring one counts): 25, 42, ..
+      CHECK_EQ(i % 17, 4u); // after 16 batches (the last exploring one counts): 21, 38, ..
       off.push_back(driver.sizes[i]);
     }
   }
@@ -713,7 +726,7 @@ TEST_CASE(the_knee_s_neighbours_are_measured_again_in_turn) {
   SizingController memory_bound(o);
   Driver by_memory{memory_bound, memory_device()};
   by_memory.steps(200);
-  CHECK_EQ(by_memory.settled_from(1044, 1044), 11u);
+  CHECK_EQ(by_memory.settled_from(1044, 1044), 6u); // 1, 4, 16, 64, 256, 1024, then 1044
   ControllerOptions with_slo = options(1, 4096);
   Device device = knee_device();
   with_slo.latency_slo_ns = static_cast<Nanoseconds>(device.latency(0) + device.b_ns * 200.5);
@@ -722,6 +735,60 @@ TEST_CASE(the_knee_s_neighbours_are_measured_again_in_turn) {
   by_slo.steps(200);
   CHECK_EQ(by_slo.sizes.back(), 200u);
   CHECK_LE(by_slo.settled_from(200, 200), 12u);
+}
+
+// Padded layouts: the controller learns over padded tokens and returns a token budget; the
+// sample count is only capped (max_batch_size). Device: 2 ms + 1 us per padded token, samples of
+// 100 tokens (8 bytes each): the knee is at 0.95 * 2e6 / (0.05 * 1e3) = 38,000 tokens.
+TEST_CASE(padded_layouts_are_sized_in_tokens) {
+  ControllerOptions o = options(1, 1024);
+  o.tokens = true;
+  SizingController controller(o);
+  SizingInputs in = knee_device().inputs();
+  in.longest = 100;
+  in.bytes_per_sample = 800;
+  std::vector<std::size_t> budgets;
+  for (int i = 0; i < 80; ++i) {
+    CHECK_EQ(controller.next_batch_size(in), 1024u); // samples: only the cap
+    const std::size_t budget = controller.token_budget(in);
+    budgets.push_back(budget);
+    BatchFeedback feedback;
+    feedback.batch_size = std::min<std::size_t>(1024, std::max<std::size_t>(budget / 100, 1));
+    feedback.tokens = feedback.batch_size * 100;
+    feedback.compute_ns =
+        static_cast<Nanoseconds>(2e6 + 1e3 * static_cast<double>(feedback.tokens));
+    controller.on_feedback(feedback);
+  }
+  // Exploring from the power of two that stages 64 KiB, within 64 samples' worth (6,400): 4096,
+  // then 4x.
+  CHECK_EQ(budgets[0], 4096u);
+  CHECK_EQ(budgets[1], 16384u);
+  CHECK_EQ(budgets[2], 65536u);
+  const SizingState state = controller.state();
+  CHECK(!state.exploring);
+  CHECK_GE(state.token_budget, 36'000u);
+  CHECK_LE(state.token_budget, 40'000u);
+  CHECK_EQ(state.knee, state.token_budget / 100); // ceilings read as samples of the longest
+  CHECK_EQ(state.target, 1024u);
+  // An out-of-memory report by sample count (no tokens) is read at the last tokens per sample:
+  // 300 samples of 100 tokens failed, so the ceiling is the largest budget that worked below.
+  BatchFeedback failed;
+  failed.batch_size = 300;
+  failed.out_of_memory = true;
+  controller.on_feedback(failed);
+  CHECK_LT(controller.token_budget(in), 30'000u);
+  CHECK_EQ(controller.state().oom_ceiling, controller.token_budget(in) / 100);
+
+  // A fixed size (min == max) is never cut by a budget: 8 samples of the longest always fit.
+  ControllerOptions fixed = options(8, 8);
+  fixed.tokens = true;
+  SizingController fixed_size(fixed);
+  CHECK_EQ(fixed_size.token_budget(in), 800u);
+  CHECK_EQ(fixed_size.next_batch_size(in), 8u);
+  // Sample counts without tokens: no budget.
+  SizingController by_samples(options(1, 1024));
+  CHECK_EQ(by_samples.token_budget(in), 0u);
+  CHECK_EQ(by_samples.state().token_budget, 0u);
 }
 
 // Timing noise: every compute time is multiplied by (1 + sigma * z), z standard normal from a
