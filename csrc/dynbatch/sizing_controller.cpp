@@ -16,7 +16,7 @@ constexpr std::size_t knee_evidence = 3; // distinct sizes measured before explo
 // the small sizes cost more than they teach.
 // At most explore_start_cap (and max / explore_start_share): three sizes must still be measured
 // below the maximum, or the knee of a cheap model would never be seen.
-constexpr std::size_t explore_start_bytes = 64 * 1024;
+constexpr std::size_t explore_start_bytes = 256 * 1024;
 constexpr std::size_t explore_start_cap = 64;
 constexpr std::size_t explore_start_share = 16;
 constexpr double explore_growth = 4.0;

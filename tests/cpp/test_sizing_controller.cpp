@@ -237,7 +237,8 @@ TEST_CASE(explores_from_the_staged_size_growing_4x) {
   CHECK_EQ(driver.unstable_asks, 0u);
   CHECK_EQ(driver.ooms, 0u);
 
-  // Samples of 1 KiB: exploring starts at the ladder rung that stages 64 KiB, 48 (3 * 16).
+  // Samples of 1 KiB: exploring starts at the ladder rung that stages up to 256 KiB, within 64
+  // samples: 48 (3 * 16).
   SizingController small(o);
   Driver from_bytes{small, knee_device()};
   from_bytes.device.bytes_per_sample = 1024;
@@ -759,7 +760,7 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
         static_cast<Nanoseconds>(2e6 + 1e3 * static_cast<double>(feedback.tokens));
     controller.on_feedback(feedback);
   }
-  // Exploring from the power of two that stages 64 KiB, within 64 samples' worth (6,400): 4096,
+  // Exploring from the power of two that stages 256 KiB, within 64 samples' worth (6,400): 4096,
   // then 4x.
   CHECK_EQ(budgets[0], 4096u);
   CHECK_EQ(budgets[1], 16384u);
