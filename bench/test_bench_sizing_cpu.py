@@ -16,8 +16,9 @@ The machine is shared and small (other jobs come and go), so the figures report.
 come from an interleaved sweep: round after round, every entry once per round in a rotating
 order (5 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
 (and shows the best rounds' ratio), of wall time in the table and of this process's CPU time
-(``time.process_time``, steadier when other jobs share the cores) in the verdict line. Each test then also times its own entry with
-pytest-benchmark (3 rounds; tiny: 1), for the usual table. Outputs are checked against a
+(``time.process_time``, steadier when other jobs share the cores) in the verdict line. Each
+test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual
+table. Outputs are checked against a
 reference, untimed.
 """
 

