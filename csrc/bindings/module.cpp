@@ -54,6 +54,55 @@ py::dict state_to_dict(const SizingState &state) {
   return out;
 }
 
+// LearnedState as plain data (JSON-able): {"buckets": [{"key", "latency": [[x, y], ..],
+// "memory": [..]}], "oom_ceiling", "failed_size", "longest"}.
+py::dict learned_to_dict(const LearnedState &learned) {
+  const auto points = [](const std::vector<std::pair<double, double>> &line) {
+    py::list out;
+    for (const auto &[x, y] : line) {
+      out.append(py::make_tuple(x, y));
+    }
+    return out;
+  };
+  py::list buckets;
+  for (const LearnedState::Bucket &bucket : learned.buckets) {
+    py::dict entry;
+    entry["key"] = bucket.key;
+    entry["latency"] = points(bucket.latency);
+    entry["memory"] = points(bucket.memory);
+    buckets.append(entry);
+  }
+  py::dict out;
+  out["buckets"] = buckets;
+  out["oom_ceiling"] = learned.oom_ceiling;
+  out["failed_size"] = learned.failed_size;
+  out["longest"] = learned.longest;
+  return out;
+}
+
+LearnedState learned_from_dict(const py::dict &in) {
+  const auto points = [](const py::handle &line) {
+    std::vector<std::pair<double, double>> out;
+    for (const py::handle &point : line) {
+      const auto pair = point.cast<std::vector<double>>();
+      if (pair.size() != 2) {
+        throw py::value_error("learned state: a point must be [size, value]");
+      }
+      out.emplace_back(pair[0], pair[1]);
+    }
+    return out;
+  };
+  LearnedState learned;
+  for (const py::handle &bucket : in["buckets"]) {
+    learned.buckets.push_back(
+        {bucket["key"].cast<std::uint64_t>(), points(bucket["latency"]), points(bucket["memory"])});
+  }
+  learned.oom_ceiling = in["oom_ceiling"].cast<std::size_t>();
+  learned.failed_size = in["failed_size"].cast<std::size_t>();
+  learned.longest = in["longest"].cast<std::size_t>();
+  return learned;
+}
+
 // Prometheus-style cumulative buckets at every power of two from ~1 us to ~69 s (exact: octave
 // edges are bucket edges), with the count and the sum.
 py::dict histogram_buckets(const LatencyHistogram &histogram) {
@@ -220,7 +269,17 @@ PYBIND11_MODULE(_core, m) {
            py::arg("latency_slo_ms") = py::none(), py::arg("knee_tolerance") = 0.05,
            py::arg("memory_margin_fraction") = 0.05, py::arg("staged_memory_fraction") = 0.25,
            py::arg("utilization_target") = 0.0, py::arg("history") = 64,
-           py::arg("probe_after") = 16, py::arg("probe_step") = 0.1, py::arg("tokens") = false);
+           py::arg("probe_after") = 16, py::arg("probe_step") = 0.1, py::arg("tokens") = false)
+      .def("export_state",
+           [](const SizingController &controller) {
+             return learned_to_dict(controller.export_state());
+           })
+      .def(
+          "import_state",
+          [](SizingController &controller, const py::dict &learned) {
+            controller.import_state(learned_from_dict(learned));
+          },
+          py::arg("learned"));
 
   py::class_<StatsRecorder, std::shared_ptr<StatsRecorder>>(m, "StatsRecorder")
       .def(py::init<std::size_t>(), py::arg("ring_capacity") = 4096)

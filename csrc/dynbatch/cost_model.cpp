@@ -88,6 +88,15 @@ double LinearFit::largest_relative_residual() const noexcept {
   return largest;
 }
 
+std::vector<std::pair<double, double>> LinearFit::points() const {
+  std::vector<std::pair<double, double>> out;
+  out.reserve(points_.size());
+  for (const auto &[key, point] : points_) {
+    out.emplace_back(x_of(point), representative(point));
+  }
+  return out;
+}
+
 void LinearFit::measure_spread() {
   spread_ = 0.0;
   if (robust_ != Robust::median) {

@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <utility>
+#include <vector>
 
 namespace dynbatch {
 
@@ -54,6 +56,9 @@ public:
   double relative_spread() const noexcept { return spread_; }
   // How far the line misses the worst point, relative to the point (0 without points).
   double largest_relative_residual() const noexcept;
+  // One (x, representative y) per point, by x: what a profile keeps. Adding them to a fresh
+  // fit gives the same line (each as one measurement).
+  std::vector<std::pair<double, double>> points() const;
 
 private:
   static constexpr std::size_t median_window = 5;

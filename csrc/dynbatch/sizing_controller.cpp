@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 namespace dynbatch {
 namespace {
@@ -323,6 +324,62 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
       boost_ = std::max(1.0, boost_ / boost_step);
     }
   }
+}
+
+LearnedState SizingController::export_state() const {
+  std::lock_guard lock(mutex_);
+  LearnedState learned;
+  for (const auto &[key, entry] : buckets_) {
+    learned.buckets.push_back(
+        {key, entry.model.latency_ns.points(), entry.model.memory_bytes.points()});
+  }
+  const bool has_ceiling = oom_ceiling_ < (options_.tokens ? std::numeric_limits<std::size_t>::max()
+                                                           : options_.max_batch_size);
+  learned.oom_ceiling = has_ceiling ? oom_ceiling_ : 0;
+  learned.failed_size = failed_size_;
+  learned.longest = longest_;
+  return learned;
+}
+
+void SizingController::import_state(const LearnedState &learned) {
+  std::lock_guard lock(mutex_);
+  if (learned.buckets.size() > options_.max_buckets) {
+    throw std::invalid_argument(
+        "SizingController::import_state: " + std::to_string(learned.buckets.size()) +
+        " buckets, more than max_buckets");
+  }
+  buckets_.clear();
+  for (const LearnedState::Bucket &saved : learned.buckets) {
+    Bucket &entry =
+        buckets_.emplace(saved.key, Bucket{CostModel(options_.history, options_.tokens), 0})
+            .first->second;
+    entry.last_used = ++uses_;
+    for (const auto &[x, y] : saved.latency) {
+      if (!(x > 0.0 && y > 0.0)) {
+        throw std::invalid_argument("SizingController::import_state: latency points must be "
+                                    "positive");
+      }
+      entry.model.latency_ns.add(x, y);
+    }
+    for (const auto &[x, y] : saved.memory) {
+      if (!(x > 0.0 && y > 0.0)) {
+        throw std::invalid_argument("SizingController::import_state: memory points must be "
+                                    "positive");
+      }
+      entry.model.memory_bytes.add(x, y);
+    }
+  }
+  if (learned.oom_ceiling != 0) {
+    oom_ceiling_ = learned.oom_ceiling;
+    largest_success_ = learned.oom_ceiling;
+  }
+  failed_size_ = learned.failed_size;
+  longest_ = std::max(longest_, learned.longest);
+  // Start where the lines say and verify from there (the knee's neighbours, as usual).
+  exploring_ = false;
+  measured_ = true;
+  since_verified_ = 0;
+  verify_size_ = 0;
 }
 
 SizingState SizingController::state() const {

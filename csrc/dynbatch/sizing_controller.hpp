@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "dynbatch/cost_model.hpp"
 #include "dynbatch/sizing_policy.hpp"
@@ -57,6 +59,19 @@ struct ControllerOptions {
   bool tokens = false;
 };
 
+// What a controller has learned, to start another one from it (a profile of a past run).
+struct LearnedState {
+  struct Bucket {
+    std::uint64_t key = 0;
+    std::vector<std::pair<double, double>> latency; // (size, ns): the latency line's points
+    std::vector<std::pair<double, double>> memory;  // (size, bytes)
+  };
+  std::vector<Bucket> buckets;
+  std::size_t oom_ceiling = 0; // 0: none
+  std::size_t failed_size = 0; // smallest size that ran out of memory; 0: none
+  std::size_t longest = 0;     // tokens: the longest length seen
+};
+
 class SizingController final : public SizingPolicy {
 public:
   explicit SizingController(const ControllerOptions &options);
@@ -65,6 +80,12 @@ public:
   std::size_t token_budget(const SizingInputs &inputs) override;
   void on_feedback(const BatchFeedback &feedback) override;
   SizingState state() const override;
+
+  // Thread-safe. import_state() replaces what was learned: the controller then starts at the
+  // size the imported lines give and only verifies it (no exploring); an OOM ceiling and a
+  // failed size are kept, so a past out-of-memory error is not repeated.
+  LearnedState export_state() const;
+  void import_state(const LearnedState &learned);
 
 private:
   struct Bucket {

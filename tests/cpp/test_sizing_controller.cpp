@@ -792,6 +792,46 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
   CHECK_EQ(by_samples.state().token_budget, 0u);
 }
 
+// A profile: what one controller learned starts another at the learned size, without
+// exploring; an OOM ceiling comes along; bad points are refused.
+TEST_CASE(a_controller_restored_from_exported_state_starts_at_the_learned_size) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController first(o);
+  Driver learning{first, knee_device()};
+  learning.steps(30);
+  const dynbatch::LearnedState learned = first.export_state();
+  REQUIRE(learned.buckets.size() == 1u);
+  CHECK_GE(learned.buckets[0].latency.size(), 3u);
+  CHECK_EQ(learned.oom_ceiling, 0u);
+
+  SizingController second(o);
+  second.import_state(learned);
+  CHECK(!second.state().exploring);
+  Driver verifying{second, knee_device()};
+  verifying.steps(16);
+  for (const std::size_t n : verifying.sizes) {
+    CHECK_EQ(n, 301u); // the knee from the first batch on
+  }
+  CHECK_EQ(verifying.unstable_asks, 0u);
+
+  // An out-of-memory ceiling is part of what was learned.
+  SizingController failing(o);
+  Driver oom{failing, memory_device()};
+  oom.device.report_peak = false;
+  oom.device.available = oom.device.memory(300);
+  oom.steps(12); // 1, 4, 16, 64, 256, then ~1000 (the staged-bytes limit) fails: ceiling 256
+  const dynbatch::LearnedState with_ceiling = failing.export_state();
+  CHECK_EQ(with_ceiling.oom_ceiling, 256u);
+  CHECK_GT(with_ceiling.failed_size, 300u);
+  SizingController careful(o);
+  careful.import_state(with_ceiling);
+  CHECK_LE(careful.next_batch_size(oom.device.inputs()), 256u);
+
+  dynbatch::LearnedState bad = learned;
+  bad.buckets[0].latency[0].second = -1.0;
+  CHECK_THROWS_AS(SizingController(o).import_state(bad), std::invalid_argument);
+}
+
 // Timing noise: every compute time is multiplied by (1 + sigma * z), z standard normal from a
 // seeded generator written out here (std::normal_distribution differs between libraries).
 struct Noise {
