@@ -172,8 +172,10 @@ def minilm_report(benches: list[dict[str, Any]]) -> str:
                 row.append(f"{entry[key] / base:.2f}" if base else "-")
         rows.append(tuple(row))
     lines = _table(headers, rows, 1)
-    dyn = info.get("dynbatch-pad")
-    if dyn is not None:
+    for name in ("dynbatch-pad", "dynbatch-pad-grouped"):
+        dyn = info.get(name)
+        if dyn is None:
+            continue
         budgets = dyn.get("token_budgets") or [0]
         spread = max(budgets) / min(budgets) if min(budgets) > 0 else float("inf")
         efficiency = ", ".join(f"{e:.0%}" for e in dyn.get("padding_efficiency", []))
@@ -189,8 +191,10 @@ def minilm_report(benches: list[dict[str, Any]]) -> str:
             f"token budget per round {budgets} (spread {spread:.2f}x: "
             f"{'met' if spread <= TARGET_BUDGET_SPREAD else 'MISSED'}, <= {TARGET_BUDGET_SPREAD})"
         )
-        lines.append(f"({dyn['sentences']} sentences; padding efficiency per round {efficiency})")
-        lines.append("dynbatch-pad: " + "; ".join(verdicts))
+        lines.append(
+            f"{name} ({dyn['sentences']} sentences; padding efficiency per round {efficiency}): "
+            + "; ".join(verdicts)
+        )
     return "\n".join(lines)
 
 

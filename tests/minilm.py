@@ -11,7 +11,8 @@ Transformer, mean pooling over the attention mask, Normalize):
   the corpus by length and tokenizes inside;
 - ``naive``: a plain loop of 32 tokenized sentences in input order, padded with
   ``pad_sequence``;
-- ``dynbatch``: ``ds.DynamicBatchProcessor(collate="pad").map`` with default arguments.
+- ``dynbatch``: ``ds.DynamicBatchProcessor(collate="pad").map`` with default arguments (or
+  with ``options``, e.g. ``bucket_window``).
 """
 
 from __future__ import annotations
@@ -86,14 +87,20 @@ def run_naive(model: Any, sentences: list[str], ids: list[torch.Tensor]) -> torc
     return torch.cat(outputs)
 
 
-def dynbatch_runner(seen: dict[str, Any]) -> Callable[[Any, list[str], list[torch.Tensor]], Any]:
-    """``run(model, sentences, ids)`` for dynbatch; ``seen`` gets the run's stats."""
+def dynbatch_runner(
+    seen: dict[str, Any], **options: Any
+) -> Callable[[Any, list[str], list[torch.Tensor]], Any]:
+    """``run(model, sentences, ids)`` for dynbatch (``collate="pad"`` and ``options``);
+    ``seen`` gets the run's stats."""
 
     def run(model: Any, sentences: list[str], ids: list[torch.Tensor]) -> torch.Tensor:
         def embed(batch: ds.PaddedBatch) -> torch.Tensor:
             return _embed(model, batch.data, batch.mask.long())
 
-        with ds.DynamicBatchProcessor(collate="pad") as processor, torch.inference_mode():
+        with (
+            ds.DynamicBatchProcessor(collate="pad", **options) as processor,
+            torch.inference_mode(),
+        ):
             rows = processor.map(embed, ids)
             seen["stats"] = processor.stats()
         return torch.stack(rows)
