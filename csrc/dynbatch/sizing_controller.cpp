@@ -80,6 +80,10 @@ bool SizingController::reached(std::size_t units, std::size_t wanted) const noex
   return options_.tokens ? 4 * units >= 3 * wanted : units >= wanted;
 }
 
+bool SizingController::matches(std::size_t units, std::size_t wanted) const noexcept {
+  return options_.tokens ? 4 * units >= 3 * wanted && units <= wanted : units == wanted;
+}
+
 std::size_t SizingController::clamp(double size) const {
   const double low = static_cast<double>(min_units());
   const double high = static_cast<double>(max_units());
@@ -219,7 +223,9 @@ void SizingController::plan_verification(const Ceilings &limit, std::size_t hard
                                          std::size_t size) {
   if (verify_size_ != 0) {
     // Measured (or it waited long enough behind batches formed ahead): back to the knee.
-    if (reached(size, std::min(verify_size_, hard)) || ++verify_waited_ > verify_patience) {
+    // Not any batch at least as large: a batch at the knee that was formed ahead of the
+    // neighbour below must not count as its measurement.
+    if (matches(size, std::min(verify_size_, hard)) || ++verify_waited_ > verify_patience) {
       verify_size_ = 0;
       verify_waited_ = 0;
       since_verified_ = 0;

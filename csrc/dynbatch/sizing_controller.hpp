@@ -109,6 +109,8 @@ private:
   // Whether a batch of `units` counts as one of `wanted` (a token budget is filled by whole
   // samples, so within 3/4 of it).
   bool reached(std::size_t units, std::size_t wanted) const noexcept;
+  // Whether a batch of `units` is a measurement of size `wanted` (equal; tokens: within 3/4).
+  bool matches(std::size_t units, std::size_t wanted) const noexcept;
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
   std::size_t decide(const Ceilings &limit) const;
   // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps.
