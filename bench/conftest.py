@@ -42,7 +42,7 @@ FULL = BenchSize(
     flat_features=784,
     iterate_samples=1000,
     sizing_sim_samples=20000,
-    sizing_cpu_samples=20000,
+    sizing_cpu_samples=12000,
 )
 TINY = BenchSize(
     "tiny",

@@ -13,7 +13,9 @@ The "sizing-" groups (batch sizing, issue 3) get a table of their own, in throug
 (simulated: samples / simulated seconds, from ``extra_info``; real: samples / median wall
 time), its ratio to the best fixed size of the group and to fixed 32 (> 1 is faster), and the
 OOMs, lost samples and recomputed samples of each approach. The "serve-" groups (issue 4) get
-theirs too: microseconds per request, and latency and throughput under load.
+theirs too: microseconds per request, and latency and throughput under load; the "noise-"
+groups (issue 11) the settled size over the true knee per seed; the "minilm-" group (issue 11)
+sentences per CPU-second and per wall second against encode and a naive padded loop.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ SIZING_PREFIX = "sizing-"
 # Issue 3's targets for the dynamic entries: within 5% of the best fixed size, and at least
 # 1.25x fixed 32 where the best fixed size is larger than 32.
 TARGET_VS_BEST, TARGET_VS_32 = 0.95, 1.25
+
+# Groups with this prefix report where the sizing settles under timing noise (issue 11).
+NOISE_PREFIX = "noise-"
+TARGET_NOISE = 1.3  # settled size within this factor of the true knee, either way
+# The MiniLM embedding groups (issue 11): dynbatch against encode and a naive padded loop.
+MINILM_PREFIX = "minilm-"
+TARGET_VS_ENCODE, TARGET_VS_NAIVE, TARGET_BUDGET_SPREAD = 1.1, 1.5, 1.5
 
 # Group-name prefix -> the `impl` parameter of the peer every entry is divided by.
 PEERS = {
@@ -128,9 +137,15 @@ def report(data: dict[str, Any]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     sizing: dict[str, list[dict[str, Any]]] = {}
     serving: dict[str, list[dict[str, Any]]] = {}
+    noise: list[dict[str, Any]] = []
+    minilm: list[dict[str, Any]] = []
     for bench in data["benchmarks"]:
         group = bench["group"] or "(no group)"
-        if group.startswith(SIZING_PREFIX):
+        if group.startswith(MINILM_PREFIX):
+            minilm.append(bench)
+        elif group.startswith(NOISE_PREFIX):
+            noise.append(bench)
+        elif group.startswith(SIZING_PREFIX):
             sizing.setdefault(group, []).append(bench)
         elif group.startswith(SERVE_PREFIX):
             serving.setdefault(group, []).append(bench)
@@ -151,7 +166,82 @@ def report(data: dict[str, Any]) -> str:
         parts.append(sizing_report(sizing, data))
     if serving:
         parts.append(serving_report(serving) + f"\n({_machine(data)})")
+    if noise:
+        parts.append(noise_report(noise))
+    if minilm:
+        parts.append(minilm_report(minilm) + f"\n({_machine(data)})")
     return "\n\n".join(parts)
+
+
+def minilm_report(benches: list[dict[str, Any]]) -> str:
+    """Sentences per CPU-second and per wall second (medians of the interleaved rounds), the
+    ratios to encode and to the naive loop, and dynbatch's token budget per round."""
+    info = {b["params"]["impl"]: b["extra_info"] for b in benches}
+    headers = ("entry", "per CPU-s", "/encode", "/naive", "per wall-s", "/encode", "/naive")
+    rows: list[tuple[str, ...]] = []
+    for impl, entry in info.items():
+        row = [impl]
+        for key in ("per_cpu_s", "per_wall_s"):
+            row.append(f"{entry[key]:.1f}")
+            for peer in ("encode-32", "naive-32"):
+                base = info.get(peer, {}).get(key)
+                row.append(f"{entry[key] / base:.2f}" if base else "-")
+        rows.append(tuple(row))
+    lines = _table(headers, rows, 1)
+    for name in ("dynbatch-pad", "dynbatch-pad-grouped"):
+        dyn = info.get(name)
+        if dyn is None:
+            continue
+        budgets = dyn.get("token_budgets") or [0]
+        spread = max(budgets) / min(budgets) if min(budgets) > 0 else float("inf")
+        efficiency = ", ".join(f"{e:.0%}" for e in dyn.get("padding_efficiency", []))
+        verdicts = []
+        for peer, target in (("encode-32", TARGET_VS_ENCODE), ("naive-32", TARGET_VS_NAIVE)):
+            if peer in info:
+                ratio = dyn["per_cpu_s"] / info[peer]["per_cpu_s"]
+                verdicts.append(
+                    f"{ratio:.2f}x {peer} per CPU-s ({'met' if ratio >= target else 'MISSED'},"
+                    f" >= {target})"
+                )
+        verdicts.append(
+            f"token budget per round {budgets} (spread {spread:.2f}x: "
+            f"{'met' if spread <= TARGET_BUDGET_SPREAD else 'MISSED'}, <= {TARGET_BUDGET_SPREAD})"
+        )
+        lines.append(
+            f"{name} ({dyn['sentences']} sentences; padding efficiency per round {efficiency}): "
+            + "; ".join(verdicts)
+        )
+    return "\n".join(lines)
+
+
+def noise_report(benches: list[dict[str, Any]]) -> str:
+    """Per seed: the settled size over the true knee, and whether it is within the target."""
+    headers = ("group", "seed", "noise", "knee", "settled", "settled/knee", "mean n")
+    rows: list[tuple[str, ...]] = []
+    ratios: list[float] = []
+    for bench in sorted(benches, key=lambda b: (b["group"], b["extra_info"]["seed"])):
+        info = bench["extra_info"]
+        ratios.append(info["settled_over_knee"])
+        rows.append(
+            (
+                bench["group"],
+                str(info["seed"]),
+                f"{info['noise']:.0%}",
+                str(info["knee"]),
+                f"{info['settled']:g}",
+                f"{info['settled_over_knee']:.2f}",
+                f"{info['mean_batch']:.0f}",
+            )
+        )
+    inside = sum(1 / TARGET_NOISE <= r <= TARGET_NOISE for r in ratios)
+    lines = _table(headers, rows, 1)
+    lines.append(
+        f"(settled: median size of the last quarter of one cold pass; {inside} of {len(ratios)}"
+        f" seeds within {TARGET_NOISE}x of the knee: "
+        f"{'met' if inside == len(ratios) else 'MISSED'}; range {min(ratios):.2f}-"
+        f"{max(ratios):.2f})"
+    )
+    return "\n".join(lines)
 
 
 def _peer_report(groups: dict[str, list[dict[str, Any]]], data: dict[str, Any]) -> str:
@@ -316,6 +406,21 @@ def _targets(
             fits += f", after the drop {info['best_size_end']}"
         context += f"; {fits}"
     verdicts = []
+    cpu = {
+        b["params"]["impl"]: statistics.median(b["extra_info"]["round_cpu_seconds"])
+        for b in benches
+        if b["extra_info"].get("round_cpu_seconds")
+    }
+    fixed_cpu = {impl: t for impl, t in cpu.items() if _entry_order(impl)[0] == 1}
+    if fixed_cpu:
+        best_cpu = min(fixed_cpu, key=lambda impl: fixed_cpu[impl])
+        for impl, seconds in cpu.items():
+            if impl.startswith("dynamic"):
+                vs = fixed_cpu[best_cpu] / seconds
+                verdicts.append(
+                    f"{impl}: {vs:.2f}x {best_cpu} by process CPU time "
+                    f"({'met' if vs >= TARGET_VS_BEST else 'MISSED'}, >= {TARGET_VS_BEST})"
+                )
     best = rate[best_fixed][0] if best_fixed else 0.0
     f32 = rate.get("fixed-32", (0.0, None))[0]
     for impl, (value, _) in rate.items():

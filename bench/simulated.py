@@ -6,6 +6,9 @@ a fake clock and needs ``m0 + m1*n`` bytes; above the free memory the call raise
 tagged tensors (column 0 holds the sample's index) and the model returns ``10 * tag``, so every
 output can be checked against its sample.
 
+Timing noise (``noise`` > 0): each call's time is multiplied by ``1 + noise * z``, z standard
+normal from ``seed``, as on a busy host.
+
 Added for the benchmarks: a log of every call (start time, size, success, phase "trial" or
 "run") to measure OOMs, discarded work and the time to the steady size; and a capacity drop
 (another process takes ``drop_bytes`` when the first batch holding sample ``drop_at`` or later
@@ -14,6 +17,8 @@ starts), scripted into the telemetry at that moment, so no approach is told in a
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +52,12 @@ class DeviceSpec:
     capacity: int
     drop_bytes: int = 0  # taken by another process mid-run (0: no drop)
     drop_fraction: float = 0.3  # ... when the run first reaches this share of the samples
+    noise: float = 0.0  # relative standard deviation of each call's time
+    seed: int = 0
+
+    def knee(self, tolerance: float = 0.05) -> int:
+        """Where n / L(n) comes within ``tolerance`` of its ceiling 1/b."""
+        return math.ceil((1 - tolerance) * self.a_s / (tolerance * self.b_s))
 
 
 class SimulatedDevice:
@@ -64,6 +75,7 @@ class SimulatedDevice:
         self.phase = "run"
         self.calls: list[Call] = []
         self.executions = 0  # samples computed successfully, every phase
+        self._random = random.Random(spec.seed)
         self.telemetry = _core.Telemetry.scripted(spec.capacity, spec.capacity, period_s=3600.0)
 
     @property
@@ -104,7 +116,9 @@ class SimulatedDevice:
             self.now_ns += self.a_ns
             self.calls.append(Call(start, size, False, self.phase))
             raise SimulatedOOM(f"batch of {size} needs {self.m0 + self.m1 * size} bytes")
-        self.now_ns += self.a_ns + self.b_ns * size
+        noise = self.spec.noise
+        factor = max(0.05, 1.0 + noise * self._random.gauss()) if noise else 1.0
+        self.now_ns += round((self.a_ns + self.b_ns * size) * factor)
         self.last_peak = self.m0 + self.m1 * size
         self.calls.append(Call(start, size, True, self.phase))
         self.executions += size

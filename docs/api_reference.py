@@ -25,6 +25,7 @@ MODULES = [
     "dynbatch.distributed",
     "dynbatch.ray",
     "dynbatch.memory",
+    "dynbatch.profiles",
 ]
 HEADER = """# API reference
 

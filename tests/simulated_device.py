@@ -1,7 +1,11 @@
 """A simulated device: a fake model whose time is a + b*n and whose memory is m0 + m1*n,
-raising an out-of-memory error when that exceeds the free memory, on a fake clock."""
+raising an out-of-memory error when that exceeds the free memory, on a fake clock; optionally
+with timing noise (each call's time multiplied by 1 + noise * z, z normal, from a seed)."""
 
 from __future__ import annotations
+
+import math
+import random
 
 import torch
 
@@ -28,10 +32,14 @@ class SimulatedDevice:
         m1: int,
         capacity: int,
         report_memory: bool = True,
+        noise: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.a_ns, self.b_ns = int(a_s * 1e9), int(b_s * 1e9)
         self.m0, self.m1, self.capacity = m0, m1, capacity
         self.report_memory = report_memory
+        self.noise = noise
+        self._random = random.Random(seed)
         self.used_by_others = 0
         self.now_ns = 0
         self.last_peak = 0
@@ -42,6 +50,10 @@ class SimulatedDevice:
     @property
     def free(self) -> int:
         return self.capacity - self.used_by_others
+
+    def knee(self, tolerance: float = 0.05) -> int:
+        """Where n / L(n) comes within ``tolerance`` of its ceiling 1/b."""
+        return math.ceil((1 - tolerance) * self.a_ns / (tolerance * self.b_ns))
 
     def best_size(self) -> int:
         """The largest batch that fits now."""
@@ -67,7 +79,8 @@ class SimulatedDevice:
             self.now_ns += self.a_ns  # the failed attempt still costs time
             self.ooms.append(size)
             raise SimulatedOOM(f"batch of {size} needs {self.m0 + self.m1 * size} bytes")
-        self.now_ns += self.a_ns + self.b_ns * size
+        factor = max(0.05, 1.0 + self.noise * self._random.gauss()) if self.noise else 1.0
+        self.now_ns += round((self.a_ns + self.b_ns * size) * factor)
         self.last_peak = self.m0 + self.m1 * size
         tags = batch[:, 0].to(torch.int64)
         self.runs.append(tags.tolist())

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -190,3 +192,33 @@ def test_collate_pads_like_pad_sequence() -> None:
     assert (batch.data[:, 9:] == -1).all()
     assert batch.lengths.tolist() == [4, 9, 1, 0, 7]
     assert batch.indices.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_padded_batches_are_sized_by_a_learned_token_budget() -> None:
+    # A model whose time follows the padded size (2 ms + 1 us per padded token, on a fake
+    # clock): the throughput knee is at 0.95 * 2e6 / (0.05 * 1e3) = 38,000 padded tokens,
+    # whatever the lengths. The controller learns that and caps batches by it, not by count.
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(5, 201, (12000,), generator=generator).tolist()
+    samples = sequences(lengths)
+    now = [0]
+    padded: list[int] = []
+
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        padded.append(batch.data.numel())
+        now[0] += 2_000_000 + 1_000 * batch.data.numel()
+        return batch.lengths
+
+    processor = ds.DynamicBatchProcessor(collate="pad", clock=lambda: now[0])
+    results = processor.map(model, samples)
+    assert [int(r) for r in results] == lengths
+    stats = processor.stats()
+    assert 0.85 * 38_000 <= stats.token_budget <= 1.15 * 38_000, stats
+    budget = stats.token_budget
+    settled = padded[len(padded) // 2 : -1]
+    # Besides the knee's neighbours (<= budget/16, <= 2x budget), measured 1 batch in 17.
+    at_knee = [tokens for tokens in settled if budget / 2 <= tokens <= 1.5 * budget]
+    assert len(at_knee) >= 0.8 * len(settled), settled
+    assert all(tokens <= 1.01 * budget for tokens in at_knee), settled
+    assert statistics.median(at_knee) >= 0.75 * budget  # filled, not cut short
+    assert "token budget" in str(stats)

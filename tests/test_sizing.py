@@ -33,11 +33,11 @@ def drive(
     return sizes
 
 
-def test_explores_by_doubling_then_stops_at_the_knee() -> None:
+def test_explores_growing_4x_then_stops_at_the_knee() -> None:
     policy = _core.SizingController(1, 4096, knee_tolerance=0.05)
     # a = 2 ms, b = 10 us: knee = 0.95 * 2e6 / (0.05 * 1e4) = 3800
     sizes = drive(policy, lambda n: 0.002 + 10e-6 * n, 40)
-    assert sizes[:6] == [1, 1, 2, 2, 4, 4]  # each size twice: the iterator forms one ahead
+    assert sizes[:6] == [1, 1, 4, 4, 16, 16]  # each size twice: the iterator forms one ahead
     state = policy.state()
     assert not state["exploring"]
     assert state["knee"] == 3800

@@ -44,6 +44,7 @@ namespace {
 py::dict state_to_dict(const SizingState &state) {
   py::dict out;
   out["target"] = state.target;
+  out["token_budget"] = state.token_budget;
   out["memory_ceiling"] = state.memory_ceiling;
   out["oom_ceiling"] = state.oom_ceiling;
   out["slo_ceiling"] = state.slo_ceiling;
@@ -56,6 +57,55 @@ py::dict state_to_dict(const SizingState &state) {
   out["memory_slope_bytes"] = state.memory_slope_bytes;
   out["observations"] = state.observations;
   return out;
+}
+
+// LearnedState as plain data (JSON-able): {"buckets": [{"key", "latency": [[x, y], ..],
+// "memory": [..]}], "oom_ceiling", "failed_size", "longest"}.
+py::dict learned_to_dict(const LearnedState &learned) {
+  const auto points = [](const std::vector<std::pair<double, double>> &line) {
+    py::list out;
+    for (const auto &[x, y] : line) {
+      out.append(py::make_tuple(x, y));
+    }
+    return out;
+  };
+  py::list buckets;
+  for (const LearnedState::Bucket &bucket : learned.buckets) {
+    py::dict entry;
+    entry["key"] = bucket.key;
+    entry["latency"] = points(bucket.latency);
+    entry["memory"] = points(bucket.memory);
+    buckets.append(entry);
+  }
+  py::dict out;
+  out["buckets"] = buckets;
+  out["oom_ceiling"] = learned.oom_ceiling;
+  out["failed_size"] = learned.failed_size;
+  out["longest"] = learned.longest;
+  return out;
+}
+
+LearnedState learned_from_dict(const py::dict &in) {
+  const auto points = [](const py::handle &line) {
+    std::vector<std::pair<double, double>> out;
+    for (const py::handle &point : line) {
+      const auto pair = point.cast<std::vector<double>>();
+      if (pair.size() != 2) {
+        throw py::value_error("learned state: a point must be [size, value]");
+      }
+      out.emplace_back(pair[0], pair[1]);
+    }
+    return out;
+  };
+  LearnedState learned;
+  for (const py::handle &bucket : in["buckets"]) {
+    learned.buckets.push_back(
+        {bucket["key"].cast<std::uint64_t>(), points(bucket["latency"]), points(bucket["memory"])});
+  }
+  learned.oom_ceiling = in["oom_ceiling"].cast<std::size_t>();
+  learned.failed_size = in["failed_size"].cast<std::size_t>();
+  learned.longest = in["longest"].cast<std::size_t>();
+  return learned;
 }
 
 // Prometheus-style cumulative buckets at every power of two from ~1 us to ~69 s (exact: octave
@@ -182,32 +232,39 @@ PYBIND11_MODULE(_core, m) {
   py::class_<BatchFeedback>(m, "BatchFeedback")
       .def(py::init([](std::size_t batch_size, Nanoseconds compute_ns, Nanoseconds collate_ns,
                        std::uint64_t peak_memory_bytes, std::uint64_t reclaimable_bytes,
-                       bool out_of_memory, std::uint64_t bucket) {
-             return BatchFeedback{bucket,       batch_size,        compute_ns,
-                                  collate_ns,   peak_memory_bytes, reclaimable_bytes,
+                       bool out_of_memory, std::uint64_t bucket, std::size_t tokens) {
+             return BatchFeedback{bucket,
+                                  batch_size,
+                                  tokens,
+                                  compute_ns,
+                                  collate_ns,
+                                  peak_memory_bytes,
+                                  reclaimable_bytes,
                                   out_of_memory};
            }),
            py::arg("batch_size"), py::arg("compute_ns") = 0, py::arg("collate_ns") = 0,
            py::arg("peak_memory_bytes") = 0, py::arg("reclaimable_bytes") = 0,
-           py::arg("out_of_memory") = false, py::arg("bucket") = 0);
+           py::arg("out_of_memory") = false, py::arg("bucket") = 0, py::arg("tokens") = 0);
 
   py::class_<SizingPolicy, std::shared_ptr<SizingPolicy>>(m, "SizingPolicy")
       .def(
           "next_batch_size",
           [](SizingPolicy &policy, std::size_t queued, std::size_t bytes_per_sample,
              std::uint64_t memory_available_bytes, std::uint64_t memory_total_bytes,
-             double utilization, std::uint64_t bucket) {
+             double utilization, std::uint64_t bucket, std::size_t longest) {
             SizingInputs inputs;
             inputs.bucket = bucket;
             inputs.queued = queued;
             inputs.bytes_per_sample = bytes_per_sample;
+            inputs.longest = longest;
             inputs.telemetry.memory_available_bytes = memory_available_bytes;
             inputs.telemetry.memory_total_bytes = memory_total_bytes;
             inputs.telemetry.utilization = utilization;
             return policy.next_batch_size(inputs);
           },
           py::arg("queued"), py::arg("bytes_per_sample"), py::arg("memory_available_bytes"),
-          py::arg("memory_total_bytes") = 0, py::arg("utilization") = 0.0, py::arg("bucket") = 0)
+          py::arg("memory_total_bytes") = 0, py::arg("utilization") = 0.0, py::arg("bucket") = 0,
+          py::arg("longest") = 0)
       .def("on_feedback", &SizingPolicy::on_feedback, py::arg("feedback"))
       .def("state", [](const SizingPolicy &policy) { return state_to_dict(policy.state()); });
 
@@ -217,7 +274,7 @@ PYBIND11_MODULE(_core, m) {
                        std::optional<double> latency_slo_ms, double knee_tolerance,
                        double memory_margin_fraction, double staged_memory_fraction,
                        double utilization_target, std::size_t history, std::size_t probe_after,
-                       double probe_step) {
+                       double probe_step, bool tokens) {
              ControllerOptions options;
              options.min_batch_size = min_batch_size;
              options.max_batch_size = max_batch_size;
@@ -230,13 +287,24 @@ PYBIND11_MODULE(_core, m) {
              options.history = history;
              options.probe_after = probe_after;
              options.probe_step = probe_step;
+             options.tokens = tokens;
              return std::make_shared<SizingController>(options);
            }),
            py::arg("min_batch_size"), py::arg("max_batch_size"),
            py::arg("latency_slo_ms") = py::none(), py::arg("knee_tolerance") = 0.05,
            py::arg("memory_margin_fraction") = 0.05, py::arg("staged_memory_fraction") = 0.25,
            py::arg("utilization_target") = 0.0, py::arg("history") = 64,
-           py::arg("probe_after") = 16, py::arg("probe_step") = 0.1);
+           py::arg("probe_after") = 16, py::arg("probe_step") = 0.1, py::arg("tokens") = false)
+      .def("export_state",
+           [](const SizingController &controller) {
+             return learned_to_dict(controller.export_state());
+           })
+      .def(
+          "import_state",
+          [](SizingController &controller, const py::dict &learned) {
+            controller.import_state(learned_from_dict(learned));
+          },
+          py::arg("learned"));
 
   py::class_<StatsRecorder, std::shared_ptr<StatsRecorder>>(m, "StatsRecorder")
       .def(py::init<std::size_t>(), py::arg("ring_capacity") = 4096)

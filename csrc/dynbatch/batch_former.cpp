@@ -207,11 +207,10 @@ void BatchFormer::run() {
         if (result != FormResult::needs_input) {
           continue;
         }
-        const std::size_t target = target_size();
         // With a delay, the first request's arrival starts its clock: wait for one at first.
         missing = options_.max_delay_ns != no_deadline && pending_.empty()
                       ? 1
-                      : target - std::min(target, pending_.size());
+                      : this->missing(target_size());
       }
       requests_.wait_for_size_or(std::max<std::size_t>(missing, 1), wait_until, [&] {
         // A new deadline may come before wait_until; moved requests change what is missing.
@@ -226,13 +225,49 @@ void BatchFormer::run() {
   }
 }
 
-std::size_t BatchFormer::target_size() {
+BatchFormer::Target BatchFormer::target_size() {
   SizingInputs inputs;
   inputs.bucket = bucket();
   inputs.queued = requests_.was_size();
-  inputs.bytes_per_sample = layout_->sample_bytes(longest_.load(std::memory_order_relaxed));
+  const std::size_t longest = longest_.load(std::memory_order_relaxed);
+  inputs.bytes_per_sample = layout_->sample_bytes(longest);
+  if (layout_->has_padded_leaves()) {
+    const std::size_t multiple = options_.pad_to_multiple_of;
+    inputs.longest = (longest + multiple - 1) / multiple * multiple;
+  }
   inputs.telemetry = telemetry_->latest();
-  return std::max<std::size_t>(policy_->next_batch_size(inputs), 1);
+  Target target{std::max<std::size_t>(policy_->next_batch_size(inputs), 1), 0};
+  if (layout_->has_padded_leaves()) {
+    const std::size_t budget = policy_->token_budget(inputs);
+    target.tokens = budget == 0                ? options_.max_tokens
+                    : options_.max_tokens == 0 ? budget
+                                               : std::min(budget, options_.max_tokens);
+  } else {
+    target.tokens = options_.max_tokens;
+  }
+  return target;
+}
+
+bool BatchFormer::full(const Target &target) {
+  if (options_.bucket_window > 1) {
+    // The window decides which requests go together: form only from all of it.
+    return pending_.size() >=
+           std::max(options_.bucket_window, target.tokens == 0 ? target.count : std::size_t{1});
+  }
+  return pending_.size() >= target.count ||
+         (target.tokens > 0 && pending_.tokens() >= target.tokens);
+}
+
+std::size_t BatchFormer::missing(const Target &target) {
+  if (options_.bucket_window > 1) {
+    const std::size_t due =
+        std::max(options_.bucket_window, target.tokens == 0 ? target.count : std::size_t{1});
+    return std::max<std::size_t>(due - std::min(due, pending_.size()), 1);
+  }
+  if (target.tokens > 0) {
+    return 1; // how many more fill the budget depends on their lengths: look at each
+  }
+  return std::max<std::size_t>(target.count - std::min(target.count, pending_.size()), 1);
 }
 
 BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_until) {
@@ -249,7 +284,7 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
   // Closed before the gathering: then every request that made it in is gathered below.
   const bool closed = requests_.closed();
   gather_pending(now);
-  const std::size_t target = target_size();
+  const Target target = target_size();
   if (pending_.empty()) {
     if (!closed || requests_.was_size() != 0) {
       return FormResult::needs_input;
@@ -261,7 +296,7 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
   }
   ReleaseReason reason = ReleaseReason::full;
   Nanoseconds due = 0; // a partial batch: when it became due; 0: when it is formed
-  if (pending_.size() < target) {
+  if (!full(target)) {
     const Nanoseconds delay_at =
         saturating_add(pending_.oldest_enqueue_ns(), options_.max_delay_ns);
     const Nanoseconds deadline = pending_.earliest_deadline_ns();
@@ -294,10 +329,10 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
     }
   }
   taken_.clear();
-  pending_.take(TakeLimits{std::min(target, pending_.size()), options_.max_tokens,
+  pending_.take(TakeLimits{std::min(target.count, pending_.size()), target.tokens,
                            options_.pad_to_multiple_of, options_.bucket_window},
                 now, taken_);
-  form(taken_, target, reason, due);
+  form(taken_, target.count, reason, due);
   return FormResult::formed;
 }
 
@@ -349,6 +384,14 @@ void BatchFormer::form(std::span<const RequestDescriptor> requests, std::size_t 
   batch.released_ns = due_ns != 0 ? due_ns : batch.formed_ns; // see FormedBatch::released_ns
   batch.memory_available_bytes = telemetry_->latest().memory_available_bytes;
   batch.sequence = stats_->next_sequence();
+  if (layout_->has_padded_leaves()) {
+    constexpr std::size_t remembered = 64; // batches in flight are far fewer
+    std::lock_guard lock(padded_mutex_);
+    padded_lengths_.emplace_back(batch.sequence, batch.padded_length);
+    if (padded_lengths_.size() > remembered) {
+      padded_lengths_.pop_front();
+    }
+  }
   release_rows(requests);
   std::lock_guard lock(ready_mutex_);
   ready_.push_back(std::move(batch));
@@ -562,6 +605,15 @@ NextStatus BatchFormer::wait_late(std::vector<std::uint64_t> &expired,
 
 void BatchFormer::report_feedback(std::uint64_t sequence, BatchFeedback feedback) {
   feedback.bucket = bucket();
+  if (layout_->has_padded_leaves() && feedback.tokens == 0) {
+    std::lock_guard lock(padded_mutex_);
+    for (const auto &[batch, padded_length] : padded_lengths_) {
+      if (batch == sequence) { // a part of a split batch keeps the batch's padded length
+        feedback.tokens = feedback.batch_size * padded_length;
+        break;
+      }
+    }
+  }
   policy_->on_feedback(feedback);
   stats_->record_compute(sequence, feedback.compute_ns);
 }

@@ -18,6 +18,12 @@
 //   without the GIL. When nothing is ready but a batch may be released, it forms the batch
 //   itself instead of waiting for the former thread to be scheduled (a cross-thread wake-up
 //   costs more than collating a small batch). Formation is serialised by one mutex.
+// - With a bucket window (length grouping), a batch is released as full only once the whole
+//   window waits (or at max_delay, a deadline or the end of input), so which requests are
+//   grouped is a function of the input, not of how far the producer had got.
+// - Padded layouts: the policy's token budget (SizingPolicy::token_budget, within the hard
+//   `max_tokens`) caps a batch's padded size, and report_feedback() tells the policy the
+//   batch's padded tokens.
 // - The former thread forms full batches (and the last ones of a closed input) ahead of the
 //   consumer; a partial batch (max_delay, deadline) is formed only when the consumer asks, so
 //   requests arriving while the consumer is busy still join it.
@@ -51,6 +57,7 @@
 #include <mutex>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "dynbatch/blocking_queue.hpp"
@@ -174,7 +181,17 @@ private:
   enum class FormResult { formed, needs_input, finished, skipped };
 
   void run();
-  std::size_t target_size();
+  struct Target {
+    std::size_t count;  // samples
+    std::size_t tokens; // padded layouts: the token budget (the policy's, within max_tokens)
+  };
+  Target target_size();
+  // Whether the waiting requests make a full batch: `target` of them, or with a token budget
+  // enough tokens to fill it; with length grouping, the whole window (else which requests are
+  // grouped would depend on how far the producer had got, that is on thread timing).
+  bool full(const Target &target);
+  // How many more requests to wait for before looking again (at least 1).
+  std::size_t missing(const Target &target);
   // Caller holds form_mutex_. Never blocks: forms one batch if one is due; otherwise
   // *wait_until says when to look again (no_deadline: on new input). `ahead` (the former
   // thread) keeps the prefetch bound and leaves partial batches to the consumer.
@@ -201,7 +218,11 @@ private:
   // Request table: one row of leaf pointers per request in flight, rows recycled via a ring.
   std::vector<const void *> rows_;
   std::vector<std::uint32_t> row_lengths_; // per row: the request's padded-leaf length
-  std::atomic<std::uint32_t> longest_{1};  // the longest length pushed: sizes the staging
+  // Padded layouts: the padded length of recent batches by sequence, so feedback can be read
+  // in tokens. Guarded by padded_mutex_.
+  std::mutex padded_mutex_;
+  std::deque<std::pair<std::uint64_t, std::size_t>> padded_lengths_;
+  std::atomic<std::uint32_t> longest_{1}; // the longest length pushed: sizes the staging
   MpmcRing<std::uint32_t> free_rows_;
   BlockingQueue<RequestDescriptor> requests_;
   std::atomic<std::size_t> waiting_{0}; // pushed, not yet formed or expired

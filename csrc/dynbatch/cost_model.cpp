@@ -1,28 +1,48 @@
 #include "dynbatch/cost_model.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
+#include <vector>
 
 namespace dynbatch {
 
-LinearFit::LinearFit(Robust robust, std::size_t history) : robust_(robust), history_(history) {
+LinearFit::LinearFit(Robust robust, std::size_t history, bool binned)
+    : robust_(robust), history_(history), binned_(binned) {
   if (history < 2) {
     throw std::invalid_argument("LinearFit: history must be at least 2");
   }
 }
 
 double LinearFit::representative(const Point &point) const {
-  const auto begin = point.recent.begin();
+  std::array<double, median_window> values = point.recent;
+  const auto begin = values.begin();
   const auto end = begin + static_cast<std::ptrdiff_t>(point.filled);
-  return robust_ == Robust::low ? *std::min_element(begin, end) : *std::max_element(begin, end);
+  if (robust_ == Robust::high) {
+    return *std::max_element(begin, end);
+  }
+  std::sort(begin, end);
+  const std::size_t half = point.filled / 2;
+  return point.filled % 2 == 1 ? values[half] : 0.5 * (values[half - 1] + values[half]);
+}
+
+double LinearFit::x_of(const Point &point) noexcept {
+  double sum = 0.0;
+  for (std::size_t i = 0; i < point.filled; ++i) {
+    sum += point.recent_x[i];
+  }
+  return point.filled > 0 ? sum / static_cast<double>(point.filled) : 0.0;
 }
 
 void LinearFit::add(double x, double y) {
   ++count_;
-  Point &point = points_[x];
+  constexpr double bins_per_octave = 8.0;
+  const double key = binned_ && x > 0.0 ? std::round(std::log2(x) * bins_per_octave) : x;
+  Point &point = points_[key];
+  point.recent_x[point.next] = x;
   point.recent[point.next] = y;
-  point.next = (point.next + 1) % recent_per_point;
-  point.filled = std::min(point.filled + 1, recent_per_point);
+  point.next = (point.next + 1) % window();
+  point.filled = std::min(point.filled + 1, window());
   point.last_added = count_;
   // Forget stale sizes oldest first, but keep two: a held size must not lose its line.
   while (points_.size() > 2) {
@@ -40,38 +60,101 @@ void LinearFit::add(double x, double y) {
 double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
   const auto ratio = [&](const auto &entry) {
     const double y = representative(entry.second);
-    return y > 0.0 ? entry.first / y : 0.0;
+    return y > 0.0 ? x_of(entry.second) / y : 0.0;
+  };
+  const auto error = [&](const auto &entry) {
+    return 2.0 * spread_ / std::sqrt(static_cast<double>(entry.second.filled));
   };
   double best = 0.0;
   for (const auto &entry : points_) {
-    best = std::max(best, ratio(entry));
+    best = std::max(best, ratio(entry) * (1.0 - error(entry)));
   }
   for (const auto &entry : points_) { // ordered by x: the first that qualifies is the smallest
-    if (ratio(entry) >= (1.0 - tolerance) * best) {
-      return entry.first;
+    if (ratio(entry) * (1.0 + error(entry)) >= (1.0 - tolerance) * best) {
+      return x_of(entry.second);
     }
   }
   return 0.0;
 }
 
+double LinearFit::largest_relative_residual() const noexcept {
+  double largest = 0.0;
+  for (const auto &[key, point] : points_) {
+    const double y = representative(point);
+    if (y > 0.0) {
+      largest = std::max(largest, std::abs(y - (intercept_ + slope_ * x_of(point))) / y);
+    }
+  }
+  return largest;
+}
+
+std::vector<std::pair<double, double>> LinearFit::points() const {
+  std::vector<std::pair<double, double>> out;
+  out.reserve(points_.size());
+  for (const auto &[key, point] : points_) {
+    out.emplace_back(x_of(point), representative(point));
+  }
+  return out;
+}
+
+void LinearFit::measure_spread() {
+  spread_ = 0.0;
+  if (robust_ != Robust::median) {
+    return;
+  }
+  std::vector<double> deviations;
+  for (const auto &[key, point] : points_) {
+    if (point.filled < 2) {
+      continue;
+    }
+    const double middle = representative(point);
+    for (std::size_t i = 0; i < point.filled; ++i) {
+      deviations.push_back(middle > 0.0 ? std::abs(point.recent[i] / middle - 1.0) : 0.0);
+    }
+  }
+  if (deviations.empty()) {
+    return;
+  }
+  const auto half = deviations.begin() + static_cast<std::ptrdiff_t>(deviations.size() / 2);
+  std::nth_element(deviations.begin(), half, deviations.end());
+  constexpr double mad_to_sd = 1.4826; // for normal noise
+  spread_ = mad_to_sd * *half;
+}
+
 void LinearFit::refit() {
+  measure_spread();
   if (points_.size() == 1) {
-    const auto &[x, point] = *points_.begin();
+    const Point &point = points_.begin()->second;
+    const double x = x_of(point);
     intercept_ = 0.0;
     slope_ = x != 0.0 ? representative(point) / x : 0.0;
     return;
   }
-  double n = 0.0, sum_x = 0.0, sum_y = 0.0, sum_xx = 0.0, sum_xy = 0.0;
-  for (const auto &[x, point] : points_) {
+  // Weighted means first, then the centred sums: stable with weights far from 1.
+  const auto weight = [&](double y) {
+    return robust_ == Robust::median && y > 0.0 ? 1.0 / (y * y) : 1.0;
+  };
+  double total = 0.0, mean_x = 0.0, mean_y = 0.0;
+  for (const auto &[key, point] : points_) {
+    const double x = x_of(point);
     const double y = representative(point);
-    n += 1.0;
-    sum_x += x;
-    sum_y += y;
-    sum_xx += x * x;
-    sum_xy += x * y;
+    const double w = weight(y);
+    total += w;
+    mean_x += w * x;
+    mean_y += w * y;
   }
-  slope_ = (n * sum_xy - sum_x * sum_y) / (n * sum_xx - sum_x * sum_x);
-  intercept_ = (sum_y - slope_ * sum_x) / n;
+  mean_x /= total;
+  mean_y /= total;
+  double sxx = 0.0, sxy = 0.0;
+  for (const auto &[key, point] : points_) {
+    const double x = x_of(point);
+    const double y = representative(point);
+    const double w = weight(y);
+    sxx += w * (x - mean_x) * (x - mean_x);
+    sxy += w * (x - mean_x) * (y - mean_y);
+  }
+  slope_ = sxy / sxx;
+  intercept_ = mean_y - slope_ * mean_x;
 }
 
 } // namespace dynbatch

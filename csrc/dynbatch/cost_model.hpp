@@ -8,21 +8,32 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <utility>
+#include <vector>
 
 namespace dynbatch {
 
 // A line y = intercept + slope * x through one robust point per distinct x.
-// Measurements are noisy in one direction: interference (another process, a stall, the first
-// batch's one-off setup) only ever adds time, and memory peaks are what must fit. So each x
-// keeps its last few measurements and stands for their minimum (Robust::low, for times) or
-// maximum (Robust::high, for memory). A point not measured again within `history` additions
-// is forgotten, oldest first, so a drifting workload is followed; the two most recent points
-// always stay, so a size held for long keeps its line.
+// Times and memory peaks are noisy in different ways, so each x keeps its last few
+// measurements and stands for:
+// - Robust::median (times): the median of the last `median_window`. Its expected value does not
+//   depend on how often x was measured (a minimum does: a size measured more often looks
+//   faster, and under noise the held size ratchets up); a stall or a first call's setup is
+//   outvoted once x has three measurements. Times are noisy in proportion to their size, so
+//   the line is fitted to relative errors (weights 1/y^2): the small sizes pin the intercept,
+//   the large ones the slope, and one noisy large batch cannot move the intercept by more than
+//   the small sizes' own time.
+// - Robust::high (memory peaks, what must fit): the maximum of the last 3; plain least squares.
+// A point not measured again within `history` additions is forgotten, oldest first, so a
+// drifting workload is followed; the two most recent points always stay, so a size held for
+// long keeps its line.
+// Binned (for x that rarely repeats exactly, such as the padded tokens of a batch): x values
+// within 9% of each other (bins of 2^(1/8)) share a point, whose x is the mean of its recent x.
 class LinearFit {
 public:
-  enum class Robust { low, high };
+  enum class Robust { median, high };
 
-  explicit LinearFit(Robust robust, std::size_t history = 64);
+  explicit LinearFit(Robust robust, std::size_t history = 64, bool binned = false);
 
   void add(double x, double y);
   std::size_t count() const noexcept { return count_; }
@@ -34,32 +45,55 @@ public:
   double slope() const noexcept { return slope_; }
   // The smallest x whose x / y is within `tolerance` of the largest x / y among the points (for
   // times: the smallest size whose measured throughput is near the best); 0 without points.
+  // With Robust::median, "within" allows for the measured noise: each point's ratio is given
+  // the benefit of two standard errors (relative_spread() / sqrt(its measurements)) and the
+  // best one is taken at two below, so a lucky sample cannot raise the bar, while on a quiet
+  // host (spread 0) it is the plain comparison.
   double smallest_x_near_best_ratio(double tolerance) const noexcept;
+  // The relative standard deviation of one measurement, from the repeats at each x (a robust
+  // estimate: the median absolute relative deviation from each x's median); 0 before any x has
+  // two measurements, and always 0 for Robust::high.
+  double relative_spread() const noexcept { return spread_; }
+  // How far the line misses the worst point, relative to the point (0 without points).
+  double largest_relative_residual() const noexcept;
+  // One (x, representative y) per point, by x: what a profile keeps. Adding them to a fresh
+  // fit gives the same line (each as one measurement).
+  std::vector<std::pair<double, double>> points() const;
 
 private:
-  static constexpr std::size_t recent_per_point = 3;
+  static constexpr std::size_t median_window = 5;
+  static constexpr std::size_t high_window = 3;
   struct Point {
-    std::array<double, recent_per_point> recent{};
+    std::array<double, median_window> recent{};
+    std::array<double, median_window> recent_x{};
     std::size_t filled = 0;
     std::size_t next = 0;
     std::uint64_t last_added = 0;
   };
+  std::size_t window() const noexcept {
+    return robust_ == Robust::median ? median_window : high_window;
+  }
   double representative(const Point &point) const;
+  static double x_of(const Point &point) noexcept;
   void refit();
+  void measure_spread();
 
   Robust robust_;
   std::size_t history_;
+  bool binned_;
   std::map<double, Point> points_;
   std::uint64_t count_ = 0;
   double intercept_ = 0.0;
   double slope_ = 0.0;
+  double spread_ = 0.0;
 };
 
-// Per input-shape bucket: latency L(n) = a + b*n (ns) and peak memory M(n) = m0 + m1*n (bytes).
+// Per input-shape bucket: latency L(n) = a + b*n (ns) and peak memory M(n) = m0 + m1*n (bytes),
+// n in samples, or in padded tokens (binned) for padded layouts.
 struct CostModel {
-  explicit CostModel(std::size_t history)
-      : latency_ns(LinearFit::Robust::low, history),
-        memory_bytes(LinearFit::Robust::high, history) {}
+  explicit CostModel(std::size_t history, bool binned = false)
+      : latency_ns(LinearFit::Robust::median, history, binned),
+        memory_bytes(LinearFit::Robust::high, history, binned) {}
   LinearFit latency_ns;
   LinearFit memory_bytes;
 };

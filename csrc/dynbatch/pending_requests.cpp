@@ -8,7 +8,7 @@
 namespace dynbatch {
 
 PendingRequests::PendingRequests(std::size_t row_capacity, Nanoseconds aging_ns)
-    : aging_ns_(aging_ns), live_id_(row_capacity, 0) {
+    : aging_ns_(aging_ns), live_id_(row_capacity, 0), live_length_(row_capacity, 0) {
   if (aging_ns <= 0) {
     throw std::invalid_argument("PendingRequests: aging_ns must be positive");
   }
@@ -21,7 +21,9 @@ void PendingRequests::add(const RequestDescriptor &request) {
   }
   levels_[request.priority].push_back(request);
   live_id_[request.row] = request.id + 1;
+  live_length_[request.row] = request.length;
   ++live_;
+  tokens_ += request.length;
   if (request.deadline_ns != no_deadline) {
     deadlines_.push(request);
   }
@@ -30,6 +32,7 @@ void PendingRequests::add(const RequestDescriptor &request) {
 void PendingRequests::forget(std::uint32_t row) noexcept {
   live_id_[row] = 0;
   --live_;
+  tokens_ -= live_length_[row];
 }
 
 void PendingRequests::drop_dead_heads() {

@@ -52,6 +52,8 @@ public:
 
   void add(const RequestDescriptor &request);
   std::size_t size() const noexcept { return live_; }
+  // The lengths of the waiting requests, summed (padded layouts: tokens before padding).
+  std::size_t tokens() const noexcept { return tokens_; }
   bool empty() const noexcept { return live_ == 0; }
 
   // Appends up to `limits.count` requests to `out`, best effective priority at `now` first,
@@ -89,7 +91,9 @@ private:
   // Per row: the id of its pending request + 1, or 0. Entries of requests that expired stay in
   // their level and the heap until they surface; this says they are gone.
   std::vector<std::uint64_t> live_id_;
+  std::vector<std::uint32_t> live_length_; // per row: its pending request's length
   std::size_t live_ = 0;
+  std::size_t tokens_ = 0;
   std::vector<RequestDescriptor> window_; // scratch for bucketing
 };
 

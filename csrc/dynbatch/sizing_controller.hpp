@@ -15,14 +15,23 @@
 //     throughput is within tol of the best measured (a noisy fit must not undo what was
 //     measured); with `utilization_target` set, a
 //     device that stays below it lets the size grow past the knee while memory allows.
-// It explores first: from min it doubles after each batch of the current size, until the
+// It explores first: from the ladder rung (min * 2^k) whose batch stages about 256 KiB (min for
+// large samples; at most 64 and max/16) it grows 4x after each batch of the current size, until the
 // latency line, fitted through three sizes at least, puts the knee at or below that size or a
 // memory/SLO/OOM limit stops it.
+// Once settled where the knee is the limit, it keeps the line honest: every `verify_every`
+// batches one batch goes to a neighbour of the knee on the exploring ladder (min * 2^k), in
+// turn the rung at or below knee/16 (where the fixed cost is most of the time, so it pins the
+// intercept that places the knee) and the highest rung up to 2 * knee (within the limits). The
+// same sizes come back, so their medians firm up, and the points that place the knee are never
+// forgotten. Under timing noise the knee is thus estimated, not ratcheted by lucky samples.
 
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "dynbatch/cost_model.hpp"
 #include "dynbatch/sizing_policy.hpp"
@@ -41,6 +50,26 @@ struct ControllerOptions {
   std::size_t probe_after = 16;
   double probe_step = 0.1;
   std::size_t max_buckets = 16;
+  std::size_t verify_every = 16; // batches at the knee between two neighbour measurements
+  // Padded layouts: costs are learned over the padded tokens of a batch (samples x padded
+  // length) and the controller chooses a token budget (token_budget()); next_batch_size()
+  // then returns max_batch_size, the cap on samples. Sizes below (ceilings, the ladder of
+  // powers of two) are in tokens, and a budget always fits min_batch_size samples of the
+  // longest length seen (min == max: no budget below the fixed size).
+  bool tokens = false;
+};
+
+// What a controller has learned, to start another one from it (a profile of a past run).
+struct LearnedState {
+  struct Bucket {
+    std::uint64_t key = 0;
+    std::vector<std::pair<double, double>> latency; // (size, ns): the latency line's points
+    std::vector<std::pair<double, double>> memory;  // (size, bytes)
+  };
+  std::vector<Bucket> buckets;
+  std::size_t oom_ceiling = 0; // 0: none
+  std::size_t failed_size = 0; // smallest size that ran out of memory; 0: none
+  std::size_t longest = 0;     // tokens: the longest length seen
 };
 
 class SizingController final : public SizingPolicy {
@@ -48,8 +77,15 @@ public:
   explicit SizingController(const ControllerOptions &options);
 
   std::size_t next_batch_size(const SizingInputs &inputs) override;
+  std::size_t token_budget(const SizingInputs &inputs) override;
   void on_feedback(const BatchFeedback &feedback) override;
   SizingState state() const override;
+
+  // Thread-safe. import_state() replaces what was learned: the controller then starts at the
+  // size the imported lines give and only verifies it (no exploring); an OOM ceiling and a
+  // failed size are kept, so a past out-of-memory error is not repeated.
+  LearnedState export_state() const;
+  void import_state(const LearnedState &learned);
 
 private:
   struct Bucket {
@@ -63,8 +99,25 @@ private:
   };
 
   Bucket &bucket(std::uint64_t key);
+  // next_batch_size() and token_budget(): the size in units (samples, or tokens).
+  std::size_t ask(const SizingInputs &inputs);
+  std::size_t max_units() const noexcept;
+  std::size_t min_units() const noexcept;
+  std::size_t ladder_base() const noexcept; // the exploring ladder is ladder_base() * 2^k
+  std::size_t bytes_per_unit(const SizingInputs &inputs) const noexcept;
+  std::size_t units_of(const BatchFeedback &feedback) const noexcept;
+  // Whether a batch of `units` counts as one of `wanted` (a token budget is filled by whole
+  // samples, so within 3/4 of it).
+  bool reached(std::size_t units, std::size_t wanted) const noexcept;
+  // Whether a batch of `units` is a measurement of size `wanted` (equal; tokens: within 3/4).
+  bool matches(std::size_t units, std::size_t wanted) const noexcept;
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
   std::size_t decide(const Ceilings &limit) const;
+  // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps.
+  std::size_t explore_start(std::size_t bytes_per_sample) const;
+  // The next neighbour of `knee` to measure (alternating below and above), or 0 for none.
+  std::size_t neighbour(std::size_t knee, std::size_t hard) const;
+  void plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size);
   std::size_t clamp(double size) const;
 
   const ControllerOptions options_;
@@ -74,6 +127,7 @@ private:
   std::uint64_t last_bucket_ = 0;
 
   bool exploring_ = true;
+  bool measured_ = false; // a batch came back: exploring goes on from its size
   std::size_t explore_size_;
   std::size_t oom_ceiling_;
   std::size_t failed_size_ = 0;     // smallest size that ran out of memory; 0: none
@@ -84,7 +138,13 @@ private:
   std::uint64_t reclaimable_bytes_ = 0;
   double boost_ = 1.0; // growth past the knee while utilization stays low
   double last_utilization_ = 0.0;
+  std::size_t since_verified_ = 0; // batches since the last neighbour measurement
+  std::size_t verify_size_ = 0;    // a neighbour to measure next; 0: none
+  std::size_t verify_waited_ = 0;  // batches that came back at another size meanwhile
+  bool verify_above_ = false;      // which neighbour comes next
   SizingInputs last_inputs_;
+  std::size_t longest_ = 0;        // tokens: the longest sample length asked with
+  double tokens_per_sample_ = 1.0; // tokens: of the last batch, to read reports without tokens
 };
 
 } // namespace dynbatch

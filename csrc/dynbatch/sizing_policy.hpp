@@ -20,13 +20,15 @@ namespace dynbatch {
 struct SizingInputs {
   std::uint64_t bucket = 0;         // input-shape bucket: costs are learned per bucket
   std::size_t queued = 0;           // requests waiting, a snapshot
-  std::size_t bytes_per_sample = 0; // staged bytes one sample adds to a batch
+  std::size_t bytes_per_sample = 0; // staged bytes one sample adds to a batch (at `longest`)
+  std::size_t longest = 0;          // padded layouts: the longest padded length so far
   TelemetrySample telemetry;
 };
 
 struct BatchFeedback {
   std::uint64_t bucket = 0;
   std::size_t batch_size = 0;
+  std::size_t tokens = 0;              // padded layouts: batch_size x padded length; 0: none
   Nanoseconds compute_ns = 0;          // the caller's time on the batch
   Nanoseconds collate_ns = 0;          // staging time (overlapped with compute)
   std::uint64_t peak_memory_bytes = 0; // memory the batch took above what was in use; 0: unknown
@@ -36,6 +38,7 @@ struct BatchFeedback {
 
 struct SizingState {
   std::size_t target = 0;         // what next_batch_size() returns now (before memory changes)
+  std::size_t token_budget = 0;   // what token_budget() returns now; 0: sizes are not in tokens
   std::size_t memory_ceiling = 0; // largest size the memory headroom allows
   std::size_t oom_ceiling = 0;    // largest size allowed since the last OOM (may be below min)
   std::size_t slo_ceiling = 0;    // largest size meeting the latency SLO (max without one)
@@ -53,6 +56,12 @@ class SizingPolicy {
 public:
   virtual ~SizingPolicy() = default;
   virtual std::size_t next_batch_size(const SizingInputs &inputs) = 0;
+  // Padded layouts: the largest padded size (samples x padded length) of the next batch, which
+  // also holds at most next_batch_size() samples; 0: no budget.
+  virtual std::size_t token_budget(const SizingInputs &inputs) {
+    (void)inputs;
+    return 0;
+  }
   virtual void on_feedback(const BatchFeedback &feedback) = 0;
   virtual SizingState state() const = 0;
 };

@@ -185,6 +185,7 @@ class BatchFeedback:
         reclaimable_bytes: int = 0,
         out_of_memory: bool = False,
         bucket: int = 0,
+        tokens: int = 0,
     ) -> None: ...
 
 class SizingPolicy:
@@ -196,6 +197,7 @@ class SizingPolicy:
         memory_total_bytes: int = 0,
         utilization: float = 0.0,
         bucket: int = 0,
+        longest: int = 0,
     ) -> int: ...
     def on_feedback(self, feedback: BatchFeedback) -> None: ...
     def state(self) -> dict[str, Any]: ...
@@ -213,7 +215,10 @@ class SizingController(SizingPolicy):
         history: int = 64,
         probe_after: int = 16,
         probe_step: float = 0.1,
+        tokens: bool = False,
     ) -> None: ...
+    def export_state(self) -> dict[str, Any]: ...
+    def import_state(self, learned: dict[str, Any]) -> None: ...
 
 class StatsRecorder:
     def __init__(self, ring_capacity: int = 4096) -> None: ...

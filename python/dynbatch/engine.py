@@ -84,6 +84,8 @@ class Engine:
             # A GPU's utilization says whether it has compute to spare; a host's does not
             # (other processes, the loader's own threads).
             utilization_target=_GPU_UTILIZATION_TARGET if on_gpu else 0.0,
+            # Padding: a batch costs its padded tokens; the controller picks a token budget.
+            tokens=options.pad_value is not None,
         )
         self.oom_types: tuple[type[BaseException], ...] = (
             torch.cuda.OutOfMemoryError,

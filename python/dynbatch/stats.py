@@ -102,6 +102,8 @@ class Stats(StatsRecord):
                     "their copies to the device cannot overlap the model",
                 )
             )
+        if self.token_budget:
+            rows.append(("token budget (padded tokens per batch)", f"{self.token_budget:,}"))
         if self.padding_efficiency < 1.0:
             rows.append(("padding efficiency (real / padded)", f"{self.padding_efficiency:.1%}"))
         if self.serving:

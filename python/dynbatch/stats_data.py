@@ -110,6 +110,10 @@ class StatsRecord:
     queued: int = 0  # requests waiting right now
     # collate="pad": real rows / rows after padding, over every padded batch (1.0: none).
     padding_efficiency: float = 1.0
+    # collate="pad": the padded tokens (samples x padded length) the sizing allows a batch; its
+    # latency and memory lines are then per token, and the ceilings above are samples of the
+    # longest length seen. 0: sizes are sample counts.
+    token_budget: int = 0
     memory_available_bytes: int = 0  # the latest reading
     # Peak memory use as a share of what the device allows (the lecture's "memory use"): on a
     # GPU (NVML telemetry) the device's fullest moment, (total - lowest available) / total; on
@@ -220,6 +224,7 @@ class StatsRecord:
                 if int(snapshot["padded_rows"])
                 else 1.0
             ),
+            token_budget=int(sizing.get("token_budget", 0)),
             memory_available_bytes=int(telemetry.get("available_bytes", 0)),
             peak_memory_use=max(0.0, peak_used / total_bytes) if total_bytes else 0.0,
             memory_scope="GPU" if on_gpu else "host",

@@ -751,6 +751,152 @@ TEST_CASE(padded_batches_carry_lengths_and_a_rounded_padded_length) {
   CHECK_EQ(snapshot.padded_rows, 24u);
 }
 
+// A policy with a fixed token budget that records what it is told (padded layouts).
+class BudgetPolicy final : public dynbatch::SizingPolicy {
+public:
+  explicit BudgetPolicy(std::size_t budget) : budget_(budget) {}
+  std::size_t next_batch_size(const dynbatch::SizingInputs &) override { return 64; }
+  std::size_t token_budget(const dynbatch::SizingInputs &inputs) override {
+    longest.store(inputs.longest, std::memory_order_relaxed); // a reading for the test only
+    return budget_;
+  }
+  void on_feedback(const BatchFeedback &feedback) override { feedback_.push_back(feedback); }
+  dynbatch::SizingState state() const override { return {}; }
+  const std::vector<BatchFeedback> &feedback() const { return feedback_; }
+  std::atomic<std::size_t> longest{0};
+
+private:
+  std::size_t budget_;
+  std::vector<BatchFeedback> feedback_; // on_feedback: the test thread only
+};
+
+// The policy's token budget caps each batch's padded size (a user's max_tokens caps the budget),
+// the policy sees the longest length, and feedback reaches it in padded tokens.
+TEST_CASE(a_token_budget_caps_padded_batches_and_feedback_counts_tokens) {
+  LeafLayout tokens{{-1}, dl::DLDataType{dl::kDLInt, 32, 1}, 4, true, {}};
+  tokens.pad_element.resize(4);
+  const std::vector<std::uint32_t> lengths = {10, 10, 10, 10, 30, 5, 5, 5, 5, 5};
+  std::vector<std::vector<std::int32_t>> samples;
+  for (const std::uint32_t length : lengths) {
+    samples.emplace_back(length, 1);
+  }
+  const auto run = [&](std::size_t user_max_tokens) {
+    FormerOptions options{32, 1};
+    options.max_tokens = user_max_tokens;
+    auto policy = std::make_shared<BudgetPolicy>(40);
+    BatchFormer former(BatchLayout({tokens}), options, StagingPool::create(4), policy,
+                       std::make_shared<TelemetrySampler>(
+                           std::make_shared<dynbatch::HostTelemetrySource>(), 10 * ms),
+                       std::make_shared<StatsRecorder>(64));
+    std::vector<std::uint64_t> ids;
+    std::vector<const void *> sources;
+    std::vector<dynbatch::RequestOptions> per_request;
+    for (std::size_t k = 0; k < samples.size(); ++k) {
+      ids.push_back(k);
+      sources.push_back(samples[k].data());
+      dynbatch::RequestOptions request;
+      request.length = lengths[k];
+      per_request.push_back(request);
+    }
+    REQUIRE(former.push(ids, sources, per_request) == samples.size());
+    former.close_input();
+    std::vector<std::size_t> sizes;
+    FormedBatch batch;
+    while (former.next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch) {
+      sizes.push_back(batch.ids.size());
+      CHECK(batch.ids.size() == 1 || batch.ids.size() * batch.padded_length <= 40);
+      BatchFeedback feedback;
+      feedback.batch_size = batch.ids.size();
+      feedback.compute_ns = 1000;
+      former.report_feedback(batch.sequence, feedback);
+      REQUIRE(!policy->feedback().empty());
+      CHECK_EQ(policy->feedback().back().tokens, batch.ids.size() * batch.padded_length);
+    }
+    CHECK_EQ(policy->longest.load(), 30u);
+    return sizes;
+  };
+  CHECK(run(0) == (std::vector<std::size_t>{4, 1, 5}));        // 40, 30 (alone), 25 tokens
+  CHECK(run(20) == (std::vector<std::size_t>{2, 2, 1, 4, 1})); // the user's 20 wins
+}
+
+// With a bucket window, which requests are grouped must not depend on how far the producer had
+// got when the former looked: the producer pushes 32 variable-length requests in chunks of
+// 1..5 with pauses of 0..300 us between them (a different rhythm each try), the consumer takes
+// batches as they come, and every try must give the batches of a try where all requests were
+// pushed before the first batch was formed.
+TEST_CASE(length_grouping_does_not_depend_on_thread_timing) {
+  LeafLayout tokens{{-1}, dl::DLDataType{dl::kDLInt, 32, 1}, 4, true, {}};
+  tokens.pad_element.resize(4);
+  const std::vector<std::uint32_t> lengths = {5,  100, 6,   98,  4,  101, 7,   99,  5,  100, 6,
+                                              98, 4,   101, 7,   99, 5,   100, 6,   98, 4,   101,
+                                              7,  99,  5,   100, 6,  98,  4,   101, 7,  99};
+  std::vector<std::vector<std::int32_t>> samples;
+  for (const std::uint32_t length : lengths) {
+    samples.emplace_back(length, 1);
+  }
+  const auto run = [&](std::uint64_t rhythm) {
+    FormerOptions options{32, 1};
+    options.bucket_window = 16;
+    auto former = std::make_unique<BatchFormer>(
+        BatchLayout({tokens}), options, StagingPool::create(4),
+        std::make_shared<SizingController>(fixed_size(4)),
+        std::make_shared<TelemetrySampler>(std::make_shared<dynbatch::HostTelemetrySource>(),
+                                           10 * ms),
+        std::make_shared<StatsRecorder>(64));
+    std::thread producer([&] {
+      std::uint64_t state = rhythm;
+      const auto next = [&](std::uint64_t bound) {
+        state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+        return (state >> 33) % bound;
+      };
+      for (std::size_t k = 0; k < samples.size();) {
+        const std::size_t count = std::min<std::size_t>(1 + next(5), samples.size() - k);
+        std::vector<std::uint64_t> ids;
+        std::vector<const void *> sources;
+        std::vector<dynbatch::RequestOptions> per_request;
+        for (std::size_t j = k; j < k + count; ++j) {
+          ids.push_back(j);
+          sources.push_back(samples[j].data());
+          dynbatch::RequestOptions request;
+          request.length = lengths[j];
+          per_request.push_back(request);
+        }
+        REQUIRE(former->push(ids, sources, per_request) == count);
+        k += count;
+        if (rhythm != 0) {
+          std::this_thread::sleep_for(std::chrono::microseconds(next(300)));
+        }
+      }
+      former->close_input();
+    });
+    if (rhythm == 0) {
+      producer.join(); // everything pushed before the first batch is asked for
+    }
+    std::vector<std::vector<std::uint64_t>> batches;
+    FormedBatch batch;
+    while (former->next_batch(batch, now_ns() + hang_bound_ns) == NextStatus::batch) {
+      batches.push_back(batch.ids);
+    }
+    if (producer.joinable()) {
+      producer.join();
+    }
+    return batches;
+  };
+  const auto reference = run(0);
+  REQUIRE(reference.size() == 8u);
+  for (const auto &ids : reference) {
+    std::uint32_t low = 1000, high = 0;
+    for (const std::uint64_t id : ids) {
+      low = std::min(low, lengths[id]);
+      high = std::max(high, lengths[id]);
+    }
+    CHECK_LE(high - low, 3u); // short with short, long with long
+  }
+  for (std::uint64_t rhythm = 1; rhythm <= 20; ++rhythm) {
+    CHECK(run(rhythm) == reference);
+  }
+}
+
 TEST_CASE(a_later_request_with_an_earlier_deadline_is_released_in_time) {
   // The first request waits for a long max_delay; a second arrives with a short timeout: the
   // batch must leave before that timeout, not at the first request's max_delay. As in

@@ -1,6 +1,7 @@
 // LinearFit and CostModel: exact lines from exact points, the line through the origin for one
-// point, the robust per-x representative (min or max of the last 3 values), forgetting points
-// not re-added within `history` additions, and the constructor's bound.
+// point, the robust per-x representative (median of the last 5 times, max of the last 3
+// memory peaks), relative weights for times, the measured noise and the noise-aware best
+// ratio, forgetting points not re-added within `history` additions, and the constructor's bound.
 
 #include <cmath>
 #include <stdexcept>
@@ -29,7 +30,7 @@ bool near(double actual, double expected, double relative = 1e-9) {
 } // namespace
 
 TEST_CASE(exact_points_give_the_exact_line) {
-  for (const LinearFit::Robust robust : {LinearFit::Robust::low, LinearFit::Robust::high}) {
+  for (const LinearFit::Robust robust : {LinearFit::Robust::median, LinearFit::Robust::high}) {
     LinearFit fit(robust);
     CHECK_EQ(fit.count(), 0u);
     CHECK(!fit.has_line());
@@ -52,7 +53,7 @@ TEST_CASE(exact_points_give_the_exact_line) {
 }
 
 TEST_CASE(single_point_gives_the_line_through_the_origin) {
-  for (const LinearFit::Robust robust : {LinearFit::Robust::low, LinearFit::Robust::high}) {
+  for (const LinearFit::Robust robust : {LinearFit::Robust::median, LinearFit::Robust::high}) {
     LinearFit fit(robust);
     fit.add(4.0, 20.0);
     CHECK(!fit.has_line());
@@ -64,40 +65,110 @@ TEST_CASE(single_point_gives_the_line_through_the_origin) {
     fit.add(4.0, 24.0);
     CHECK(!fit.has_line());
     CHECK_EQ(fit.count(), 2u);
-    CHECK_NEAR(fit.slope(), robust == LinearFit::Robust::low ? 5.0 : 6.0);
+    CHECK_NEAR(fit.slope(), robust == LinearFit::Robust::median ? 5.5 : 6.0); // mean of 2, max
     // A second x makes a line.
     fit.add(8.0, 40.0);
     CHECK(fit.has_line());
   }
-  LinearFit at_zero(LinearFit::Robust::low);
+  LinearFit at_zero(LinearFit::Robust::median);
   at_zero.add(0.0, 7.0); // no slope through the origin from x = 0
   CHECK_NEAR(at_zero.intercept(), 0.0);
   CHECK_NEAR(at_zero.slope(), 0.0);
 }
 
-TEST_CASE(low_fit_takes_the_min_of_the_last_three_values) {
+TEST_CASE(median_fit_takes_the_median_of_the_last_five_values) {
   // y = 100 + 10 x, measured at x = 1 and x = 2.
-  LinearFit fit(LinearFit::Robust::low);
+  LinearFit fit(LinearFit::Robust::median);
   fit.add(1.0, 110.0);
   fit.add(2.0, 500.0); // the first value at x = 2 is a slow outlier: it is all there is
   CHECK_NEAR(fit.slope(), 390.0);
-  fit.add(2.0, 120.0); // one normal value follows: the min ignores the outlier
+  fit.add(2.0, 120.0); // two values: their mean
+  CHECK_NEAR(fit.slope(), 200.0);
+  fit.add(2.0, 120.0); // three: the median outvotes the outlier
   CHECK_NEAR(fit.intercept(), 100.0);
   CHECK_NEAR(fit.slope(), 10.0);
-  fit.add(2.0, 120.0);
-  fit.add(1.0, 500.0); // an outlier at a size with a normal value in its window: no effect
+  fit.add(1.0, 500.0); // an outlier at x = 1 beside one normal value: their mean
+  CHECK_NEAR(fit.intercept() + fit.slope(), 305.0);
+  fit.add(1.0, 110.0);
   CHECK_NEAR(fit.intercept(), 100.0);
   CHECK_NEAR(fit.slope(), 10.0);
-  // A faster value is the minimum while it is among the last 3 values at its x...
+  // A lucky fast value moves nothing either (a minimum would take it).
   fit.add(2.0, 60.0);
-  CHECK_NEAR(fit.slope(), -50.0);
-  fit.add(2.0, 120.0);
-  fit.add(2.0, 120.0);
-  CHECK_NEAR(fit.slope(), -50.0);
-  // ...and drops out with the third value after it.
-  fit.add(2.0, 120.0);
-  CHECK_NEAR(fit.intercept(), 100.0);
   CHECK_NEAR(fit.slope(), 10.0);
+  // The window is the last five: 500 drops out with the fifth value after it.
+  LinearFit window(LinearFit::Robust::median);
+  window.add(1.0, 10.0);
+  for (const double y : {100.0, 100.0, 30.0, 30.0, 30.0}) {
+    window.add(2.0, y);
+  }
+  CHECK_NEAR(window.slope(), 20.0); // 100, 100, 30, 30, 30: median 30
+  window.add(2.0, 100.0);
+  window.add(2.0, 100.0); // 30, 30, 30, 100, 100: still 30
+  CHECK_NEAR(window.slope(), 20.0);
+  window.add(2.0, 100.0); // 30, 30, 100, 100, 100
+  CHECK_NEAR(window.slope(), 90.0);
+}
+
+TEST_CASE(median_fit_weighs_relative_errors) {
+  // The same absolute error is a large relative one at a small x: with weights 1/y^2 the
+  // small sizes pin the intercept. y = 100 + 10 x at x = 1, 2 exactly; x = 100 off by +550
+  // (+50%). A plain least-squares line would put the intercept near 0 or below.
+  LinearFit fit(LinearFit::Robust::median);
+  fit.add(1.0, 110.0);
+  fit.add(2.0, 120.0);
+  fit.add(100.0, 1'650.0);
+  CHECK_GT(fit.intercept(), 90.0);
+  CHECK_LT(fit.intercept(), 110.0);
+}
+
+TEST_CASE(spread_measures_the_noise_of_repeats) {
+  LinearFit fit(LinearFit::Robust::median);
+  fit.add(1.0, 100.0);
+  fit.add(2.0, 200.0);
+  CHECK_NEAR(fit.relative_spread(), 0.0); // no repeats yet
+  for (const double y : {200.0, 220.0, 180.0, 200.0}) {
+    fit.add(2.0, y); // 200, 200, 220, 180, 200: deviations 0, 0, .1, .1, 0 -> median 0
+  }
+  CHECK_NEAR(fit.relative_spread(), 0.0);
+  for (const double y : {220.0, 180.0}) {
+    fit.add(2.0, y); // 220, 180, 200, 220, 180: median 200, deviations .1 .1 0 .1 .1
+  }
+  CHECK_NEAR(fit.relative_spread(), 1.4826 * 0.1);
+  LinearFit memory(LinearFit::Robust::high);
+  memory.add(1.0, 100.0);
+  memory.add(1.0, 150.0);
+  CHECK_NEAR(memory.relative_spread(), 0.0);
+}
+
+TEST_CASE(the_best_ratio_allows_for_the_measured_noise) {
+  // Throughput x / y: x = 100 at 1.0, x = 200 at 1.0 / 0.93 (7% faster, one lucky sample).
+  // Quiet (no repeats, spread 0): 100 is not within 5% of the best, so 200 is the smallest.
+  LinearFit quiet(LinearFit::Robust::median);
+  quiet.add(100.0, 100.0);
+  quiet.add(200.0, 186.0);
+  CHECK_NEAR(quiet.smallest_x_near_best_ratio(0.05), 200.0);
+  // The same points where repeats show 5% noise: 7% is within the noise, 100 qualifies.
+  LinearFit noisy(LinearFit::Robust::median);
+  for (const double y : {95.0, 105.0, 100.0, 95.0, 105.0}) {
+    noisy.add(100.0, y);
+  }
+  noisy.add(200.0, 186.0);
+  CHECK_GT(noisy.relative_spread(), 0.04);
+  CHECK_NEAR(noisy.smallest_x_near_best_ratio(0.05), 100.0);
+  // A clear difference still counts under that noise: 2x faster per sample.
+  noisy.add(400.0, 200.0);
+  CHECK_NEAR(noisy.smallest_x_near_best_ratio(0.05), 400.0);
+}
+
+TEST_CASE(residual_says_how_far_the_line_misses_a_point) {
+  LinearFit fit(LinearFit::Robust::median);
+  CHECK_NEAR(fit.largest_relative_residual(), 0.0);
+  for (const double x : {1.0, 4.0, 16.0}) {
+    fit.add(x, 10.0 + 2.0 * x);
+  }
+  CHECK_LT(fit.largest_relative_residual(), 1e-12);
+  fit.add(64.0, 0.5 * (10.0 + 2.0 * 64.0)); // per-sample cost halves at 64: off the line
+  CHECK_GT(fit.largest_relative_residual(), 0.2);
 }
 
 TEST_CASE(high_fit_takes_the_max_of_the_last_three_values) {
@@ -117,7 +188,7 @@ TEST_CASE(high_fit_takes_the_max_of_the_last_three_values) {
 }
 
 TEST_CASE(point_not_readded_within_history_is_forgotten) {
-  LinearFit fit(LinearFit::Robust::low, 4);
+  LinearFit fit(LinearFit::Robust::median, 4);
   fit.add(10.0, 1'000'000.0); // addition 1, far off the line y = 5 + 2 x
   fit.add(1.0, 7.0);          // 2
   fit.add(2.0, 9.0);          // 3
@@ -144,15 +215,15 @@ TEST_CASE(point_not_readded_within_history_is_forgotten) {
 }
 
 TEST_CASE(history_below_two_throws) {
-  CHECK_THROWS_AS(LinearFit(LinearFit::Robust::low, 0), std::invalid_argument);
+  CHECK_THROWS_AS(LinearFit(LinearFit::Robust::median, 0), std::invalid_argument);
   CHECK_THROWS_AS(LinearFit(LinearFit::Robust::high, 1), std::invalid_argument);
   CHECK_THROWS_AS(CostModel(1), std::invalid_argument);
-  LinearFit ok(LinearFit::Robust::low, 2);
+  LinearFit ok(LinearFit::Robust::median, 2);
   ok.add(1.0, 1.0);
   CHECK_EQ(ok.count(), 1u);
 }
 
-TEST_CASE(cost_model_times_are_low_and_memory_is_high) {
+TEST_CASE(cost_model_times_are_medians_and_memory_is_high) {
   CostModel model(64);
   for (const double x : {1.0, 2.0}) {
     for (const double noise : {0.0, 40.0, 0.0}) {
@@ -160,7 +231,8 @@ TEST_CASE(cost_model_times_are_low_and_memory_is_high) {
       model.memory_bytes.add(x, 1'000.0 + 100.0 * x - noise);
     }
   }
-  model.latency_ns.add(2.0, 160.0); // a slow batch: ignored by the min
+  model.latency_ns.add(2.0, 160.0); // a slow batch, then a normal one: the median is 120
+  model.latency_ns.add(2.0, 120.0);
   model.memory_bytes.add(2.0, 1'300.0);
   CHECK_NEAR(model.latency_ns.intercept(), 100.0);
   CHECK_NEAR(model.latency_ns.slope(), 10.0);
