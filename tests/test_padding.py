@@ -24,7 +24,7 @@ def test_batches_equal_pad_sequence_with_lengths_and_mask() -> None:
     lengths = [3, 7, 1, 0, 5, 2, 9, 4]
     samples = sequences(lengths, width=3)
     processor = ds.DynamicBatchProcessor(
-        max_batch_size=4, min_batch_size=4, collate="pad", pad_value=-2.5
+        max_batch_size=4, min_batch_size=4, collate="pad", pad_value=-2.5, bucket_window=1
     )
     start = 0
     for batch in processor(samples):
@@ -62,7 +62,7 @@ def test_nested_samples_pad_their_sequence_leaves_and_stack_the_rest() -> None:
         for n in (2, 4, 3)
     ]
     processor = ds.DynamicBatchProcessor(
-        max_batch_size=3, min_batch_size=3, collate="pad", pad_value=0
+        max_batch_size=3, min_batch_size=3, collate="pad", pad_value=0, bucket_window=1
     )
     (batch,) = list(processor(samples))
     assert batch.data["tokens"].tolist() == [[2, 2, 0, 0], [4, 4, 4, 4], [3, 3, 3, 0]]
@@ -153,7 +153,9 @@ def test_padded_batch_repr_and_len() -> None:
 def test_bucketing_groups_similar_lengths_and_map_keeps_input_order() -> None:
     lengths = [5, 100, 6, 98, 4, 101, 7, 99] * 4
     samples = sequences(lengths)
-    plain = ds.DynamicBatchProcessor(max_batch_size=4, min_batch_size=4, collate="pad")
+    plain = ds.DynamicBatchProcessor(
+        max_batch_size=4, min_batch_size=4, collate="pad", bucket_window=1
+    )
     bucketed = ds.DynamicBatchProcessor(
         max_batch_size=4, min_batch_size=4, collate="pad", bucket_window=16
     )
@@ -169,10 +171,31 @@ def test_bucketing_groups_similar_lengths_and_map_keeps_input_order() -> None:
     assert [r.item() for r in results] == lengths
 
 
+def test_passes_group_by_length_by_default_deterministically_and_map_keeps_order() -> None:
+    # Shuffled lengths, as real text comes: the default groups over the read-ahead, the same
+    # way on every run; bucket_window=1 keeps input order.
+    lengths = torch.randint(1, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    samples = sequences(lengths)
+
+    def batch_indices(**options: int) -> tuple[list[list[int]], float]:
+        processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad", **options)
+        indices = [batch.indices.tolist() for batch in processor(samples)]
+        return indices, processor.stats().padding_efficiency
+
+    grouped, grouped_efficiency = batch_indices()
+    assert sorted(i for batch in grouped for i in batch) == list(range(len(samples)))
+    assert batch_indices()[0] == grouped
+    in_order, in_order_efficiency = batch_indices(bucket_window=1)
+    assert [i for batch in in_order for i in batch] == list(range(len(samples)))
+    assert grouped_efficiency > 0.9 > in_order_efficiency
+    processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad")
+    assert [r.item() for r in processor.map(lambda batch: batch.lengths, samples)] == lengths
+
+
 def test_max_tokens_caps_the_padded_size_of_every_batch() -> None:
     lengths = [30, 10, 10, 10, 60, 5, 5, 20]
     processor = ds.DynamicBatchProcessor(
-        max_batch_size=8, min_batch_size=8, collate="pad", max_tokens=64
+        max_batch_size=8, min_batch_size=8, collate="pad", max_tokens=64, bucket_window=1
     )
     batches = list(processor(sequences(lengths)))
     assert all(len(b) * b.padded_length <= 64 for b in batches)

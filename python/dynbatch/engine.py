@@ -47,8 +47,24 @@ class EngineOptions:
     knee_tolerance: float
     pad_value: float | None  # None: stack
     pad_multiple: int
-    bucket_window: int  # 0: no length grouping
+    bucket_window: int  # 0: none given (grouping per group_by_length); 1: input order
     max_tokens: int  # 0: no token budget
+    # collate="pad" without a bucket_window: passes (iterator, map) group by length over
+    # their whole read-ahead, as a length-sorted encode does; serving and training keep order.
+    group_by_length: bool = False
+
+    def pass_window(self) -> int:
+        """The length-grouping window of a pass over an input (0 or 1: input order): the
+        read-ahead, at least DEFAULT_GROUPING_WINDOW samples (a window of two small batches
+        groups little: 72% padding efficiency against 91% over 1024, on shuffled lengths)."""
+        if self.bucket_window or not self.group_by_length:
+            return self.bucket_window
+        return max((self.prefetch + 1) * self.max_batch_size, DEFAULT_GROUPING_WINDOW)
+
+
+# Samples a pass groups by length over by default (references only: the core copies a sample
+# when its batch is formed).
+DEFAULT_GROUPING_WINDOW = 1024
 
 
 class Engine:
@@ -142,10 +158,12 @@ class Engine:
             max_tokens=self.options.max_tokens,
         )
 
-    def former_for(self, schema: Schema, capacity: int, **options: Any) -> _core.BatchFormer:
+    def former_for(
+        self, schema: Schema, capacity: int, *, bucket_window: int | None = None, **options: Any
+    ) -> _core.BatchFormer:
         """A core former for ``schema``'s samples with this engine's sizing and padding;
-        ``options`` (serving: max_delay_ms, aging_ms; collate=False when the caller stacks)
-        go to the core as they are."""
+        ``bucket_window`` defaults to the one given; ``options`` (serving: max_delay_ms,
+        aging_ms; collate=False when the caller stacks) go to the core as they are."""
         return _core.BatchFormer(
             schema.core_descriptors(),
             capacity,
@@ -156,7 +174,7 @@ class Engine:
             self.recorder,
             pad_to_multiple_of=self.options.pad_multiple,
             max_tokens=self.options.max_tokens,
-            bucket_window=self.options.bucket_window,
+            bucket_window=self.options.bucket_window if bucket_window is None else bucket_window,
             **options,
         )
 

@@ -45,7 +45,7 @@ def map_batches(iterator: BatchIterator, fn: Callable[[Any], Any]) -> list[Any]:
             iterator.note_compute(engine.clock() - started)
             results.extend(split_outputs(output, size))
             order.extend(iterator.batch_ids)
-    if engine.options.bucket_window:  # batches came out of input order
+    if iterator.groups_by_length:  # batches came out of input order
         in_order: list[Any] = [None] * len(results)
         for position, result in zip(order, results, strict=True):
             in_order[position] = result
@@ -86,9 +86,8 @@ class BatchIterator(Iterator[Any]):
         self._progress = progress
         # Bucketing chooses among the next bucket_window samples: read at least that far.
         options = engine.options
-        self._read_ahead = max(
-            (options.prefetch + 1) * options.max_batch_size, options.bucket_window
-        )
+        self._window = options.pass_window()
+        self._read_ahead = max((options.prefetch + 1) * options.max_batch_size, self._window)
         self._schema: Schema | None = None
         self._former: _core.BatchFormer | None = None
         # Per sample, by index, until its batch is formed (bucketing forms out of order): the
@@ -173,6 +172,11 @@ class BatchIterator(Iterator[Any]):
     def batch_size(self) -> int:
         """Samples in the batch last yielded (0 before the first)."""
         return self._current.size if self._current is not None else 0
+
+    @property
+    def groups_by_length(self) -> bool:
+        """Whether batches are grouped by length (and so come out of input order)."""
+        return self._window > 1
 
     @property
     def batch_ids(self) -> list[int]:
@@ -330,13 +334,15 @@ class BatchIterator(Iterator[Any]):
             and isinstance(first, torch.Tensor)
             and first.device == target.device
         )
+        if self._gathering and not self._engine.options.bucket_window:
+            self._window = 0  # gathered on the device in input order: no default grouping
         # The checks come from the first sample's shape and dtype, which a host proxy shares.
         self._schema = self._engine.schema_for(
             torch.empty(first.shape, dtype=first.dtype) if self._gathering else first
         )
         if self._gathering and not (
             self._schema.single_tensor
-            and not self._engine.options.bucket_window
+            and not self.groups_by_length
             and not self._engine.options.max_tokens
         ):
             raise UnsupportedLeafError(
@@ -353,6 +359,7 @@ class BatchIterator(Iterator[Any]):
         self._former = self._engine.former_for(
             self._schema,
             self._read_ahead,
+            bucket_window=self._window,
             collate=not self._stacking,
             own_thread=not self._stacking,
         )
@@ -482,7 +489,7 @@ class BatchIterator(Iterator[Any]):
         size = batch.size
         ids = batch.ids
         in_order = ids[0] == self._delivered and ids[-1] == self._delivered + size - 1
-        if not in_order and not self._engine.options.bucket_window:
+        if not in_order and not self.groups_by_length:
             raise RuntimeError(
                 f"dynbatch core delivered samples {ids[0]}..{ids[-1]}, "
                 f"expected {self._delivered}..{self._delivered + size - 1}"

@@ -68,11 +68,14 @@ class DynamicBatchProcessor:
             in the batch with ``pad_value``; batches are then ``PaddedBatch`` objects
             (``.data``, ``.lengths``, ``.mask``, ``.indices``). All padded leaves of one sample
             share their length. With ``pad_to_multiple_of``, every batch's padded length is a
-            multiple of it. ``bucket_window=N`` groups samples of similar length from the next
-            N waiting (batches then come out of input order: ``.indices`` says which samples
-            they hold; ``map`` returns results in input order). ``max_tokens=T`` caps a batch
-            by its padded size (samples x padded length); a sample longer than that alone is
-            an ``InvalidSampleError``.
+            multiple of it. A pass (the iterator, ``map``) groups samples of similar length
+            over its read-ahead (``(prefetch + 1) * max_batch_size`` samples, at least 1024),
+            as a length-sorted encode does: batches then come out of input order
+            (``.indices`` says which samples they hold; ``map`` returns results in input
+            order); ``bucket_window=N`` groups over the next N waiting instead, in serving and
+            training too, and ``bucket_window=1`` keeps input order. ``max_tokens=T`` caps a
+            batch by its padded size (samples x padded length); a sample longer than that
+            alone is an ``InvalidSampleError``.
 
     Serving (``submit``, ``submit_many``, ``infer``; needs ``model``):
         model: the callable run on each batch; its output (a tensor, or dicts/tuples/lists of
@@ -190,6 +193,7 @@ class DynamicBatchProcessor:
                 pad_multiple=pad_multiple,
                 bucket_window=bucket_window or 0,
                 max_tokens=max_tokens or 0,
+                group_by_length=collate == "pad" and bucket_window is None,
             ),
             telemetry=telemetry,
             clock=clock,
