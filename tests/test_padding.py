@@ -173,12 +173,15 @@ def test_bucketing_groups_similar_lengths_and_map_keeps_input_order() -> None:
 
 def test_passes_group_by_length_by_default_deterministically_and_map_keeps_order() -> None:
     # Shuffled lengths, as real text comes: the default groups over the read-ahead, the same
-    # way on every run; bucket_window=1 keeps input order.
+    # way on every run (sizes fixed here: a learned size follows the timing); bucket_window=1
+    # keeps input order.
     lengths = torch.randint(1, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
     samples = sequences(lengths)
 
     def batch_indices(**options: int) -> tuple[list[list[int]], float]:
-        processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad", **options)
+        processor = ds.DynamicBatchProcessor(
+            max_batch_size=32, min_batch_size=32, collate="pad", **options
+        )
         indices = [batch.indices.tolist() for batch in processor(samples)]
         return indices, processor.stats().padding_efficiency
 
@@ -187,7 +190,7 @@ def test_passes_group_by_length_by_default_deterministically_and_map_keeps_order
     assert batch_indices()[0] == grouped
     in_order, in_order_efficiency = batch_indices(bucket_window=1)
     assert [i for batch in in_order for i in batch] == list(range(len(samples)))
-    assert grouped_efficiency > 0.9 > in_order_efficiency
+    assert grouped_efficiency > 0.85 > 0.6 > in_order_efficiency  # 88% and 50% here
     processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad")
     assert [r.item() for r in processor.map(lambda batch: batch.lengths, samples)] == lengths
 
