@@ -16,14 +16,19 @@ LinearFit::LinearFit(Robust robust, std::size_t history, bool binned)
 
 double LinearFit::representative(const Point &point) const {
   std::array<double, median_window> values = point.recent;
-  const auto begin = values.begin();
-  const auto end = begin + static_cast<std::ptrdiff_t>(point.filled);
+  const std::size_t filled = std::min(point.filled, median_window);
   if (robust_ == Robust::high) {
-    return *std::max_element(begin, end);
+    return *std::max_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(filled));
   }
-  std::sort(begin, end);
-  const std::size_t half = point.filled / 2;
-  return point.filled % 2 == 1 ? values[half] : 0.5 * (values[half - 1] + values[half]);
+  // Insertion sort of at most median_window values (std::sort's unrolled prologue trips GCC
+  // 12's -Warray-bounds at -O3 on an array this small).
+  for (std::size_t i = 1; i < filled; ++i) {
+    for (std::size_t j = i; j > 0 && values[j - 1] > values[j]; --j) {
+      std::swap(values[j - 1], values[j]);
+    }
+  }
+  const std::size_t half = filled / 2;
+  return filled % 2 == 1 ? values[half] : 0.5 * (values[half - 1] + values[half]);
 }
 
 double LinearFit::x_of(const Point &point) noexcept {
