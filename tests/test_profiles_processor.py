@@ -318,3 +318,15 @@ def test_two_processes_saving_at_once_lose_nothing_but_their_own_last_write() ->
     for a_s, final in zip(("0.002", "0.004"), finals, strict=True):
         assert store.load(f"own-{a_s}", **where) == final[f"own-{a_s}"]
     assert not [p for p in cache().iterdir() if p.suffix == ".tmp"]
+
+
+def test_an_odd_model_still_names_the_automatic_profile(tmp_path: Path) -> None:
+    class Odd:
+        @property
+        def named_parameters(self) -> Any:
+            raise RuntimeError("not here")
+
+    binding = ProfileBinding(None, device="cpu", site="/job.py:main", store=ProfileStore(tmp_path))
+    binding.note_model(Odd())  # never raises into map()/fit()
+    assert binding.bind("f32[4]", "float32") is None
+    assert binding.name is not None and binding.name.startswith("auto-job-")

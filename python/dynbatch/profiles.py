@@ -297,7 +297,10 @@ class ProfileBinding:
     def note_model(self, model: object) -> None:
         """The model this processor runs (for an automatic name; the first one counts)."""
         if self._name is None and self._model is None and self._key is None:
-            self._model = model_identity(model)
+            try:
+                self._model = model_identity(model)
+            except Exception:  # an odd object's attributes: its type still tells something
+                self._model = f"{type(model).__module__}.{type(model).__qualname__}"
 
     def bind(self, layout: str, dtype: str) -> dict[str, Any] | None:
         """The saved state for this input ``layout`` on the first call (None when there is
