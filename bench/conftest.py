@@ -78,6 +78,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _profiles_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Sizing profiles of the benchmarks never go to the user's cache (set before any module
+    fixture runs a processor; subprocesses inherit it)."""
+    before = os.environ.get("DYNBATCH_CACHE_DIR")
+    os.environ["DYNBATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("dynbatch-cache"))
+    yield
+    if before is None:
+        del os.environ["DYNBATCH_CACHE_DIR"]
+    else:
+        os.environ["DYNBATCH_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def bench_size(request: pytest.FixtureRequest) -> BenchSize:
     return TINY if request.config.getoption("--bench-size") == "tiny" else FULL

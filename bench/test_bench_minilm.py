@@ -6,9 +6,10 @@ shuffled with a fixed seed; tiny: 200) three ways, each giving mean-pooled, norm
 embeddings in input order: sentence-transformers' ``encode(batch_size=32)`` (sorts by length,
 tokenizes inside), a naive fixed-32 padded loop in input order (pre-tokenized), and
 ``ds.DynamicBatchProcessor(collate="pad").map`` with default arguments (pre-tokenized, a fresh
-processor per round: a cold start). Rounds are interleaved (3; tiny: 1), every method once per
-round in a rotating order; each round records wall time and this process's CPU time
-(``time.process_time``), and dynbatch's settled token budget. ``python bench/report.py`` prints
+processor per round, ``profile=False``: a cold start). Rounds are interleaved (3; tiny: 1),
+every method once per round in a rotating order; each round records wall time and this
+process's CPU time (``time.process_time``), and dynbatch's settled token budget.
+``python bench/report.py`` prints
 sentences per CPU-second and per wall second with the ratios (targets: >= 1.1x encode, >= 1.5x
 the naive loop, the token budget within 1.5x across rounds). That the embeddings agree is
 ``tests/test_minilm.py``'s job, not this one's. A fourth entry, ``dynbatch-pad-grouped``, adds
@@ -51,8 +52,8 @@ def rounds(workload: tuple[Any, list[str], list[Any]], bench_size: Any) -> dict[
     runners = {
         "encode-32": run_encode,
         "naive-32": run_naive,
-        "dynbatch-pad": dynbatch_runner(seen),
-        "dynbatch-pad-grouped": dynbatch_runner(seen, **GROUPED),
+        "dynbatch-pad": dynbatch_runner(seen, profile=False),
+        "dynbatch-pad-grouped": dynbatch_runner(seen, profile=False, **GROUPED),
     }
     tiny = bench_size.name == "tiny"
     if not tiny:  # warm-up: first-call costs (allocator, thread pool) out of the figures
@@ -88,8 +89,8 @@ def test_minilm(
     run = {
         "encode-32": run_encode,
         "naive-32": run_naive,
-        "dynbatch-pad": dynbatch_runner({}),
-        "dynbatch-pad-grouped": dynbatch_runner({}, **GROUPED),
+        "dynbatch-pad": dynbatch_runner({}, profile=False),
+        "dynbatch-pad-grouped": dynbatch_runner({}, profile=False, **GROUPED),
     }[impl]
     # The table's figures come from the interleaved rounds; this times one more pass.
     benchmark.pedantic(run, args=(model, sentences, ids), rounds=1, iterations=1)

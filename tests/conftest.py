@@ -3,6 +3,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not keywords: a folder may be "gpu"
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _profiles_in_a_temporary_folder(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """Sizing profiles never go to the user's cache: one folder for the session (module
+    fixtures, subprocesses)."""
+    before = os.environ.get("DYNBATCH_CACHE_DIR")
+    os.environ["DYNBATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("dynbatch-cache"))
+    yield
+    if before is None:
+        del os.environ["DYNBATCH_CACHE_DIR"]
+    else:
+        os.environ["DYNBATCH_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def _profiles_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile folder of each test's own: no test starts from the sizes another learned."""
+    monkeypatch.setenv("DYNBATCH_CACHE_DIR", str(tmp_path / "dynbatch-cache"))
 
 
 def os_thread_count() -> int:

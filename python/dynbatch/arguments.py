@@ -9,6 +9,7 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "check_fraction",
     "check_padding",
+    "check_profile",
     "check_serving_arguments",
     "check_size",
 ]
@@ -23,6 +24,25 @@ def check_fraction(name: str, value: object, *, inclusive: bool) -> None:
     if not (0.0 < value <= 1.0 if inclusive else 0.0 < value < 1.0):
         bounds = "(0, 1]" if inclusive else "(0, 1)"
         raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def check_profile(profile: object) -> None:
+    """None (an automatic name), a name, or False (no profile)."""
+    if profile is None or profile is False:
+        return
+    if profile is True:
+        raise ValueError(
+            "profile=True is not a choice: None (the default) names the profile after the "
+            "job, a str names it, False keeps none"
+        )
+    if not isinstance(profile, str):
+        raise TypeError(
+            f"profile must be None, a name (str) or False, got {type(profile).__name__}"
+        )
+    if not profile.strip() or "\0" in profile:
+        raise ValueError(
+            f"profile must be a non-empty name without NUL characters, got {profile!r}"
+        )
 
 
 def check_padding(

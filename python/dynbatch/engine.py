@@ -8,10 +8,13 @@ reach into each other or into the facade.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from .devices import default_telemetry
 from .errors import ProcessorForked
 from .logs import logger
 from .memory import MemoryMonitor, default_memory_monitor
+from .profiles import ProfileBinding, creation_site, valid_state
 from .stats import Stats
 from .torch_bridge import Schema
 from .transfer import DeviceTarget, StagedBatch
@@ -52,6 +56,8 @@ class EngineOptions:
     # collate="pad" without a bucket_window: passes (iterator, map) group by length over
     # their whole read-ahead, as a length-sorted encode does; serving and training keep order.
     group_by_length: bool = False
+    # The on-disk sizing profile: False none, a str its name, None an automatic name.
+    profile: str | bool | None = False
 
     def pass_window(self) -> int:
         """The length-grouping window of a pass over an input (0 or 1: input order): the
@@ -124,6 +130,12 @@ class Engine:
         self._closed = False
         self._pid = os.getpid()
         self._fork_generation = _core.fork_generation()
+        self.device_key = self._device_key()
+        self.profile = self._profile_binding(clock is not None)
+        self._sizing_restored = False  # load_state_dict: the profile is not read over it
+        if self.profile is not None:
+            # At exit, or when dropped without close(): what was learned since the last save.
+            weakref.finalize(self, _flush_profile, self.profile, self.policy, self._fork_generation)
 
     # ------------------------------------------------------------------------ fork
 
@@ -145,18 +157,112 @@ class Engine:
             "worker_init_fn or in the dataset)"
         )
 
+    # ------------------------------------------------------------------ the profile
+
+    def _device_key(self) -> str:
+        """Where batches run, as the profile records it: the simulated device, a CUDA device's
+        name (the target's, or the one NVML reads), the telemetry's own source, or "cpu"."""
+        target = self.target
+        if target is not None:
+            if target.device.type == "cuda":
+                return f"cuda:{torch.cuda.get_device_name(target.device)}"
+            return "dynbatch-sim"
+        source = self.telemetry.source
+        if source.startswith("nvml:"):  # "nvml:<index> <name>"
+            return "cuda:" + source.partition(" ")[2]
+        return "cpu" if source == "host" else source
+
+    def _profile_binding(self, clock_injected: bool) -> ProfileBinding | None:
+        setting = self.options.profile
+        if setting is False or (setting is None and clock_injected):
+            # An injected clock times a simulation, not this device: no automatic profile.
+            return None
+        name = setting if isinstance(setting, str) else None
+        site = creation_site() if name is None else ""
+        return ProfileBinding(name, device=self.device_key, site=site)
+
+    def note_model(self, model: object) -> None:
+        """The model the consumers run, for an automatic profile name."""
+        if self.profile is not None:
+            self.profile.note_model(model)
+
+    def _bind_profile(self, schema: Schema) -> None:
+        """On the first input: restores the profile's learned state into the sizing (unless a
+        state_dict was loaded), so the first batch has the learned size."""
+        profile = self.profile
+        if profile is None or self.forked():
+            return
+        state = profile.bind(layout_of(schema), dtype_of(schema))
+        if state is None or self._sizing_restored:
+            return
+        try:
+            self.policy.import_state(state)
+        except ValueError as error:  # valid JSON that this build's controller refuses
+            logger.warning("sizing profile %r not used: %s", profile.name, error)
+        else:
+            logger.info("sizing profile %r restored (%s)", profile.name, profile.layout)
+
+    def save_profile(self, *, force: bool = False) -> None:
+        """Writes the learned state to the profile once the sizing has settled (never an
+        exploration half done); ``force``: even within the interval since the last write."""
+        profile = self.profile
+        if profile is None or self.forked():
+            return
+        _save_settled(profile, self.policy, force=force)
+
+    def pass_ended(self) -> None:
+        """A pass (iterator, map, training steps) ended: its learning goes to the profile."""
+        self.save_profile()
+
+    def sizing_state(self) -> dict[str, Any]:
+        """What the sizing learned, for ``state_dict()``."""
+        return {"device": self.device_key, "learned": self.policy.export_state()}
+
+    def restore_sizing(self, state: Any) -> None:
+        """Restores ``sizing_state()``'s output; one learned on another device is ignored
+        with a warning. Raises ValueError for anything else."""
+        try:  # tuples as lists, as a checkpoint saved as JSON gives them back
+            learned = json.loads(json.dumps(state["learned"]))
+        except (TypeError, KeyError, ValueError):
+            learned = None
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("device"), str)
+            or not valid_state(learned)
+        ):
+            raise ValueError(
+                "load_state_dict: state['sizing'] must be what state_dict() made "
+                "({'device': str, 'learned': the sizing's learned state})"
+            )
+        if state["device"] != self.device_key:
+            warnings.warn(
+                f"load_state_dict: the sizing was learned on {state['device']!r}, not "
+                f"{self.device_key!r}; it learns afresh here",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        try:
+            self.policy.import_state(learned)
+        except ValueError as error:
+            raise ValueError(f"load_state_dict: state['sizing'] is not usable: {error}") from None
+        self._sizing_restored = True
+
     # ------------------------------------------------------------------ forming batches
 
     def schema_for(self, first: Any) -> Schema:
-        """The checks every later sample must pass, from the first one."""
+        """The checks every later sample must pass, from the first one (and, on the first
+        input, the profile's learned sizing)."""
         self.check_process()
-        return Schema(
+        schema = Schema(
             first,
             0,
             pad_value=self.options.pad_value,
             pad_multiple=self.options.pad_multiple,
             max_tokens=self.options.max_tokens,
         )
+        self._bind_profile(schema)
+        return schema
 
     def former_for(
         self, schema: Schema, capacity: int, *, bucket_window: int | None = None, **options: Any
@@ -234,7 +340,11 @@ class Engine:
         self._split_batches += 1
 
     def note_target(self, target: int) -> None:
-        """Logs a change of the target batch size (once per batch at most, never per sample)."""
+        """Logs a change of the target batch size (once per batch at most, never per sample);
+        saves the profile when a periodic save is due (a clock read otherwise)."""
+        profile = self.profile
+        if profile is not None and profile.due():
+            self.save_profile(force=True)
         if target == self._last_target:
             return
         previous, self._last_target = self._last_target, target
@@ -319,6 +429,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self.save_profile(force=True)
         if not self.forked():
             self._final_telemetry = self.telemetry_reading()
             # What this processor's threads freed stays cached in their malloc arenas.
@@ -328,3 +439,34 @@ class Engine:
         if self.target is not None:
             with self._target_lock:
                 self.target.close()
+
+
+def layout_of(schema: Schema) -> str:
+    """The input layout a profile is kept for: every leaf's path, dtype and shape (-1 where a
+    padded leaf's length varies)."""
+    leaves = ",".join(
+        f"{spec.path or '.'}:{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)}"
+        for spec in schema.leaves
+    )
+    return ("pad " if schema.padded else "stack ") + leaves
+
+
+def dtype_of(schema: Schema) -> str:
+    """The first floating leaf's dtype ("none" without one)."""
+    for spec in schema.leaves:
+        if spec.dtype.is_floating_point:
+            return str(spec.dtype).removeprefix("torch.")
+    return "none"
+
+
+def _save_settled(profile: ProfileBinding, policy: _core.SizingController, *, force: bool) -> None:
+    if not policy.state()["exploring"]:
+        profile.save(policy.export_state(), force=force)
+
+
+def _flush_profile(
+    profile: ProfileBinding, policy: _core.SizingController, generation: int
+) -> None:
+    """The engine's finalizer (at exit, or when it is dropped): never the engine itself."""
+    if generation == _core.fork_generation():
+        _save_settled(profile, policy, force=True)

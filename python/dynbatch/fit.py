@@ -225,6 +225,7 @@ class Trainer:
             base = high = fixed
         self.max_samples_per_step = high
         self._engine = engine
+        engine.note_model(model)
         self._on_step = on_step
         self._state = state
         self._model = model

@@ -31,6 +31,7 @@ def map_batches(iterator: BatchIterator, fn: Callable[[Any], Any]) -> list[Any]:
     """``fn`` on every batch of ``iterator``; one result per sample, in input order. A batch
     whose ``fn`` runs out of memory comes back in parts (``report_oom``)."""
     engine = iterator.engine
+    engine.note_model(fn)
     results: list[Any] = []
     order: list[int] = []  # the samples' input positions, batch after batch
     with contextlib.closing(iterator):
@@ -228,6 +229,8 @@ class BatchIterator(Iterator[Any]):
         self._closed = True
         if self._former is not None:
             self._former.close()  # returns once a formation on the iterating thread is done
+        if self._schema is not None:
+            self._engine.pass_ended()
         if not self._busy:  # else the iterating thread releases when its step ends
             self._release()
 

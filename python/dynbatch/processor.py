@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from . import _core
-from .arguments import check_fraction, check_padding, check_serving_arguments, check_size
+from .arguments import (
+    check_fraction,
+    check_padding,
+    check_profile,
+    check_serving_arguments,
+    check_size,
+)
 from .engine import Engine, EngineOptions
 from .errors import ProcessorClosed
 from .fit import FitResult, StepMetrics, Trainer
@@ -76,6 +82,16 @@ class DynamicBatchProcessor:
             training too, and ``bucket_window=1`` keeps input order. ``max_tokens=T`` caps a
             batch by its padded size (samples x padded length); a sample longer than that
             alone is an ``InvalidSampleError``.
+        profile: where the sizing keeps what it learned between runs, so that a second run
+            of the same job starts at the learned size and only verifies it: None (default)
+            names it after the job (the file and function that made the processor, and the
+            first model it runs: its class and parameter shapes), a str names it, False keeps
+            none. Entries are per input layout (the first sample's leaf shapes and dtypes),
+            device and dtype, under ``$DYNBATCH_CACHE_DIR`` (default ``~/.cache/dynbatch``).
+            Read on the first batch; written once the sizing has settled, when a pass ends
+            (at most every 10 s), when the processor closes and at exit. A corrupt, foreign
+            or stale entry, or a folder that cannot be written, gives one warning, never an
+            error. With an injected ``clock`` (a simulation) None keeps none.
 
     Serving (``submit``, ``submit_many``, ``infer``; needs ``model``):
         model: the callable run on each batch; its output (a tensor, or dicts/tuples/lists of
@@ -129,6 +145,7 @@ class DynamicBatchProcessor:
         scheduler: Scheduler | None = None,
         task_priority: int = 0,
         device: str | int | torch.device | None = None,
+        profile: str | bool | None = None,
     ) -> None:
         self.max_batch_size = check_size("max_batch_size", max_batch_size)
         self.min_batch_size = check_size("min_batch_size", min_batch_size)
@@ -179,6 +196,7 @@ class DynamicBatchProcessor:
             task_priority,
         )
 
+        check_profile(profile)
         target = None if device is None else DeviceTarget(device)
         self._engine = Engine(
             EngineOptions(
@@ -194,6 +212,7 @@ class DynamicBatchProcessor:
                 bucket_window=bucket_window or 0,
                 max_tokens=max_tokens or 0,
                 group_by_length=collate == "pad" and bucket_window is None,
+                profile=profile,
             ),
             telemetry=telemetry,
             clock=clock,
@@ -394,17 +413,27 @@ class DynamicBatchProcessor:
         return trainer.run(steps)
 
     def state_dict(self) -> dict[str, Any]:
-        """The training position (epoch, samples used, steps taken, shuffling seed) and the
-        adaptive step-size state, for ``load_state_dict`` in a restarted job. The sizing's
-        learned costs are not in it: the core does not export them, and a fresh processor
-        learns them again within its first batches."""
-        return {"version": 1, "training": self._training.state_dict()}
+        """The training position (epoch, samples used, steps taken, shuffling seed), the
+        adaptive step-size state and what the sizing learned (its cost lines and out-of-memory
+        ceiling, and the device it learned them on), for ``load_state_dict`` in a restarted
+        job."""
+        return {
+            "version": 2,
+            "training": self._training.state_dict(),
+            "sizing": self._engine.sizing_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a ``state_dict()``: the next ``fit``/``steps`` call resumes the same
-        sample order where it stopped."""
-        if not isinstance(state, dict) or state.get("version") != 1 or "training" not in state:
+        sample order where it stopped, and the sizing starts at the learned size (and is not
+        overwritten by the on-disk profile). Sizing learned on another device is ignored with
+        a warning; a version 1 state (no sizing) is accepted."""
+        version = state.get("version") if isinstance(state, dict) else None
+        has_sizing = version == 2 and "sizing" in state
+        if version not in (1, 2) or "training" not in state or (version == 2) != has_sizing:
             raise ValueError("load_state_dict expects what DynamicBatchProcessor.state_dict() made")
+        if version == 2:
+            self._engine.restore_sizing(state["sizing"])
         self._training.load_state_dict(state["training"])
 
     def _check_open(self) -> None:

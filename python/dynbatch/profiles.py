@@ -17,17 +17,31 @@ exception: the run then learns afresh and its save replaces the entry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
+import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "ProfileStore", "default_directory"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ProfileBinding",
+    "ProfileStore",
+    "creation_site",
+    "default_directory",
+    "model_identity",
+    "valid_state",
+]
 
 FORMAT_VERSION = 1
 _warned: set[tuple[str, str]] = set()
@@ -43,10 +57,14 @@ def default_directory() -> Path:
 
 
 def _warn_once(path: Path, reason: str) -> None:
-    if (str(path), reason) in _warned:
+    _warn_message_once(str(path), reason, f"dynbatch profile {path} ignored: {reason}")
+
+
+def _warn_message_once(where: str, reason: str, message: str) -> None:
+    if (where, reason) in _warned:
         return
-    _warned.add((str(path), reason))
-    warnings.warn(f"dynbatch profile {path} ignored: {reason}", RuntimeWarning, stacklevel=3)
+    _warned.add((where, reason))
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _check_text(name: str, value: object) -> str:
@@ -55,7 +73,7 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
-def _valid_state(state: object) -> bool:
+def valid_state(state: object) -> bool:
     """The shape ``export_state()`` gives: buckets of finite positive points, int ceilings."""
     if not isinstance(state, dict) or not isinstance(state.get("buckets"), list):
         return False
@@ -131,7 +149,7 @@ class ProfileStore:
                 _warn_once(path, f"learned on {key} {entry.get(key)!r}, not {wanted!r}")
                 return None
         state = entry.get("state")
-        if not _valid_state(state):
+        if not valid_state(state):
             _warn_once(path, "corrupt (bad learned state)")
             return None
         assert isinstance(state, dict)
@@ -145,7 +163,7 @@ class ProfileStore:
         _check_text("device", device)
         _check_text("dtype", dtype)
         plain = json.loads(json.dumps(dict(state)))  # tuples -> lists, as load() returns them
-        if not _valid_state(plain):
+        if not valid_state(plain):
             raise TypeError("state must be what SizingController.export_state() returns")
         path = self.path(name, layout)
         entry = {
@@ -171,3 +189,182 @@ class ProfileStore:
                 os.unlink(temporary)
             raise
         return path
+
+
+def model_identity(model: object) -> str:
+    """What a model is, stably across runs: a module's class and a digest of its parameters'
+    names, shapes and dtypes (its architecture, not its weights); a function's qualified name
+    and the modules its closure holds; a bound method's object and name; a partial's function."""
+    return _identity(model, 0)
+
+
+def _identity(obj: object, depth: int) -> str:
+    if depth > 4:
+        return type(obj).__qualname__
+    named = getattr(obj, "named_parameters", None)
+    if callable(named):  # an nn.Module (duck-typed: no torch import here)
+        try:
+            shapes = ";".join(
+                f"{name}:{tuple(param.shape)}:{param.dtype}" for name, param in named()
+            )
+        except Exception:  # a stand-in with another signature: its class alone
+            shapes = ""
+        digest = hashlib.sha256(shapes.encode()).hexdigest()[:12]
+        return f"{type(obj).__module__}.{type(obj).__qualname__}#{digest}"
+    if isinstance(obj, functools.partial):
+        inner = [_identity(obj.func, depth + 1)]
+        inner += [_identity(arg, depth + 1) for arg in obj.args if _is_module(arg)]
+        return "partial(" + ",".join(inner) + ")"
+    if inspect.ismethod(obj):
+        return f"{_identity(obj.__self__, depth + 1)}.{obj.__func__.__name__}"
+    if inspect.isfunction(obj):
+        held = [
+            _identity(cell.cell_contents, depth + 1)
+            for cell in obj.__closure__ or ()
+            if _is_module(_cell_value(cell))
+        ]
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        return name + ("[" + ",".join(held) + "]" if held else "")
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _cell_value(cell: Any) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _is_module(obj: object) -> bool:
+    return callable(getattr(obj, "named_parameters", None))
+
+
+def creation_site() -> str:
+    """The file and function that made the processor: the first frame outside dynbatch."""
+    package = str(Path(__file__).resolve().parent)
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if not code.co_filename.startswith(package):
+            function = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11
+            return f"{os.path.abspath(code.co_filename)}:{function}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+class ProfileBinding:
+    """One processor's profile: which entry it reads and writes, and when. Thread-safe; its
+    methods never raise into the caller's loop (a failed write warns once per folder).
+
+    ``name``: the entry's name, or None for an automatic one, decided when the first input's
+    layout is known: the creation ``site`` (file and function) plus the identity of the first
+    model noted before then (``note_model``). The first ``bind`` loads the entry for that
+    layout, device and dtype; ``save`` writes the learned state when it changed, the first time
+    at once, later at most every ``interval_s`` unless ``force``d (a processor's close).
+    """
+
+    def __init__(
+        self,
+        name: str | None,
+        *,
+        device: str,
+        site: str = "",
+        store: ProfileStore | None = None,
+        interval_s: float = 10.0,
+    ) -> None:
+        self.store = store if store is not None else ProfileStore()
+        self.device = device
+        self._name = name
+        self._site = site
+        self._model: str | None = None
+        self._interval_ns = int(interval_s * 1e9)
+        self._lock = threading.Lock()
+        self._key: tuple[str, str, str] | None = None  # (name, layout, dtype) once bound
+        self._last: dict[str, Any] | None = None  # the state on disk, as far as we know
+        self._saved_ns: int | None = None
+        self._next_check_ns = 0
+
+    @property
+    def name(self) -> str | None:
+        """The entry's name (None while an automatic one is not decided yet)."""
+        return self._key[0] if self._key is not None else self._name
+
+    @property
+    def layout(self) -> str | None:
+        """The input layout it is bound to (None before the first input)."""
+        return self._key[1] if self._key is not None else None
+
+    def note_model(self, model: object) -> None:
+        """The model this processor runs (for an automatic name; the first one counts)."""
+        if self._name is None and self._model is None and self._key is None:
+            try:
+                self._model = model_identity(model)
+            except Exception:  # an odd object's attributes: its type still tells something
+                self._model = f"{type(model).__module__}.{type(model).__qualname__}"
+
+    def bind(self, layout: str, dtype: str) -> dict[str, Any] | None:
+        """The saved state for this input ``layout`` on the first call (None when there is
+        none or it cannot be used); None on later calls."""
+        with self._lock:
+            if self._key is not None:
+                return None
+            name = self._name or self._automatic_name()
+            self._key = (name, layout, dtype)
+            self._next_check_ns = time.monotonic_ns() + self._interval_ns
+            try:
+                state = self.store.load(name, layout=layout, device=self.device, dtype=dtype)
+            except Exception as error:  # e.g. a name the store refuses: learn afresh
+                _warn_message_once(
+                    str(self.store.directory),
+                    "read",
+                    f"dynbatch profile {name!r} not read from {self.store.directory}: {error}",
+                )
+                return None
+            self._last = state
+            return state
+
+    def _automatic_name(self) -> str:
+        job = f"{self._site}\0{self._model or ''}"
+        stem = Path(self._site.rsplit(":", 1)[0]).stem or "job"
+        return f"auto-{stem}-{hashlib.sha256(job.encode()).hexdigest()[:12]}"
+
+    def save(self, state: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Writes ``state`` when it differs from the entry; True when it wrote."""
+        with self._lock:
+            if self._key is None:
+                return False
+            now = time.monotonic_ns()
+            if (
+                not force
+                and self._saved_ns is not None
+                and now - self._saved_ns < self._interval_ns
+            ):
+                return False
+            plain = json.loads(json.dumps(dict(state)))
+            if plain == self._last:
+                return False
+            name, layout, dtype = self._key
+            self._saved_ns = now
+            try:
+                self.store.save(name, plain, layout=layout, device=self.device, dtype=dtype)
+            except Exception as error:  # a read-only or full cache folder: warn, go on
+                reason = getattr(error, "strerror", None) or str(error)
+                _warn_message_once(
+                    str(self.store.directory),
+                    "write",
+                    f"dynbatch profiles cannot be saved in {self.store.directory} ({reason}): "
+                    "the next run learns its batch sizes afresh (set DYNBATCH_CACHE_DIR to a "
+                    "writable folder, or profile=False)",
+                )
+                return False
+            self._last = plain
+            return True
+
+    def due(self) -> bool:
+        """True at most once per interval, once bound: time for a periodic save (otherwise
+        a clock read and a comparison, cheap enough to ask once per batch)."""
+        now = time.monotonic_ns()
+        if self._key is None or now < self._next_check_ns:
+            return False
+        self._next_check_ns = now + self._interval_ns
+        return True

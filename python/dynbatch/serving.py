@@ -124,6 +124,7 @@ class Server:
     ) -> None:
         self._engine = engine
         self._model = model
+        engine.note_model(model)
         self._max_delay_ms = max_delay_ms
         self._max_queue_size = max_queue_size
         self._block_timeout_ns = _timeout_ns(block_timeout, "block_timeout")

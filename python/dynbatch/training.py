@@ -446,6 +446,8 @@ class StepIterator(Iterator[MicroBatch]):
         if self._former is not None:
             self._former.close()
         self._former = None
+        if self._schema is not None:
+            self._engine.pass_ended()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
