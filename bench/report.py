@@ -188,7 +188,7 @@ def minilm_report(benches: list[dict[str, Any]]) -> str:
                 row.append(f"{entry[key] / base:.2f}" if base else "-")
         rows.append(tuple(row))
     lines = _table(headers, rows, 1)
-    for name in ("dynbatch-pad", "dynbatch-pad-grouped"):
+    for name in ("dynbatch-pad",):
         dyn = info.get(name)
         if dyn is None:
             continue
