@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 
 import pytest
 import torch
@@ -114,6 +115,49 @@ def test_serving_pads_per_batch() -> None:
         assert [f.result(10).item() for f in futures] == [30, 10, 40, 10, 50, 90, 20, 60, 70]
 
 
+@pytest.mark.parametrize("bucket_window", [None, 1])
+def test_serving_groups_the_queue_by_length_where_padding_costs_less_than_a_batch(
+    bucket_window: int | None,
+) -> None:
+    # A model taking 0.2 ms + 10 us per padded token (a fake clock): padding a request by more
+    # than 20 tokens costs more than a batch of its own. While a batch is in the model, seven
+    # requests queue; by default the next batches group them by length and leave out those
+    # whose padding would cost more (100 between 12 and 200); bucket_window=1 keeps their order.
+    # min_batch_size=3: a token budget of 3 of the longest, so only the grouping splits them.
+    now = [0]
+    gate, entered = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        seen.append(batch.lengths.tolist())
+        if len(seen) == 4:
+            entered.set()
+            gate.wait(10)
+        now[0] += 200_000 + 10_000 * batch.data.numel()
+        return batch.lengths
+
+    with ds.DynamicBatchProcessor(
+        model=model,
+        collate="pad",
+        min_batch_size=3,
+        bucket_window=bucket_window,
+        clock=lambda: now[0],
+    ) as bp:
+        for n in (10, 40, 100):  # alone: the latency line
+            assert bp.submit(sequences([n])[0]).result(10).item() == n
+        blocked = bp.submit(sequences([10])[0])
+        assert entered.wait(10)
+        lengths = [12, 200, 9, 190, 11, 100, 205]
+        futures = bp.submit_many(sequences(lengths))
+        gate.set()
+        assert [f.result(10).item() for f in futures] == lengths
+        assert blocked.result(10).item() == 10
+    if bucket_window is None:
+        assert seen[4:] == [[12, 11, 9], [200, 205, 190], [100]]
+    else:
+        assert seen[4:] == [[12, 200, 9], [190, 11, 100], [205]]
+
+
 def test_bad_padded_input_is_named() -> None:
     processor = ds.DynamicBatchProcessor(collate="pad")
     with pytest.raises(ds.InvalidSampleError, match=r"sample 1: shape \(2, 4\) .* only the first"):
@@ -173,12 +217,16 @@ def test_bucketing_groups_similar_lengths_and_map_keeps_input_order() -> None:
 
 def test_passes_group_by_length_by_default_deterministically_and_map_keeps_order() -> None:
     # Shuffled lengths, as real text comes: the default groups over the read-ahead, the same
-    # way on every run; bucket_window=1 keeps input order.
+    # way on every run; bucket_window=1 keeps input order. A fixed size (min == max: no token
+    # budget below it): a learned budget explores up as batches come back, and which batch a
+    # step reaches depends on how far the former had got ahead, i.e. on thread timing.
     lengths = torch.randint(1, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
     samples = sequences(lengths)
 
     def batch_indices(**options: int) -> tuple[list[list[int]], float]:
-        processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad", **options)
+        processor = ds.DynamicBatchProcessor(
+            max_batch_size=32, min_batch_size=32, collate="pad", **options
+        )
         indices = [batch.indices.tolist() for batch in processor(samples)]
         return indices, processor.stats().padding_efficiency
 
@@ -187,7 +235,7 @@ def test_passes_group_by_length_by_default_deterministically_and_map_keeps_order
     assert batch_indices()[0] == grouped
     in_order, in_order_efficiency = batch_indices(bucket_window=1)
     assert [i for batch in in_order for i in batch] == list(range(len(samples)))
-    assert grouped_efficiency > 0.9 > in_order_efficiency
+    assert grouped_efficiency > 0.85 > in_order_efficiency
     processor = ds.DynamicBatchProcessor(max_batch_size=32, collate="pad")
     assert [r.item() for r in processor.map(lambda batch: batch.lengths, samples)] == lengths
 

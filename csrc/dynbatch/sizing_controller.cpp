@@ -168,6 +168,19 @@ std::size_t SizingController::token_budget(const SizingInputs &inputs) {
   return options_.tokens ? units : 0;
 }
 
+double SizingController::padding_allowance() const {
+  std::lock_guard lock(mutex_);
+  const auto found = buckets_.find(last_bucket_);
+  if (!options_.tokens || found == buckets_.end()) {
+    return -1.0;
+  }
+  const LinearFit &latency = found->second.model.latency_ns;
+  if (!latency.has_line() || !(latency.slope() > 0.0)) {
+    return -1.0;
+  }
+  return std::max(latency.intercept(), 0.0) / latency.slope();
+}
+
 std::size_t SizingController::ask(const SizingInputs &inputs) {
   Bucket &entry = bucket(inputs.bucket);
   last_bucket_ = inputs.bucket;

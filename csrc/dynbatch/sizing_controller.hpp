@@ -79,6 +79,9 @@ public:
 
   std::size_t next_batch_size(const SizingInputs &inputs) override;
   std::size_t token_budget(const SizingInputs &inputs) override;
+  // Tokens: intercept / slope of the last bucket's latency line once it has one (0 when the
+  // intercept is not positive); negative before, or when sizes are not in tokens.
+  double padding_allowance() const override;
   void on_feedback(const BatchFeedback &feedback) override;
   SizingState state() const override;
 
