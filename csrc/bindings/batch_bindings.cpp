@@ -138,37 +138,40 @@ void bind_former(py::module_ &m) {
       .def("leaf", &PyBatch::leaf, py::arg("index"));
 
   py::class_<BatchFormer, std::shared_ptr<BatchFormer>>(m, "BatchFormer")
-      .def(py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
-                       std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
-                       std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
-                       std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
-                       double aging_ms, std::size_t pad_to_multiple_of, std::size_t max_tokens,
-                       std::size_t bucket_window, bool collate, bool own_thread) {
-             if (!telemetry.sampler) {
-               throw py::value_error("telemetry was closed");
-             }
-             if (!(aging_ms > 0.0)) {
-               throw py::value_error("aging_ms must be positive");
-             }
-             FormerOptions options;
-             options.capacity = capacity;
-             options.prefetch_depth = prefetch_depth;
-             options.max_delay_ns = nanoseconds_of_ms(max_delay_ms, "max_delay_ms");
-             options.aging_ns = std::max<Nanoseconds>(nanoseconds_of_ms(aging_ms, "aging_ms"), 1);
-             options.pad_to_multiple_of = pad_to_multiple_of;
-             options.max_tokens = max_tokens;
-             options.bucket_window = bucket_window;
-             options.collate = collate;
-             options.own_thread = own_thread;
-             return make_fork_safe_shared<BatchFormer>(make_layout(leaves), options,
-                                                       std::move(pool), std::move(policy),
-                                                       telemetry.sampler, std::move(stats));
-           }),
-           py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
-           py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
-           py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0,
-           py::arg("pad_to_multiple_of") = 1, py::arg("max_tokens") = 0,
-           py::arg("bucket_window") = 0, py::arg("collate") = true, py::arg("own_thread") = true)
+      .def(
+          py::init([](const std::vector<LeafSpec> &leaves, std::size_t capacity,
+                      std::size_t prefetch_depth, std::shared_ptr<StagingPool> pool,
+                      std::shared_ptr<SizingPolicy> policy, const PyTelemetry &telemetry,
+                      std::shared_ptr<StatsRecorder> stats, std::optional<double> max_delay_ms,
+                      double aging_ms, std::size_t pad_to_multiple_of, std::size_t max_tokens,
+                      std::size_t bucket_window, bool group_queued, bool collate, bool own_thread) {
+            if (!telemetry.sampler) {
+              throw py::value_error("telemetry was closed");
+            }
+            if (!(aging_ms > 0.0)) {
+              throw py::value_error("aging_ms must be positive");
+            }
+            FormerOptions options;
+            options.capacity = capacity;
+            options.prefetch_depth = prefetch_depth;
+            options.max_delay_ns = nanoseconds_of_ms(max_delay_ms, "max_delay_ms");
+            options.aging_ns = std::max<Nanoseconds>(nanoseconds_of_ms(aging_ms, "aging_ms"), 1);
+            options.pad_to_multiple_of = pad_to_multiple_of;
+            options.max_tokens = max_tokens;
+            options.bucket_window = bucket_window;
+            options.group_queued = group_queued;
+            options.collate = collate;
+            options.own_thread = own_thread;
+            return make_fork_safe_shared<BatchFormer>(make_layout(leaves), options, std::move(pool),
+                                                      std::move(policy), telemetry.sampler,
+                                                      std::move(stats));
+          }),
+          py::arg("leaves"), py::arg("capacity"), py::arg("prefetch_depth"), py::arg("pool"),
+          py::arg("policy"), py::arg("telemetry"), py::arg("stats"),
+          py::arg("max_delay_ms") = py::none(), py::arg("aging_ms") = 100.0,
+          py::arg("pad_to_multiple_of") = 1, py::arg("max_tokens") = 0,
+          py::arg("bucket_window") = 0, py::arg("group_queued") = false, py::arg("collate") = true,
+          py::arg("own_thread") = true)
       .def(
           "push",
           [](BatchFormer &former, std::uint64_t first_id, std::size_t count,

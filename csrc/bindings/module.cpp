@@ -266,6 +266,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("memory_total_bytes") = 0, py::arg("utilization") = 0.0, py::arg("bucket") = 0,
           py::arg("longest") = 0)
       .def("on_feedback", &SizingPolicy::on_feedback, py::arg("feedback"))
+      .def("padding_allowance", &SizingPolicy::padding_allowance)
       .def("state", [](const SizingPolicy &policy) { return state_to_dict(policy.state()); });
 
   py::class_<SizingController, SizingPolicy, std::shared_ptr<SizingController>>(m,

@@ -329,9 +329,13 @@ BatchFormer::FormResult BatchFormer::form_one(bool ahead, Nanoseconds *wait_unti
     }
   }
   taken_.clear();
-  pending_.take(TakeLimits{std::min(target.count, pending_.size()), target.tokens,
-                           options_.pad_to_multiple_of, options_.bucket_window},
-                now, taken_);
+  TakeLimits limits{std::min(target.count, pending_.size()), target.tokens,
+                    options_.pad_to_multiple_of, options_.bucket_window};
+  if (options_.group_queued && options_.bucket_window <= 1 && layout_->has_padded_leaves()) {
+    limits.bucket_window = pending_.size();
+    limits.padding_allowance = policy_->padding_allowance();
+  }
+  pending_.take(limits, now, taken_);
   form(taken_, target.count, reason, due);
   return FormResult::formed;
 }

@@ -111,6 +111,10 @@ struct FormerOptions {
   std::size_t pad_to_multiple_of = 1;
   std::size_t max_tokens = 0;
   std::size_t bucket_window = 0;
+  // Padded leaves without a bucket window (serving): a batch takes the head and, of every
+  // request queued, those closest to its length whose padding costs less than a batch of
+  // their own (SizingPolicy::padding_allowance); it does not wait for a window to fill.
+  bool group_queued = false;
   // false: the caller collates (small samples the caller stacks faster than it could hand
   // over their addresses); batches are formed, sized and recorded as usual, but carry no
   // staging slot and push() takes no sources.

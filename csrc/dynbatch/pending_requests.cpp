@@ -136,10 +136,21 @@ void PendingRequests::take(const TakeLimits &limits, Nanoseconds now,
   };
   std::stable_sort(order.begin(), order.end(),
                    [&](std::size_t a, std::size_t b) { return distance(a) < distance(b); });
+  // The padded tokens one more request of `length` adds beyond its own length.
+  const auto padding_added = [&](std::uint32_t length) {
+    const std::size_t taken = out.size() - first;
+    const std::size_t now_padded = round_up(longest, limits.multiple);
+    const std::size_t padded = round_up(std::max<std::size_t>(longest, length), limits.multiple);
+    return static_cast<double>((taken + 1) * padded - taken * now_padded - length);
+  };
   std::vector<bool> chosen(window_.size(), false);
   for (const std::size_t i : order) {
     if (out.size() - first >= limits.count || !fits(window_[i].length)) {
       break;
+    }
+    if (limits.padding_allowance >= 0.0 &&
+        padding_added(window_[i].length) > limits.padding_allowance) {
+      continue; // cheaper in a batch of its own: it waits for one of its length
     }
     keep(window_[i]);
     chosen[i] = true;

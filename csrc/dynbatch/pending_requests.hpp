@@ -14,6 +14,10 @@
 //   that would exceed it; a bucket window groups similar lengths: the best request always
 //   goes first (nothing is starved), then of the next `window` requests in order, those
 //   closest to its length; the others stay where they were.
+// - A padding allowance (serving: the learned fixed cost of a batch, in padded tokens) makes
+//   the grouping cost-aware: a request joins the batch only if the padding it adds (its own,
+//   and the others' when it is the new longest) is within the allowance, i.e. costs less than
+//   running it in a batch of its own; the others are skipped and stay where they were.
 // - Memory: one deque per distinct priority present, a deadline heap, and two words per row of
 //   the former's request table (rows identify requests in flight; `row_capacity` of them).
 
@@ -44,6 +48,10 @@ struct TakeLimits {
   std::size_t max_tokens = 0;    // 0: no budget
   std::size_t multiple = 1;      // the padded length is a multiple of this
   std::size_t bucket_window = 0; // 0 or 1: in order
+  // Padded tokens a request may add to the batch; no_allowance: no limit. Applies with a
+  // bucket window (the closest lengths are looked at first).
+  static constexpr double no_allowance = -1.0;
+  double padding_allowance = no_allowance;
 };
 
 class PendingRequests {

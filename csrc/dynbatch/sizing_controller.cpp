@@ -168,6 +168,19 @@ std::size_t SizingController::token_budget(const SizingInputs &inputs) {
   return options_.tokens ? units : 0;
 }
 
+double SizingController::padding_allowance() const {
+  std::lock_guard lock(mutex_);
+  const auto found = buckets_.find(last_bucket_);
+  if (!options_.tokens || found == buckets_.end()) {
+    return -1.0;
+  }
+  const LinearFit &latency = found->second.model.latency_ns;
+  if (!latency.has_line() || !(latency.slope() > 0.0)) {
+    return -1.0;
+  }
+  return std::max(latency.intercept(), 0.0) / latency.slope();
+}
+
 std::size_t SizingController::ask(const SizingInputs &inputs) {
   Bucket &entry = bucket(inputs.bucket);
   last_bucket_ = inputs.bucket;
@@ -178,9 +191,14 @@ std::size_t SizingController::ask(const SizingInputs &inputs) {
 }
 
 std::size_t SizingController::explore_start(std::size_t unit_bytes) const {
-  const std::size_t per_sample = options_.tokens ? std::max<std::size_t>(longest_, 1) : 1;
-  const std::size_t cap =
-      std::min(explore_start_cap * per_sample, max_units() / explore_start_share);
+  if (options_.tokens) {
+    // From the minimum: a padded token (an 8-byte id) costs a transformer tens of MFLOP, so
+    // 256 KiB of them (32,768 tokens, hundreds of sentences) would start past a CPU's knee,
+    // and the wide batches it takes from a length-grouped window pad most. 4x growth reaches
+    // a GPU's knee in a few batches all the same.
+    return min_units();
+  }
+  const std::size_t cap = std::min(explore_start_cap, max_units() / explore_start_share);
   std::size_t size = ladder_base();
   while (unit_bytes > 0 && size * 2 <= cap && size * 2 * unit_bytes <= explore_start_bytes) {
     size *= 2;

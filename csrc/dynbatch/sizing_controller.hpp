@@ -16,8 +16,9 @@
 //     measured); with `utilization_target` set, a
 //     device that stays below it lets the size grow past the knee while memory allows.
 // It explores first: from the ladder rung (min * 2^k) whose batch stages about 256 KiB (min for
-// large samples; at most 64 and max/16) it grows 4x after each batch of the current size, until the
-// latency line, fitted through three sizes at least, puts the knee at or below that size or a
+// large samples; at most 64 and max/16; a token budget: from min_units(), since the bytes of
+// token ids say nothing of their compute) it grows 4x after each batch of the current size, until
+// the latency line, fitted through three sizes at least, puts the knee at or below that size or a
 // memory/SLO/OOM limit stops it.
 // Once settled where the knee is the limit, it keeps the line honest: every `verify_every`
 // batches one batch goes to a neighbour of the knee on the exploring ladder (min * 2^k), in
@@ -78,6 +79,9 @@ public:
 
   std::size_t next_batch_size(const SizingInputs &inputs) override;
   std::size_t token_budget(const SizingInputs &inputs) override;
+  // Tokens: intercept / slope of the last bucket's latency line once it has one (0 when the
+  // intercept is not positive); negative before, or when sizes are not in tokens.
+  double padding_allowance() const override;
   void on_feedback(const BatchFeedback &feedback) override;
   SizingState state() const override;
 
@@ -113,7 +117,8 @@ private:
   bool matches(std::size_t units, std::size_t wanted) const noexcept;
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
   std::size_t decide(const Ceilings &limit) const;
-  // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps.
+  // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps;
+  // tokens: min_units().
   std::size_t explore_start(std::size_t bytes_per_sample) const;
   // The next neighbour of `knee` to measure (alternating below and above), or 0 for none.
   std::size_t neighbour(std::size_t knee, std::size_t hard) const;

@@ -62,6 +62,10 @@ public:
     (void)inputs;
     return 0;
   }
+  // Padded layouts: the padded tokens a request may add to a batch before running it in a
+  // batch of its own is cheaper (the learned fixed cost of a batch over the cost of a token);
+  // negative: not known (no limit).
+  virtual double padding_allowance() const { return -1.0; }
   virtual void on_feedback(const BatchFeedback &feedback) = 0;
   virtual SizingState state() const = 0;
 };

@@ -200,6 +200,8 @@ class SizingPolicy:
         longest: int = 0,
     ) -> int: ...
     def on_feedback(self, feedback: BatchFeedback) -> None: ...
+    def padding_allowance(self) -> float:
+        """Padded tokens a request may add to a batch (negative: no limit)."""
     def state(self) -> dict[str, Any]: ...
 
 class SizingController(SizingPolicy):
@@ -271,6 +273,7 @@ class BatchFormer:
         pad_to_multiple_of: int = 1,
         max_tokens: int = 0,
         bucket_window: int = 0,
+        group_queued: bool = False,
         collate: bool = True,
         own_thread: bool = True,
     ) -> None:

@@ -54,7 +54,9 @@ class EngineOptions:
     bucket_window: int  # 0: none given (grouping per group_by_length); 1: input order
     max_tokens: int  # 0: no token budget
     # collate="pad" without a bucket_window: passes (iterator, map) group by length over
-    # their whole read-ahead, as a length-sorted encode does; serving and training keep order.
+    # their whole read-ahead, as a length-sorted encode does; serving groups what is queued
+    # (a request joins a batch only where its padding costs less than a batch of its own);
+    # training keeps order.
     group_by_length: bool = False
     # The on-disk sizing profile: False none, a str its name, None an automatic name.
     profile: str | bool | None = False

@@ -78,8 +78,10 @@ class DynamicBatchProcessor:
             over its read-ahead (``(prefetch + 1) * max_batch_size`` samples, at least 1024),
             as a length-sorted encode does: batches then come out of input order
             (``.indices`` says which samples they hold; ``map`` returns results in input
-            order); ``bucket_window=N`` groups over the next N waiting instead, in serving and
-            training too, and ``bucket_window=1`` keeps input order. ``max_tokens=T`` caps a
+            order); serving groups the requests queued by length, and a request joins a batch
+            only where the padding it adds costs less than the learned fixed cost of a batch
+            of its own; ``bucket_window=N`` groups over the next N waiting instead, in serving
+            and training too, and ``bucket_window=1`` keeps input order. ``max_tokens=T`` caps a
             batch by its padded size (samples x padded length); a sample longer than that
             alone is an ``InvalidSampleError``.
         profile: where the sizing keeps what it learned between runs, so that a second run

@@ -336,6 +336,9 @@ class Server:
                 self._max_queue_size,
                 max_delay_ms=self._max_delay_ms,
                 aging_ms=self._aging_ms,
+                # collate="pad" without a window: what is queued is grouped by length, and a
+                # request joins only where its padding costs less than a batch of its own.
+                group_queued=self._engine.options.group_by_length,
             )
             self._schema = schema
             self._lone_tensor = schema.leaves[0] if schema.fast_path else None

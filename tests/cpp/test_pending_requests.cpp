@@ -174,6 +174,39 @@ TEST_CASE(bucket_window_leaves_the_rest_in_priority_order) {
   CHECK(ids_of(out) == (std::vector<std::uint64_t>{0, 2, 3}));
 }
 
+// A padding allowance (tokens a request may add to the batch): of the grouped requests, only
+// those whose padding costs less than a batch of their own join; the others keep their order.
+TEST_CASE(a_padding_allowance_keeps_out_requests_whose_padding_costs_more_than_a_batch) {
+  const std::uint32_t lengths[8] = {10, 200, 12, 190, 9, 205, 11, 100};
+  const auto fill = [&](PendingRequests &pending) {
+    for (std::uint64_t id = 0; id < 8; ++id) {
+      RequestDescriptor r = request(id, 0, static_cast<Nanoseconds>(id));
+      r.length = lengths[id];
+      pending.add(r);
+    }
+  };
+  PendingRequests pending(64, 1'000 * ms);
+  fill(pending);
+  TakeLimits limits{8, 0, 1, 8};
+  limits.padding_allowance = 20.0;
+  std::vector<RequestDescriptor> out;
+  pending.take(limits, 10, out); // 9, 11, 12 add 1, 2, 3 tokens; 100 would add 352
+  CHECK(ids_of(out) == (std::vector<std::uint64_t>{0, 4, 6, 2}));
+  out.clear();
+  pending.take(limits, 10, out); // 205 adds 5, 190 adds 15, 100 would add 105
+  CHECK(ids_of(out) == (std::vector<std::uint64_t>{1, 5, 3}));
+  out.clear();
+  pending.take(limits, 10, out);
+  CHECK(ids_of(out) == (std::vector<std::uint64_t>{7}));
+  CHECK(pending.empty());
+
+  PendingRequests unlimited(64, 1'000 * ms); // no allowance: the whole window goes
+  fill(unlimited);
+  out.clear();
+  unlimited.take(TakeLimits{8, 0, 1, 8}, 10, out);
+  CHECK_EQ(out.size(), 8u);
+}
+
 TEST_CASE(rejects_bad_construction_and_rows) {
   CHECK_THROWS_AS(PendingRequests(8, 0), std::invalid_argument);
   PendingRequests pending(8, ms);

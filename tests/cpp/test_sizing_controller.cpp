@@ -760,11 +760,11 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
         static_cast<Nanoseconds>(2e6 + 1e3 * static_cast<double>(feedback.tokens));
     controller.on_feedback(feedback);
   }
-  // Exploring from the power of two that stages 256 KiB, within 64 samples' worth (6,400): 4096,
-  // then 4x.
-  CHECK_EQ(budgets[0], 4096u);
-  CHECK_EQ(budgets[1], 16384u);
-  CHECK_EQ(budgets[2], 65536u);
+  // Exploring from one sample of the longest (the bytes of token ids say nothing of their
+  // compute), then 4x.
+  CHECK_EQ(budgets[0], 100u);
+  CHECK_EQ(budgets[1], 400u);
+  CHECK_EQ(budgets[2], 1600u);
   const SizingState state = controller.state();
   CHECK(!state.exploring);
   CHECK_GE(state.token_budget, 36'000u);
