@@ -2,8 +2,10 @@
 
 ``for batch in processor(data): model(batch)`` with ``ds.DynamicBatchProcessor(max_batch_size=64,
 min_batch_size=8)`` against the peer, a plain loop that stacks fixed chunks of 32 with
-``torch.stack``. The model is one small ``Linear``, so batching overhead is what shows.
-The processor is made once and reused across rounds, as a serving loop would.
+``torch.stack``. ``fixed-32`` is the lecture's example at a fixed size
+(``min_batch_size=max_batch_size=32``), the plain loop's own size (issue 11: at least as fast
+as it). The model is one small ``Linear``, so batching overhead is what shows. The processors
+are made once and reused across rounds, as a serving loop would.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def processor() -> Iterator[ds.DynamicBatchProcessor]:
         yield bp
 
 
+@pytest.fixture
+def fixed_processor() -> Iterator[ds.DynamicBatchProcessor]:
+    with ds.DynamicBatchProcessor(max_batch_size=PLAIN_CHUNK, min_batch_size=PLAIN_CHUNK) as bp:
+        yield bp
+
+
 def _plain_batches(data: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     for start in range(0, len(data), PLAIN_CHUNK):
         yield torch.stack(data[start : start + PLAIN_CHUNK])
@@ -64,11 +72,12 @@ def _check_exactly_once(
     assert 1 <= batch_sizes[-1] <= high, batch_sizes
 
 
-@pytest.mark.parametrize("impl", ["plain-loop", "DynamicBatchProcessor"])
+@pytest.mark.parametrize("impl", ["plain-loop", "DynamicBatchProcessor", "fixed-32"])
 def test_iterate(
     impl: str,
     model: torch.nn.Module,
     processor: ds.DynamicBatchProcessor,
+    fixed_processor: ds.DynamicBatchProcessor,
     bench_size: Any,
     benchmark: Any,
     measure: Callable[..., Any],
@@ -79,6 +88,9 @@ def test_iterate(
 
     if impl == "plain-loop":
         make_batches: Callable[[], Iterator[torch.Tensor]] = lambda: _plain_batches(data)  # noqa: E731
+        sizes = (PLAIN_CHUNK, PLAIN_CHUNK)
+    elif impl == "fixed-32":
+        make_batches = lambda: fixed_processor(data)  # noqa: E731
         sizes = (PLAIN_CHUNK, PLAIN_CHUNK)
     else:
         make_batches = lambda: processor(data)  # noqa: E731

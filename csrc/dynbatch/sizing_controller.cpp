@@ -206,12 +206,12 @@ std::size_t SizingController::explore_start(std::size_t unit_bytes) const {
   return std::max(size, min_units());
 }
 
-std::size_t SizingController::decide(const Ceilings &limit) const {
+std::size_t SizingController::decide(const Ceilings &limit, bool probing) const {
   const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
   const std::size_t explore =
       measured_ ? explore_size_ : explore_start(bytes_per_unit(last_inputs_));
   std::size_t wanted = exploring_ ? explore : clamp(static_cast<double>(limit.knee) * boost_);
-  if (!exploring_ && verify_size_ != 0) {
+  if (probing && !exploring_ && verify_size_ != 0) {
     wanted = verify_size_;
   }
   return std::max(min_units(), std::min(wanted, hard));
@@ -432,7 +432,8 @@ SizingState SizingController::state() const {
     state.observations = model.latency_ns.count();
     const std::size_t units = decide(limit);
     state.target = options_.tokens ? options_.max_batch_size : units;
-    state.token_budget = options_.tokens ? units : 0;
+    // The budget it settles on: a verification probe at a neighbour lasts one batch.
+    state.token_budget = options_.tokens ? decide(limit, false) : 0;
   } else {
     const std::size_t units = explore_start(bytes_per_unit(last_inputs_));
     state.target = options_.tokens ? options_.max_batch_size : units;

@@ -116,7 +116,8 @@ private:
   // Whether a batch of `units` is a measurement of size `wanted` (equal; tokens: within 3/4).
   bool matches(std::size_t units, std::size_t wanted) const noexcept;
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
-  std::size_t decide(const Ceilings &limit) const;
+  // probing: a planned verification of the knee's neighbour replaces the knee's size.
+  std::size_t decide(const Ceilings &limit, bool probing = true) const;
   // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps;
   // tokens: min_units().
   std::size_t explore_start(std::size_t bytes_per_sample) const;

@@ -38,7 +38,8 @@ struct BatchFeedback {
 
 struct SizingState {
   std::size_t target = 0;         // what next_batch_size() returns now (before memory changes)
-  std::size_t token_budget = 0;   // what token_budget() returns now; 0: sizes are not in tokens
+  std::size_t token_budget = 0;   // the budget settled on (a neighbour's one-batch probe aside);
+                                  // 0: sizes are not in tokens
   std::size_t memory_ceiling = 0; // largest size the memory headroom allows
   std::size_t oom_ceiling = 0;    // largest size allowed since the last OOM (may be below min)
   std::size_t slo_ceiling = 0;    // largest size meeting the latency SLO (max without one)

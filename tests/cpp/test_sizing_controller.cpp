@@ -749,10 +749,18 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
   in.longest = 100;
   in.bytes_per_sample = 800;
   std::vector<std::size_t> budgets;
+  std::size_t probes = 0;
   for (int i = 0; i < 80; ++i) {
     CHECK_EQ(controller.next_batch_size(in), 1024u); // samples: only the cap
     const std::size_t budget = controller.token_budget(in);
     budgets.push_back(budget);
+    // The state reports the budget settled on, not a neighbour's one-batch probe.
+    const SizingState now = controller.state();
+    if (i >= 40 && budget != now.token_budget) {
+      ++probes;
+      CHECK_GE(now.token_budget, 36'000u);
+      CHECK_LE(now.token_budget, 40'000u);
+    }
     BatchFeedback feedback;
     feedback.batch_size = std::min<std::size_t>(1024, std::max<std::size_t>(budget / 100, 1));
     feedback.tokens = feedback.batch_size * 100;
@@ -765,6 +773,7 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
   CHECK_EQ(budgets[0], 100u);
   CHECK_EQ(budgets[1], 400u);
   CHECK_EQ(budgets[2], 1600u);
+  CHECK_GE(probes, 1u); // the knee's neighbours were verified while settled
   const SizingState state = controller.state();
   CHECK(!state.exploring);
   CHECK_GE(state.token_budget, 36'000u);
