@@ -28,7 +28,7 @@ struct LeafLayout {
   dlpack::DLDataType dtype;
   std::size_t bytes_per_sample = 0; // a padded leaf: bytes per row
   bool padded = false;
-  std::vector<std::byte> pad_element; // a padded leaf: one element of the pad value
+  std::vector<std::byte> pad_element{}; // a padded leaf: one element of the pad value
 };
 
 class BatchLayout {
