@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.cache_dir import profiles_in
+
 _TINY_ROUNDS = 3
 
 
@@ -82,13 +84,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _profiles_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Sizing profiles of the benchmarks never go to the user's cache (set before any module
     fixture runs a processor; subprocesses inherit it)."""
-    before = os.environ.get("DYNBATCH_CACHE_DIR")
-    os.environ["DYNBATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("dynbatch-cache"))
-    yield
-    if before is None:
-        del os.environ["DYNBATCH_CACHE_DIR"]
-    else:
-        os.environ["DYNBATCH_CACHE_DIR"] = before
+    with profiles_in(tmp_path_factory.mktemp("dynbatch-cache")):
+        yield
 
 
 @pytest.fixture(scope="session")

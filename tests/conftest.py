@@ -9,6 +9,8 @@ import pytest
 
 import dynbatch as ds
 
+from .cache_dir import profiles_in
+
 
 def _gpu_usable() -> bool:
     return bool(ds.build_info()["gpu_usable"])
@@ -29,13 +31,8 @@ def _profiles_in_a_temporary_folder(
 ) -> Iterator[None]:
     """Sizing profiles never go to the user's cache: one folder for the session (module
     fixtures, subprocesses)."""
-    before = os.environ.get("DYNBATCH_CACHE_DIR")
-    os.environ["DYNBATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("dynbatch-cache"))
-    yield
-    if before is None:
-        del os.environ["DYNBATCH_CACHE_DIR"]
-    else:
-        os.environ["DYNBATCH_CACHE_DIR"] = before
+    with profiles_in(tmp_path_factory.mktemp("dynbatch-cache")):
+        yield
 
 
 @pytest.fixture(autouse=True)

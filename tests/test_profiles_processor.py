@@ -31,18 +31,25 @@ def device() -> SimulatedDevice:
     return SimulatedDevice(a_s=0.002, b_s=0.0001, m0=1 << 20, m1=1 << 16, capacity=1 << 34)
 
 
-def simulated_pass(profile: Any, **options: Any) -> tuple[list[int], int, ds.DynamicBatchProcessor]:
-    """One map pass on a fresh simulated device: (batch sizes, settled target, the processor,
-    closed)."""
-    sim = device()
-    with ds.DynamicBatchProcessor(
+def simulated_processor(
+    sim: SimulatedDevice, profile: Any, **options: Any
+) -> ds.DynamicBatchProcessor:
+    """A processor on ``sim`` (its clock, telemetry, memory and out-of-memory errors)."""
+    return ds.DynamicBatchProcessor(
         oom_errors=(SimulatedOOM,),
         telemetry=sim.telemetry,
         clock=sim.clock,
         memory_monitor=sim,
         profile=profile,
         **options,
-    ) as processor:
+    )
+
+
+def simulated_pass(profile: Any, **options: Any) -> tuple[list[int], int, ds.DynamicBatchProcessor]:
+    """One map pass on a fresh simulated device: (batch sizes, settled target, the processor,
+    closed)."""
+    sim = device()
+    with simulated_processor(sim, profile, **options) as processor:
         processor.map(sim.model, tagged_samples(SAMPLES))
         target = processor.stats().target_batch_size
     return [len(run) for run in sim.runs], target, processor
@@ -190,13 +197,7 @@ def test_state_dict_carries_the_learned_sizing() -> None:
     assert state["version"] == 2 and state["sizing"]["device"] == "scripted"
     json.dumps(state["sizing"])  # plain data, as a checkpoint keeps it
     sim = device()
-    restored = ds.DynamicBatchProcessor(
-        oom_errors=(SimulatedOOM,),
-        telemetry=sim.telemetry,
-        clock=sim.clock,
-        memory_monitor=sim,
-        profile=False,
-    )
+    restored = simulated_processor(sim, False)
     with restored:
         restored.load_state_dict(state)
         assert restored.state_dict()["sizing"] == state["sizing"]
@@ -212,13 +213,7 @@ def test_a_loaded_state_dict_wins_over_the_profile() -> None:
     entry["state"]["buckets"][0]["latency"] = [[8.0, 1e6], [64.0, 2e6], [512.0, 9e9]]
     path.write_text(json.dumps(entry))  # a profile that would say "small"
     sim = device()
-    with ds.DynamicBatchProcessor(
-        oom_errors=(SimulatedOOM,),
-        telemetry=sim.telemetry,
-        clock=sim.clock,
-        memory_monitor=sim,
-        profile="sim-job",
-    ) as processor:
+    with simulated_processor(sim, "sim-job") as processor:
         processor.load_state_dict(state)
         processor.map(sim.model, tagged_samples(1000))
     assert len(sim.runs[0]) == learned
@@ -260,13 +255,7 @@ def test_saves_are_throttled_and_a_periodic_one_comes_due(tmp_path: Path) -> Non
 def test_a_long_pass_saves_before_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ProfileBinding, "due", lambda self: self.layout is not None)
     sim = device()
-    with ds.DynamicBatchProcessor(
-        oom_errors=(SimulatedOOM,),
-        telemetry=sim.telemetry,
-        clock=sim.clock,
-        memory_monitor=sim,
-        profile="sim-job",
-    ) as processor:
+    with simulated_processor(sim, "sim-job") as processor:
         seen = []
         for batch in processor(tagged_samples(SAMPLES)):
             sim.model(batch)
