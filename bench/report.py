@@ -45,6 +45,8 @@ TARGET_WARM = 0.98
 
 # Groups with this prefix report where the sizing settles under timing noise (issue 11).
 NOISE_PREFIX = "noise-"
+TOKENS_NOISE = "tokens-noise"
+TARGET_BUDGET_SPREAD = 1.5  # three identical runs' token budgets within this factor
 TARGET_NOISE = 1.3  # settled size within this factor of the true knee, either way
 # The MiniLM embedding groups (issue 11): dynbatch against encode and a naive padded loop.
 MINILM_PREFIX = "minilm-"
@@ -144,6 +146,7 @@ def report(data: dict[str, Any]) -> str:
     sizing: dict[str, list[dict[str, Any]]] = {}
     serving: dict[str, list[dict[str, Any]]] = {}
     noise: list[dict[str, Any]] = []
+    tokens_noise: list[dict[str, Any]] = []
     minilm: list[dict[str, Any]] = []
     minilm_serve: list[dict[str, Any]] = []
     for bench in data["benchmarks"]:
@@ -152,6 +155,8 @@ def report(data: dict[str, Any]) -> str:
             minilm_serve.append(bench)
         elif group.startswith(MINILM_PREFIX):
             minilm.append(bench)
+        elif group == TOKENS_NOISE:
+            tokens_noise.append(bench)
         elif group.startswith(NOISE_PREFIX):
             noise.append(bench)
         elif group.startswith(SIZING_PREFIX):
@@ -177,6 +182,8 @@ def report(data: dict[str, Any]) -> str:
         parts.append(serving_report(serving) + f"\n({_machine(data)})")
     if noise:
         parts.append(noise_report(noise))
+    if tokens_noise:
+        parts.append(tokens_noise_report(tokens_noise))
     if minilm:
         parts.append(minilm_report(minilm) + f"\n({_machine(data)})")
     if minilm_serve:
@@ -288,6 +295,33 @@ def noise_report(benches: list[dict[str, Any]]) -> str:
         f"{'met' if inside == len(ratios) else 'MISSED'}; range {min(ratios):.2f}-"
         f"{max(ratios):.2f})"
     )
+    return "\n".join(lines)
+
+
+def tokens_noise_report(benches: list[dict[str, Any]]) -> str:
+    """Per noise level: each seed's settled token budget, and the triples of seeds (three
+    identical runs) whose budgets stay within the target spread."""
+    by_noise: dict[float, dict[int, int]] = {}
+    knees: dict[float, int] = {}
+    for bench in benches:
+        info = bench["extra_info"]
+        by_noise.setdefault(info["noise"], {})[info["seed"]] = info["budget"]
+        knees[info["noise"]] = info["knee"]
+    lines = []
+    for noise, budgets in sorted(by_noise.items()):
+        seeds = sorted(budgets)
+        values = [budgets[seed] for seed in seeds]
+        triples = [values[i : i + 3] for i in range(0, len(values) - 2, 3)]
+        inside = sum(max(t) / min(t) <= TARGET_BUDGET_SPREAD for t in triples)
+        lines.append(
+            f"tokens-noise {noise:.0%}: budgets {', '.join(map(str, values))} (true knee"
+            f" {knees[noise]} at the mean length);"
+            f" spread over all {max(values) / min(values):.2f}x;"
+            f" {inside} of {len(triples)} triples within {TARGET_BUDGET_SPREAD}x"
+            f" (worst {max(max(t) / min(t) for t in triples):.2f}x)"
+            if triples
+            else f"tokens-noise {noise:.0%}: budgets {', '.join(map(str, values))}"
+        )
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ namespace dynbatch {
 //   outvoted once x has three measurements. Times are noisy in proportion to their size, so
 //   the line is fitted to relative errors (weights 1/y^2): the small sizes pin the intercept,
 //   the large ones the slope, and one noisy large batch cannot move the intercept by more than
-//   the small sizes' own time.
+//   the small sizes' own time. Nine, not five: the knee (19 a / b) is as noisy as the
+//   intercept, which rests on the few small sizes measured; a longer window steadies it.
 // - Robust::high (memory peaks, what must fit): the maximum of the last 3; plain least squares.
 // A point not measured again within `history` additions is forgotten, oldest first, so a
 // drifting workload is followed; the two most recent points always stay, so a size held for
@@ -61,7 +62,7 @@ public:
   std::vector<std::pair<double, double>> points() const;
 
 private:
-  static constexpr std::size_t median_window = 5;
+  static constexpr std::size_t median_window = 9;
   static constexpr std::size_t high_window = 3;
   struct Point {
     std::array<double, median_window> recent{};

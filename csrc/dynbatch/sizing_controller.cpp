@@ -23,6 +23,11 @@ constexpr std::size_t explore_start_share = 16;
 constexpr double explore_growth = 4.0;
 constexpr std::size_t intercept_rung = 16; // the neighbour below sits at or below knee / this
 constexpr std::size_t verify_patience = 4; // batches a planned neighbour may wait for its turn
+// Token budgets verify this many times as often: batches at one budget mix lengths, so a time
+// says less, and the neighbour below (one sample of the longest) sits nearer the knee, so it
+// pins the intercept less; the knee, 19 a / b at 5%, is as noisy as that intercept. A probe
+// costs about a fixed cost a per verification, ~1% of the time at this rate.
+constexpr std::size_t token_verify_share = 4;
 } // namespace
 
 SizingController::SizingController(const ControllerOptions &options)
@@ -253,7 +258,10 @@ void SizingController::plan_verification(const Ceilings &limit, std::size_t hard
   }
   // Only where the knee is what sets the size: a memory, SLO or OOM limit is not estimated
   // from the line, and the utilization boost moves away from the knee on purpose.
-  if (boost_ != 1.0 || limit.knee >= hard || ++since_verified_ < options_.verify_every) {
+  const std::size_t every =
+      options_.tokens ? std::max<std::size_t>(1, options_.verify_every / token_verify_share)
+                      : options_.verify_every;
+  if (boost_ != 1.0 || limit.knee >= hard || ++since_verified_ < every) {
     return;
   }
   verify_size_ = neighbour(limit.knee, hard);

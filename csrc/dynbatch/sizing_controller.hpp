@@ -26,6 +26,7 @@
 // intercept that places the knee) and the highest rung up to 2 * knee (within the limits). The
 // same sizes come back, so their medians firm up, and the points that place the knee are never
 // forgotten. Under timing noise the knee is thus estimated, not ratcheted by lucky samples.
+// A token budget verifies four times as often (every verify_every / 4 batches).
 
 #include <cstddef>
 #include <cstdint>

@@ -1,5 +1,5 @@
 // LinearFit and CostModel: exact lines from exact points, the line through the origin for one
-// point, the robust per-x representative (median of the last 5 times, max of the last 3
+// point, the robust per-x representative (median of the last 9 times, max of the last 3
 // memory peaks), relative weights for times, the measured noise and the noise-aware best
 // ratio, forgetting points not re-added within `history` additions, and the constructor's bound.
 
@@ -76,7 +76,7 @@ TEST_CASE(single_point_gives_the_line_through_the_origin) {
   CHECK_NEAR(at_zero.slope(), 0.0);
 }
 
-TEST_CASE(median_fit_takes_the_median_of_the_last_five_values) {
+TEST_CASE(median_fit_takes_the_median_of_the_last_nine_values) {
   // y = 100 + 10 x, measured at x = 1 and x = 2.
   LinearFit fit(LinearFit::Robust::median);
   fit.add(1.0, 110.0);
@@ -95,17 +95,18 @@ TEST_CASE(median_fit_takes_the_median_of_the_last_five_values) {
   // A lucky fast value moves nothing either (a minimum would take it).
   fit.add(2.0, 60.0);
   CHECK_NEAR(fit.slope(), 10.0);
-  // The window is the last five: 500 drops out with the fifth value after it.
+  // The window is the last nine: the 30s are outvoted once the fifth 100 after them arrives.
   LinearFit window(LinearFit::Robust::median);
   window.add(1.0, 10.0);
-  for (const double y : {100.0, 100.0, 30.0, 30.0, 30.0}) {
+  for (const double y : {100.0, 100.0, 100.0, 100.0, 30.0, 30.0, 30.0, 30.0, 30.0}) {
     window.add(2.0, y);
   }
-  CHECK_NEAR(window.slope(), 20.0); // 100, 100, 30, 30, 30: median 30
-  window.add(2.0, 100.0);
-  window.add(2.0, 100.0); // 30, 30, 30, 100, 100: still 30
+  CHECK_NEAR(window.slope(), 20.0); // four 100s, five 30s: median 30
+  for (int i = 0; i < 4; ++i) {
+    window.add(2.0, 100.0); // the oldest 100s drop out: still five 30s of nine
+  }
   CHECK_NEAR(window.slope(), 20.0);
-  window.add(2.0, 100.0); // 30, 30, 100, 100, 100
+  window.add(2.0, 100.0); // the first 30 drops out: five 100s of nine
   CHECK_NEAR(window.slope(), 90.0);
 }
 
