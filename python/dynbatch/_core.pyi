@@ -305,6 +305,22 @@ class BatchFormer:
     def wait_for_room(self, timeout_s: float | None = None) -> bool: ...
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
+    def next_plan(
+        self,
+        sequence: int,
+        batch_size: int,
+        compute_ns: int,
+        collate_ns: int,
+        peak_memory_bytes: int,
+        reclaimable_bytes: int,
+        first_id: int,
+        count: int,
+        input_done: bool,
+    ) -> tuple[int, tuple[int, int, int, int] | None]:
+        """A former that does not collate: reports the last batch's feedback (batch_size 0:
+        none), pushes requests first_id .. first_id + count - 1, closes the input when
+        input_done, and forms the next batch. Returns (requests accepted, (first id, size,
+        sequence, target) or None at the end); no batch is formed unless all were accepted."""
     def wait_late(self, timeout_s: float | None = None) -> tuple[list[int], list[int]] | None:
         """Sleeps until waiting requests pass their deadlines: (expired, late in a formed
         batch not yet delivered); None once closed."""

@@ -25,6 +25,8 @@ __all__ = ["BatchIterator", "map_batches"]
 # Samples are handed to the core in chunks this size, so collation of the first batch can
 # start while the rest of the read-ahead is still being read.
 _PUSH_CHUNK = 16
+# The feedback argument of BatchFormer.next_plan when there is none (batch size 0).
+_NO_FEEDBACK = (0, 0, 0, 0, 0, 0)
 
 
 def map_batches(iterator: BatchIterator, fn: Callable[[Any], Any]) -> list[Any]:
@@ -115,6 +117,9 @@ class BatchIterator(Iterator[Any]):
         self._deferred: BaseException | None = None
         self._parts: deque[_Part] = deque()  # split batches waiting to be yielded
         self._current: _Part | None = None  # yielded, waiting for its feedback
+        # Stacking: the finished batch's feedback, reported with the next core call (one
+        # native call per batch rather than one each to report, push and form).
+        self._feedback: tuple[int, int, int, int, int, int] | None = None
         self._yielded_ns = 0
         self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
@@ -158,6 +163,8 @@ class BatchIterator(Iterator[Any]):
             raise
         finally:
             self._busy = False
+            if self._feedback is not None:  # the step did not reach the core
+                self._report_feedback()
             if self._closed:
                 self._release()
         assert self._schema is not None
@@ -260,14 +267,26 @@ class BatchIterator(Iterator[Any]):
             self._compute_ns if self._compute_ns is not None else resumed_ns - self._yielded_ns
         )
         self._compute_ns = None
-        assert self._former is not None
-        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
-        feedback = _core.BatchFeedback(
-            part.size, compute_ns, part.collate_ns, peak_bytes, reclaimable_bytes
+        self._feedback = (
+            part.sequence,
+            part.size,
+            compute_ns,
+            part.collate_ns,
+            peak_bytes,
+            reclaimable_bytes,
         )
-        self._former.report_feedback(part.sequence, feedback)  # fills in the bucket
+        if not self._stacking:
+            self._report_feedback()
         if self._progress is not None:
             self._progress.done(part.size)
+
+    def _report_feedback(self) -> None:
+        """Reports the pending feedback on its own (stacking reports it with the next batch)."""
+        assert self._former is not None and self._feedback is not None
+        sequence, *rest = self._feedback
+        self._feedback = None
+        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
+        self._former.report_feedback(sequence, _core.BatchFeedback(*rest))  # fills the bucket
 
     def _fitting_size(self) -> int:
         """The engine's fitting size for this stream's shape (after an OOM only)."""
@@ -316,11 +335,31 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None and self._schema is not None
         if self._invalid_seen:
             return None
+        if self._stacking:
+            return self._fetch_stacked()
         self._fill()
         batch = self._former.next_batch()
         if batch is None or self._closed:
             return None
-        return self._assemble_stacked(batch) if self._stacking else self._assemble(batch)
+        return self._assemble(batch)
+
+    def _fetch_stacked(self) -> _Part | None:
+        """Stacking: the samples read ahead, the last batch's feedback and the request for
+        the next batch go to the core in one call."""
+        assert self._former is not None
+        first_id = self._read
+        closing = self._fill_queue()
+        count = self._read - first_id
+        feedback = self._feedback or _NO_FEEDBACK
+        self._feedback = None
+        accepted, plan = self._former.next_plan(*feedback, first_id, count, closing)
+        if accepted != count and not self._closed:  # as in _push
+            raise RuntimeError(
+                f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
+            )
+        if plan is None or self._closed:
+            return None
+        return self._assemble_stacked(*plan)
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -382,9 +421,6 @@ class BatchIterator(Iterator[Any]):
         room = self._read_ahead - (self._read - self._delivered)
         if self._input_done or room <= 0:
             return
-        if self._stacking:
-            self._fill_queue(room)
-            return
         schema = self._schema
         source = self._source
         kept = self._kept
@@ -433,10 +469,12 @@ class BatchIterator(Iterator[Any]):
         if self._input_done:
             self._former.close_input()
 
-    def _fill_queue(self, room: int) -> None:
-        """Stacking: reads up to ``room`` samples ahead, unchecked (torch checks them as it
-        stacks), and hands the core only their count."""
-        assert self._former is not None
+    def _fill_queue(self) -> bool:
+        """Stacking: reads ahead into the queue, unchecked (torch checks the samples as it
+        stacks; the core is told only their count). True when the input ended just now."""
+        room = self._read_ahead - (self._read - self._delivered)
+        if self._input_done or room <= 0:
+            return False
         queue = self._queue
         before = len(queue)
         try:
@@ -446,12 +484,8 @@ class BatchIterator(Iterator[Any]):
         except Exception as error:  # raised to the caller after the batches before it
             self._deferred = error
             self._input_done = True
-        first_id = self._read
         self._read += len(queue) - before
-        if self._read > first_id:
-            self._push(first_id, [], None)
-        if self._input_done:
-            self._former.close_input()
+        return self._input_done
 
     def _warn_if_shared(self, first_id: int, addresses: list[int]) -> None:
         """One warning per pass when samples handed over together share memory: a source
@@ -506,19 +540,20 @@ class BatchIterator(Iterator[Any]):
             leaves, ids, batch.sequence, batch.collate_ns, self._engine.stage(leaves, batch)
         )
 
-    def _assemble_stacked(self, batch: _core.Batch) -> _Part | None:
-        """Stacking: torch stacks the batch's samples, checking their shapes and devices in
-        one call; only the dtype (which torch would cast silently) and shared objects are
-        checked per sample. Anything unusual takes the checked path. None: the first sample
-        was invalid (the error is raised next)."""
+    def _assemble_stacked(
+        self, first_id: int, size: int, sequence: int, target: int
+    ) -> _Part | None:
+        """Stacking: torch stacks the core's next batch (``size`` samples from ``first_id``),
+        checking their shapes and devices in one call; only the dtype (which torch would cast
+        silently) and shared objects are checked per sample. Anything unusual takes the
+        checked path. None: the first sample was invalid (the error is raised next)."""
         assert self._schema is not None
-        size, first_id = batch.size, batch.first_id
         if first_id != self._delivered:
             raise RuntimeError(
                 f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
                 f"expected {self._delivered}..{self._delivered + size - 1}"
             )
-        self._engine.note_target(batch.target)
+        self._engine.note_target(target)
         head = self._head
         samples = self._queue[head : head + size]
         self._head = head + size
@@ -528,25 +563,24 @@ class BatchIterator(Iterator[Any]):
         self._delivered += size
         started = time.perf_counter_ns()
         if self._gathering:
-            return self._gathered(batch, samples, started)
+            return self._gathered(first_id, sequence, samples, started)
         spec = self._schema.leaves[0]
         # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
         repeated = not self._warned_shared and len(set(map(id, samples))) != size
         stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
         if stacked is None:
-            return self._assemble_checked(batch, samples)
+            return self._assemble_checked(first_id, sequence, samples)
         return _Part(
-            [stacked],
-            range(first_id, first_id + size),
-            batch.sequence,
-            time.perf_counter_ns() - started,
+            [stacked], range(first_id, first_id + size), sequence, time.perf_counter_ns() - started
         )
 
-    def _gathered(self, batch: _core.Batch, samples: list[Any], started: int) -> _Part | None:
+    def _gathered(
+        self, first_id: int, sequence: int, samples: list[Any], started: int
+    ) -> _Part | None:
         """Samples already on the device, gathered there by one launch (padding: gather-pad).
         An invalid sample ends the pass after the samples before it, named by its index."""
         assert self._schema is not None and self._engine.target is not None
-        target, schema, first_id = self._engine.target, self._schema, batch.first_id
+        target, schema = self._engine.target, self._schema
         spec = schema.leaves[0]
         for offset, sample in enumerate(samples):
             problem = _device_sample_problem(sample, target.device, spec.dtype, spec.shape)
@@ -567,14 +601,13 @@ class BatchIterator(Iterator[Any]):
             leaves = [data, lengths.to(target.device), ids_tensor.to(target.device)]
         else:
             leaves = [target.gather(samples)]
-        return _Part(leaves, ids, batch.sequence, time.perf_counter_ns() - started)
+        return _Part(leaves, ids, sequence, time.perf_counter_ns() - started)
 
-    def _assemble_checked(self, batch: _core.Batch, samples: list[Any]) -> _Part | None:
+    def _assemble_checked(self, first_id: int, sequence: int, samples: list[Any]) -> _Part | None:
         """A stacked batch that torch could not stack as it is: each sample checked as the
         core path checks it (an invalid one ends the pass after the samples before it),
         then collated by the core."""
         assert self._schema is not None and self._former is not None
-        first_id = batch.first_id
         addresses: list[int] = []
         kept: list[Any] = []
         for offset, sample in enumerate(samples):
@@ -595,7 +628,7 @@ class BatchIterator(Iterator[Any]):
         return _Part(
             leaves,
             range(first_id, first_id + len(kept)),
-            batch.sequence,
+            sequence,
             time.perf_counter_ns() - started,
             self._engine.stage(leaves, collated),
         )
