@@ -1,5 +1,6 @@
 """Type stubs of dynbatch._core, the compiled core (private: use the dynbatch package)."""
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any, ClassVar
 
@@ -12,6 +13,9 @@ __version__: str
 
 class ForkedError(RuntimeError):
     """A core object used in a process forked after it was made (it belongs to the parent)."""
+
+def attributes_are(objects: Sequence[Any], name: str, value: object) -> bool:
+    """Whether getattr(o, name) is value for every o in objects."""
 
 def fork_generation() -> int:
     """0 in the process that loaded the core; one more in each forked child."""

@@ -294,8 +294,15 @@ class BatchIterator(Iterator[Any]):
         return self._engine.fitting_size(self._former.bucket, self._former.sample_bytes)
 
     def _next_part(self) -> _Part | None:
-        """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
-        part = self._parts.popleft() if self._parts else self._next_core_part()
+        """The next batch to yield: a waiting part, or the core's next batch (already fetched
+        when the last one was yielded, with a device); None at the end."""
+        if self._parts:
+            part: _Part | None = self._parts.popleft()
+        elif self._looked_ahead:
+            self._looked_ahead = False
+            part, self._lookahead = self._lookahead, None
+        else:
+            part = self._fetch_core_part()
         if part is None or not self._engine.oom_seen:
             return part
         ceiling = self._fitting_size()
@@ -319,15 +326,6 @@ class BatchIterator(Iterator[Any]):
             self._deferred = error
             self._invalid_seen = True
 
-    def _next_core_part(self) -> _Part | None:
-        """The core's next batch (already fetched when the last one was yielded, with a
-        device); None at the end of input."""
-        if self._looked_ahead:
-            self._looked_ahead = False
-            part, self._lookahead = self._lookahead, None
-            return part
-        return self._fetch_core_part()
-
     def _fetch_core_part(self) -> _Part | None:
         """The core's next batch, its copy to the device (if any) enqueued; None at the end."""
         if self._former is None and not self._start():
@@ -345,8 +343,12 @@ class BatchIterator(Iterator[Any]):
 
     def _fetch_stacked(self) -> _Part | None:
         """Stacking: the samples read ahead, the last batch's feedback and the request for
-        the next batch go to the core in one call."""
-        assert self._former is not None
+        the next batch go to the core in one call. Torch stacks the batch, checking the
+        samples' shapes and devices in one call; only the dtype (which torch would cast
+        silently) and shared objects are checked per sample. Anything unusual takes the
+        checked path. None at the end, or when the batch's first sample was invalid (the
+        error is raised next)."""
+        assert self._former is not None and self._schema is not None
         first_id = self._read
         closing = self._fill_queue()
         count = self._read - first_id
@@ -359,7 +361,33 @@ class BatchIterator(Iterator[Any]):
             )
         if plan is None or self._closed:
             return None
-        return self._assemble_stacked(*plan)
+        first_id, size, sequence, target = plan
+        if first_id != self._delivered:
+            raise RuntimeError(
+                f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
+                f"expected {self._delivered}..{self._delivered + size - 1}"
+            )
+        self._engine.note_target(target)
+        queue, head = self._queue, self._head
+        end = head + size
+        samples = queue[head:end]
+        if end > len(queue) // 2:
+            del queue[:end]
+            end = 0
+        self._head = end
+        self._delivered += size
+        started = time.perf_counter_ns()
+        if self._gathering:
+            return self._gathered(first_id, sequence, samples, started)
+        spec = self._schema.leaves[0]
+        # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
+        repeated = not self._warned_shared and len(set(map(id, samples))) != size
+        stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
+        if stacked is None:
+            return self._assemble_checked(first_id, sequence, samples)
+        return _Part(
+            [stacked], range(first_id, first_id + size), sequence, time.perf_counter_ns() - started
+        )
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -538,40 +566,6 @@ class BatchIterator(Iterator[Any]):
         leaves = self._schema.batch_leaves(batch, kept)
         return _Part(
             leaves, ids, batch.sequence, batch.collate_ns, self._engine.stage(leaves, batch)
-        )
-
-    def _assemble_stacked(
-        self, first_id: int, size: int, sequence: int, target: int
-    ) -> _Part | None:
-        """Stacking: torch stacks the core's next batch (``size`` samples from ``first_id``),
-        checking their shapes and devices in one call; only the dtype (which torch would cast
-        silently) and shared objects are checked per sample. Anything unusual takes the
-        checked path. None: the first sample was invalid (the error is raised next)."""
-        assert self._schema is not None
-        if first_id != self._delivered:
-            raise RuntimeError(
-                f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
-                f"expected {self._delivered}..{self._delivered + size - 1}"
-            )
-        self._engine.note_target(target)
-        head = self._head
-        samples = self._queue[head : head + size]
-        self._head = head + size
-        if self._head > len(self._queue) // 2:
-            del self._queue[: self._head]
-            self._head = 0
-        self._delivered += size
-        started = time.perf_counter_ns()
-        if self._gathering:
-            return self._gathered(first_id, sequence, samples, started)
-        spec = self._schema.leaves[0]
-        # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
-        repeated = not self._warned_shared and len(set(map(id, samples))) != size
-        stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
-        if stacked is None:
-            return self._assemble_checked(first_id, sequence, samples)
-        return _Part(
-            [stacked], range(first_id, first_id + size), sequence, time.perf_counter_ns() - started
         )
 
     def _gathered(
