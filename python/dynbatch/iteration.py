@@ -283,10 +283,11 @@ class BatchIterator(Iterator[Any]):
     def _report_feedback(self) -> None:
         """Reports the pending feedback on its own (stacking reports it with the next batch)."""
         assert self._former is not None and self._feedback is not None
-        sequence, *rest = self._feedback
+        sequence, size, compute_ns, collate_ns, peak_bytes, reclaimable_bytes = self._feedback
         self._feedback = None
         # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
-        self._former.report_feedback(sequence, _core.BatchFeedback(*rest))  # fills the bucket
+        feedback = _core.BatchFeedback(size, compute_ns, collate_ns, peak_bytes, reclaimable_bytes)
+        self._former.report_feedback(sequence, feedback)  # fills in the bucket
 
     def _fitting_size(self) -> int:
         """The engine's fitting size for this stream's shape (after an OOM only)."""
