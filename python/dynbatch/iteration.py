@@ -92,6 +92,7 @@ class BatchIterator(Iterator[Any]):
         self._window = options.pass_window()
         self._read_ahead = max((options.prefetch + 1) * options.max_batch_size, self._window)
         self._schema: Schema | None = None
+        self._lone = False  # each sample one tensor, batched as one tensor (no structure)
         self._former: _core.BatchFormer | None = None
         # Per sample, by index, until its batch is formed (bucketing forms out of order): the
         # storage the core copies from, so that the caller swapping a tensor's storage
@@ -167,13 +168,17 @@ class BatchIterator(Iterator[Any]):
                 self._report_feedback()
             if self._closed:
                 self._release()
-        assert self._schema is not None
-        part.resolve(self._engine)
-        if self._engine.target is not None and not self._parts and not self._looked_ahead:
+        engine = self._engine
+        if part.staged is not None:
+            part.resolve(engine)
+        if engine.target is not None and not self._parts and not self._looked_ahead:
             self._look_ahead()
         self._current = part
-        self._engine.memory.begin()
-        self._yielded_ns = self._engine.clock()
+        engine.memory.begin()
+        self._yielded_ns = engine.clock()
+        if self._lone:
+            return part.leaves[0]
+        assert self._schema is not None
         return self._schema.structure(part.leaves)
 
     @property
@@ -422,6 +427,7 @@ class BatchIterator(Iterator[Any]):
                 f"samples already on {first.device} are batched there when each is one tensor, "
                 "without bucket_window or max_tokens; move them to the host, or give lone tensors",
             )
+        self._lone = self._schema.single_tensor and not self._schema.padded
         # With a device, host batches go through the pinned staging slots the core fills.
         self._stacking = self._gathering or (
             target is None and self._schema.fast_path and stacks_small(first)
