@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dynbatch as ds
+from dynbatch import _core
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -140,3 +141,34 @@ def test_a_stacked_stream_with_a_bad_sample_delivers_the_batches_before_it() -> 
     samples[6] = torch.zeros(4)
     with pytest.raises(ds.InvalidSampleError, match=r"sample 6: shape \(4,\)"):
         list(processor(iter(samples)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.bool])
+def test_a_stacked_sample_of_a_dtype_torch_would_promote_to_the_streams_is_named(
+    dtype: torch.dtype,
+) -> None:
+    """torch.stack would cast these silently (the batch keeps float32): the check per batch
+    must still find the sample."""
+    samples = [torch.full((3,), float(i)) for i in range(10)]
+    samples[5] = torch.ones(3, dtype=dtype)
+    processor = ds.DynamicBatchProcessor(max_batch_size=4, min_batch_size=4)
+    delivered: list[float] = []
+    with pytest.raises(ds.InvalidSampleError, match=rf"sample 5: dtype {dtype}"):
+        for batch in processor(samples):
+            delivered.extend(batch[:, 0].tolist())
+    assert delivered == [0.0, 1.0, 2.0, 3.0, 4.0]  # every sample before it
+    with pytest.raises(ds.InvalidSampleError, match=rf"sample 5: dtype {dtype}"):
+        ds.collate(samples)
+
+
+def test_attributes_are_checks_every_object_by_identity() -> None:
+    tensors = [torch.zeros(2) for _ in range(5)]
+    assert _core.attributes_are(tensors, "dtype", torch.float32)
+    assert _core.attributes_are(tuple(tensors), "dtype", torch.float32)
+    assert _core.attributes_are([], "dtype", torch.float32)
+    assert not _core.attributes_are(
+        [*tensors, torch.zeros(2, dtype=torch.float16)], "dtype", torch.float32
+    )
+    assert not _core.attributes_are([*tensors, 1.0], "dtype", torch.float32)  # no attribute
+    with pytest.raises(TypeError):
+        _core.attributes_are(iter(tensors), "dtype", torch.float32)

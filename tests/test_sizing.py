@@ -183,6 +183,38 @@ def test_a_long_queue_fills_the_target_at_once() -> None:
     former.close()
 
 
+def test_next_plan_reports_pushes_and_forms_in_one_call() -> None:
+    """The stacking consumer's per-batch call: feedback in, samples in, the next batch out."""
+    stats = _core.StatsRecorder()
+    policy = _core.SizingController(4, 4)
+    former = _core.BatchFormer(
+        [([4], 2, 32, 1)],
+        16,
+        1,
+        _core.StagingPool(1),
+        policy,
+        _core.Telemetry.scripted(10**9, 10**9),
+        stats,
+        collate=False,
+        own_thread=False,
+    )
+    accepted, plan = former.next_plan(0, 0, 0, 0, 0, 0, 0, 6, False)  # no feedback yet
+    assert accepted == 6 and plan is not None
+    first_id, size, sequence, target = plan
+    assert (first_id, size, target) == (0, 4, 4)
+    assert policy.state()["observations"] == 0
+    # The first batch's feedback and the end of input: the last 2 come as a drained batch.
+    accepted, plan = former.next_plan(sequence, 4, 2_000_000, 1_000, 0, 0, 6, 0, True)
+    assert accepted == 0 and plan is not None and plan[:2] == (4, 2)
+    assert policy.state()["observations"] == 1
+    assert former.next_plan(plan[2], 2, 1_000_000, 1_000, 0, 0, 6, 0, False) == (0, None)
+    assert policy.state()["observations"] == 2
+    assert stats.snapshot()["batches"] == 2
+    # Refused (the input is closed): nothing formed, the caller is told how many went in.
+    assert former.next_plan(0, 0, 0, 0, 0, 0, 6, 3, False) == (0, None)
+    former.close()
+
+
 def test_a_noisy_fit_does_not_undo_measured_gains() -> None:
     # Per-sample cost falls only at large sizes (as a CPU GEMM's does): the knee of the
     # least-squares line through these points lies below the size that measured fastest.

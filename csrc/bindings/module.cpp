@@ -143,6 +143,35 @@ PYBIND11_MODULE(_core, m) {
       },
       "Returns the free memory malloc keeps cached in its arenas to the OS (glibc).");
 
+  m.def(
+      "attributes_are",
+      // A check once per batch in one call: ~30 ns an object, against ~70 ns for a Python
+      // set of the attributes (the stacking path's dtype check, where torch would cast).
+      [](const py::sequence &objects, const py::str &name, const py::handle &value) {
+        const py::object items = py::reinterpret_steal<py::object>(
+            PySequence_Fast(objects.ptr(), "attributes_are: objects must be a sequence"));
+        if (!items) {
+          throw py::error_already_set();
+        }
+        PyObject **begin = PySequence_Fast_ITEMS(items.ptr()); // a list or tuple: no copy
+        const Py_ssize_t count = PySequence_Fast_GET_SIZE(items.ptr());
+        for (Py_ssize_t i = 0; i < count; ++i) {
+          PyObject *attribute = PyObject_GetAttr(begin[i], name.ptr());
+          if (attribute == nullptr) {
+            PyErr_Clear(); // an object without the attribute simply fails the check
+            return false;
+          }
+          const bool same = attribute == value.ptr();
+          Py_DECREF(attribute);
+          if (!same) {
+            return false;
+          }
+        }
+        return true;
+      },
+      py::arg("objects"), py::arg("name"), py::arg("value"),
+      "Whether getattr(o, name) is value for every o in objects (identity; an object "
+      "without the attribute fails).");
   m.def("build_info", [] {
     const BuildInfo info = build_info();
     DeviceProbe probe;

@@ -1,5 +1,6 @@
 """Type stubs of dynbatch._core, the compiled core (private: use the dynbatch package)."""
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any, ClassVar
 
@@ -12,6 +13,9 @@ __version__: str
 
 class ForkedError(RuntimeError):
     """A core object used in a process forked after it was made (it belongs to the parent)."""
+
+def attributes_are(objects: Sequence[Any], name: str, value: object) -> bool:
+    """Whether getattr(o, name) is value for every o in objects."""
 
 def fork_generation() -> int:
     """0 in the process that loaded the core; one more in each forked child."""
@@ -305,6 +309,22 @@ class BatchFormer:
     def wait_for_room(self, timeout_s: float | None = None) -> bool: ...
     def close_input(self) -> None: ...
     def next_batch(self, timeout_s: float | None = None) -> Batch | None: ...
+    def next_plan(
+        self,
+        sequence: int,
+        batch_size: int,
+        compute_ns: int,
+        collate_ns: int,
+        peak_memory_bytes: int,
+        reclaimable_bytes: int,
+        first_id: int,
+        count: int,
+        input_done: bool,
+    ) -> tuple[int, tuple[int, int, int, int] | None]:
+        """A former that does not collate: reports the last batch's feedback (batch_size 0:
+        none), pushes requests first_id .. first_id + count - 1, closes the input when
+        input_done, and forms the next batch. Returns (requests accepted, (first id, size,
+        sequence, target) or None at the end); no batch is formed unless all were accepted."""
     def wait_late(self, timeout_s: float | None = None) -> tuple[list[int], list[int]] | None:
         """Sleeps until waiting requests pass their deadlines: (expired, late in a formed
         batch not yet delivered); None once closed."""

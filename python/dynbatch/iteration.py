@@ -25,6 +25,8 @@ __all__ = ["BatchIterator", "map_batches"]
 # Samples are handed to the core in chunks this size, so collation of the first batch can
 # start while the rest of the read-ahead is still being read.
 _PUSH_CHUNK = 16
+# The feedback argument of BatchFormer.next_plan when there is none (batch size 0).
+_NO_FEEDBACK = (0, 0, 0, 0, 0, 0)
 
 
 def map_batches(iterator: BatchIterator, fn: Callable[[Any], Any]) -> list[Any]:
@@ -90,6 +92,7 @@ class BatchIterator(Iterator[Any]):
         self._window = options.pass_window()
         self._read_ahead = max((options.prefetch + 1) * options.max_batch_size, self._window)
         self._schema: Schema | None = None
+        self._lone = False  # each sample one tensor, batched as one tensor (no structure)
         self._former: _core.BatchFormer | None = None
         # Per sample, by index, until its batch is formed (bucketing forms out of order): the
         # storage the core copies from, so that the caller swapping a tensor's storage
@@ -115,6 +118,9 @@ class BatchIterator(Iterator[Any]):
         self._deferred: BaseException | None = None
         self._parts: deque[_Part] = deque()  # split batches waiting to be yielded
         self._current: _Part | None = None  # yielded, waiting for its feedback
+        # Stacking: the finished batch's feedback, reported with the next core call (one
+        # native call per batch rather than one each to report, push and form).
+        self._feedback: tuple[int, int, int, int, int, int] | None = None
         self._yielded_ns = 0
         self._compute_ns: int | None = None  # measured by map(), else yield-to-resume
         self._started_ns = 0
@@ -158,15 +164,21 @@ class BatchIterator(Iterator[Any]):
             raise
         finally:
             self._busy = False
+            if self._feedback is not None:  # the step did not reach the core
+                self._report_feedback()
             if self._closed:
                 self._release()
-        assert self._schema is not None
-        part.resolve(self._engine)
-        if self._engine.target is not None and not self._parts and not self._looked_ahead:
+        engine = self._engine
+        if part.staged is not None:
+            part.resolve(engine)
+        if engine.target is not None and not self._parts and not self._looked_ahead:
             self._look_ahead()
         self._current = part
-        self._engine.memory.begin()
-        self._yielded_ns = self._engine.clock()
+        engine.memory.begin()
+        self._yielded_ns = engine.clock()
+        if self._lone:
+            return part.leaves[0]
+        assert self._schema is not None
         return self._schema.structure(part.leaves)
 
     @property
@@ -260,14 +272,27 @@ class BatchIterator(Iterator[Any]):
             self._compute_ns if self._compute_ns is not None else resumed_ns - self._yielded_ns
         )
         self._compute_ns = None
-        assert self._former is not None
-        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
-        feedback = _core.BatchFeedback(
-            part.size, compute_ns, part.collate_ns, peak_bytes, reclaimable_bytes
+        self._feedback = (
+            part.sequence,
+            part.size,
+            compute_ns,
+            part.collate_ns,
+            peak_bytes,
+            reclaimable_bytes,
         )
-        self._former.report_feedback(part.sequence, feedback)  # fills in the bucket
+        if not self._stacking:
+            self._report_feedback()
         if self._progress is not None:
             self._progress.done(part.size)
+
+    def _report_feedback(self) -> None:
+        """Reports the pending feedback on its own (stacking reports it with the next batch)."""
+        assert self._former is not None and self._feedback is not None
+        sequence, size, compute_ns, collate_ns, peak_bytes, reclaimable_bytes = self._feedback
+        self._feedback = None
+        # Positional: pybind11 parses keywords at ~0.5 us a call, once per batch here.
+        feedback = _core.BatchFeedback(size, compute_ns, collate_ns, peak_bytes, reclaimable_bytes)
+        self._former.report_feedback(sequence, feedback)  # fills in the bucket
 
     def _fitting_size(self) -> int:
         """The engine's fitting size for this stream's shape (after an OOM only)."""
@@ -275,8 +300,15 @@ class BatchIterator(Iterator[Any]):
         return self._engine.fitting_size(self._former.bucket, self._former.sample_bytes)
 
     def _next_part(self) -> _Part | None:
-        """The next batch to yield: a waiting part, or the core's next batch; None at the end."""
-        part = self._parts.popleft() if self._parts else self._next_core_part()
+        """The next batch to yield: a waiting part, or the core's next batch (already fetched
+        when the last one was yielded, with a device); None at the end."""
+        if self._parts:
+            part: _Part | None = self._parts.popleft()
+        elif self._looked_ahead:
+            self._looked_ahead = False
+            part, self._lookahead = self._lookahead, None
+        else:
+            part = self._fetch_core_part()
         if part is None or not self._engine.oom_seen:
             return part
         ceiling = self._fitting_size()
@@ -300,15 +332,6 @@ class BatchIterator(Iterator[Any]):
             self._deferred = error
             self._invalid_seen = True
 
-    def _next_core_part(self) -> _Part | None:
-        """The core's next batch (already fetched when the last one was yielded, with a
-        device); None at the end of input."""
-        if self._looked_ahead:
-            self._looked_ahead = False
-            part, self._lookahead = self._lookahead, None
-            return part
-        return self._fetch_core_part()
-
     def _fetch_core_part(self) -> _Part | None:
         """The core's next batch, its copy to the device (if any) enqueued; None at the end."""
         if self._former is None and not self._start():
@@ -316,11 +339,61 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None and self._schema is not None
         if self._invalid_seen:
             return None
+        if self._stacking:
+            return self._fetch_stacked()
         self._fill()
         batch = self._former.next_batch()
         if batch is None or self._closed:
             return None
-        return self._assemble_stacked(batch) if self._stacking else self._assemble(batch)
+        return self._assemble(batch)
+
+    def _fetch_stacked(self) -> _Part | None:
+        """Stacking: the samples read ahead, the last batch's feedback and the request for
+        the next batch go to the core in one call. Torch stacks the batch, checking the
+        samples' shapes and devices in one call; only the dtype (which torch would cast
+        silently) and shared objects are checked per sample. Anything unusual takes the
+        checked path. None at the end, or when the batch's first sample was invalid (the
+        error is raised next)."""
+        assert self._former is not None and self._schema is not None
+        first_id = self._read
+        closing = self._fill_queue()
+        count = self._read - first_id
+        feedback = self._feedback or _NO_FEEDBACK
+        self._feedback = None
+        accepted, plan = self._former.next_plan(*feedback, first_id, count, closing)
+        if accepted != count and not self._closed:  # as in _push
+            raise RuntimeError(
+                f"dynbatch core refused samples {first_id + accepted}..{self._read - 1}"
+            )
+        if plan is None or self._closed:
+            return None
+        first_id, size, sequence, target = plan
+        if first_id != self._delivered:
+            raise RuntimeError(
+                f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
+                f"expected {self._delivered}..{self._delivered + size - 1}"
+            )
+        self._engine.note_target(target)
+        queue, head = self._queue, self._head
+        end = head + size
+        samples = queue[head:end]
+        if end > len(queue) // 2:
+            del queue[:end]
+            end = 0
+        self._head = end
+        self._delivered += size
+        started = time.perf_counter_ns()
+        if self._gathering:
+            return self._gathered(first_id, sequence, samples, started)
+        spec = self._schema.leaves[0]
+        # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
+        repeated = not self._warned_shared and len(set(map(id, samples))) != size
+        stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
+        if stacked is None:
+            return self._assemble_checked(first_id, sequence, samples)
+        return _Part(
+            [stacked], range(first_id, first_id + size), sequence, time.perf_counter_ns() - started
+        )
 
     def _start(self) -> bool:
         """Reads the first sample and starts the core; False for an empty input."""
@@ -354,6 +427,7 @@ class BatchIterator(Iterator[Any]):
                 f"samples already on {first.device} are batched there when each is one tensor, "
                 "without bucket_window or max_tokens; move them to the host, or give lone tensors",
             )
+        self._lone = self._schema.single_tensor and not self._schema.padded
         # With a device, host batches go through the pinned staging slots the core fills.
         self._stacking = self._gathering or (
             target is None and self._schema.fast_path and stacks_small(first)
@@ -381,9 +455,6 @@ class BatchIterator(Iterator[Any]):
         assert self._former is not None and self._schema is not None
         room = self._read_ahead - (self._read - self._delivered)
         if self._input_done or room <= 0:
-            return
-        if self._stacking:
-            self._fill_queue(room)
             return
         schema = self._schema
         source = self._source
@@ -433,10 +504,12 @@ class BatchIterator(Iterator[Any]):
         if self._input_done:
             self._former.close_input()
 
-    def _fill_queue(self, room: int) -> None:
-        """Stacking: reads up to ``room`` samples ahead, unchecked (torch checks them as it
-        stacks), and hands the core only their count."""
-        assert self._former is not None
+    def _fill_queue(self) -> bool:
+        """Stacking: reads ahead into the queue, unchecked (torch checks the samples as it
+        stacks; the core is told only their count). True when the input ended just now."""
+        room = self._read_ahead - (self._read - self._delivered)
+        if self._input_done or room <= 0:
+            return False
         queue = self._queue
         before = len(queue)
         try:
@@ -446,12 +519,8 @@ class BatchIterator(Iterator[Any]):
         except Exception as error:  # raised to the caller after the batches before it
             self._deferred = error
             self._input_done = True
-        first_id = self._read
         self._read += len(queue) - before
-        if self._read > first_id:
-            self._push(first_id, [], None)
-        if self._input_done:
-            self._former.close_input()
+        return self._input_done
 
     def _warn_if_shared(self, first_id: int, addresses: list[int]) -> None:
         """One warning per pass when samples handed over together share memory: a source
@@ -506,47 +575,13 @@ class BatchIterator(Iterator[Any]):
             leaves, ids, batch.sequence, batch.collate_ns, self._engine.stage(leaves, batch)
         )
 
-    def _assemble_stacked(self, batch: _core.Batch) -> _Part | None:
-        """Stacking: torch stacks the batch's samples, checking their shapes and devices in
-        one call; only the dtype (which torch would cast silently) and shared objects are
-        checked per sample. Anything unusual takes the checked path. None: the first sample
-        was invalid (the error is raised next)."""
-        assert self._schema is not None
-        size, first_id = batch.size, batch.first_id
-        if first_id != self._delivered:
-            raise RuntimeError(
-                f"dynbatch core delivered samples {first_id}..{first_id + size - 1}, "
-                f"expected {self._delivered}..{self._delivered + size - 1}"
-            )
-        self._engine.note_target(batch.target)
-        head = self._head
-        samples = self._queue[head : head + size]
-        self._head = head + size
-        if self._head > len(self._queue) // 2:
-            del self._queue[: self._head]
-            self._head = 0
-        self._delivered += size
-        started = time.perf_counter_ns()
-        if self._gathering:
-            return self._gathered(batch, samples, started)
-        spec = self._schema.leaves[0]
-        # A list's samples may repeat harmlessly (`[x] * n`); a generator's may be refills.
-        repeated = not self._warned_shared and len(set(map(id, samples))) != size
-        stacked = None if repeated else stack_small(samples, spec.dtype, spec.shape)
-        if stacked is None:
-            return self._assemble_checked(batch, samples)
-        return _Part(
-            [stacked],
-            range(first_id, first_id + size),
-            batch.sequence,
-            time.perf_counter_ns() - started,
-        )
-
-    def _gathered(self, batch: _core.Batch, samples: list[Any], started: int) -> _Part | None:
+    def _gathered(
+        self, first_id: int, sequence: int, samples: list[Any], started: int
+    ) -> _Part | None:
         """Samples already on the device, gathered there by one launch (padding: gather-pad).
         An invalid sample ends the pass after the samples before it, named by its index."""
         assert self._schema is not None and self._engine.target is not None
-        target, schema, first_id = self._engine.target, self._schema, batch.first_id
+        target, schema = self._engine.target, self._schema
         spec = schema.leaves[0]
         for offset, sample in enumerate(samples):
             problem = _device_sample_problem(sample, target.device, spec.dtype, spec.shape)
@@ -567,14 +602,13 @@ class BatchIterator(Iterator[Any]):
             leaves = [data, lengths.to(target.device), ids_tensor.to(target.device)]
         else:
             leaves = [target.gather(samples)]
-        return _Part(leaves, ids, batch.sequence, time.perf_counter_ns() - started)
+        return _Part(leaves, ids, sequence, time.perf_counter_ns() - started)
 
-    def _assemble_checked(self, batch: _core.Batch, samples: list[Any]) -> _Part | None:
+    def _assemble_checked(self, first_id: int, sequence: int, samples: list[Any]) -> _Part | None:
         """A stacked batch that torch could not stack as it is: each sample checked as the
         core path checks it (an invalid one ends the pass after the samples before it),
         then collated by the core."""
         assert self._schema is not None and self._former is not None
-        first_id = batch.first_id
         addresses: list[int] = []
         kept: list[Any] = []
         for offset, sample in enumerate(samples):
@@ -595,7 +629,7 @@ class BatchIterator(Iterator[Any]):
         return _Part(
             leaves,
             range(first_id, first_id + len(kept)),
-            batch.sequence,
+            sequence,
             time.perf_counter_ns() - started,
             self._engine.stage(leaves, collated),
         )

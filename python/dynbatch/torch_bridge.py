@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,7 +252,6 @@ class Schema:
 # Lone CPU tensors up to this size are stacked by torch on the caller's thread: checking a
 # sample and handing its address to the core (~0.5 us of Python) costs more than copying it.
 _STACK_BELOW_BYTES = 16 * 1024
-_DTYPE = operator.attrgetter("dtype")
 
 
 def stacks_small(first: Any) -> bool:
@@ -274,7 +272,7 @@ def stack_small(samples: Sequence[Any], dtype: torch.dtype, shape: tuple[int, ..
     otherwise (not all tensors, mixed dtypes or devices, requiring grad...): the caller then
     takes the checked path, which names what is wrong."""
     try:
-        if set(map(_DTYPE, samples)) != {dtype}:
+        if not _core.attributes_are(samples, "dtype", dtype):  # one native call
             return None
         stacked = torch.stack(samples)  # type: ignore[arg-type]
     except (AttributeError, RuntimeError, TypeError):
