@@ -23,6 +23,7 @@ constexpr std::size_t explore_start_share = 16;
 constexpr double explore_growth = 4.0;
 constexpr std::size_t intercept_rung = 16; // the neighbour below sits at or below knee / this
 constexpr std::size_t verify_patience = 4; // batches a planned neighbour may wait for its turn
+constexpr double knee_hold_band = 0.1;     // settled: a knee estimate this close keeps the size
 // Token budgets verify this many times as often: batches at one budget mix lengths, so a time
 // says less, and the neighbour below (one sample of the longest) sits nearer the knee, so it
 // pins the intercept less; the knee, 19 a / b at 5%, is as noisy as that intercept. A probe
@@ -158,7 +159,14 @@ SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
       knee = std::max(knee, latency.smallest_x_near_best_ratio(tol));
     }
   }
-  return Ceilings{clamp(memory_limit), clamp(slo_limit), clamp(knee)};
+  std::size_t knee_size = clamp(knee);
+  const std::size_t held = entry.held_knee;
+  if (held != 0 &&
+      static_cast<double>(knee_size) * (1.0 + knee_hold_band) >= static_cast<double>(held) &&
+      static_cast<double>(knee_size) <= static_cast<double>(held) * (1.0 + knee_hold_band)) {
+    knee_size = held;
+  }
+  return Ceilings{clamp(memory_limit), clamp(slo_limit), knee_size};
 }
 
 std::size_t SizingController::next_batch_size(const SizingInputs &inputs) {
@@ -335,6 +343,9 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
   }
   if (!exploring_) {
     plan_verification(limit, hard, size);
+    if (!options_.tokens) {
+      entry.held_knee = limit.knee; // the estimate, or the size it stayed near
+    }
   }
   if (oom_ceiling_ < max_units() && reached(size, oom_ceiling_) &&
       ++good_batches_at_ceiling_ >= probe_wait_) {

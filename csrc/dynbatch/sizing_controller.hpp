@@ -27,6 +27,10 @@
 // same sizes come back, so their medians firm up, and the points that place the knee are never
 // forgotten. Under timing noise the knee is thus estimated, not ratcheted by lucky samples.
 // A token budget verifies four times as often (every verify_every / 4 batches).
+// Settled (sample counts), the size holds while the estimated knee stays within
+// `knee_hold_band` (10%) of it: a size 10% off the knee costs about tol * 10% of throughput,
+// while a new size every batch (each one noisy measurement, the line refitted through them)
+// lets the knee wander off, far below it on a CPU's short pass.
 
 #include <cstddef>
 #include <cstdint>
@@ -96,6 +100,7 @@ private:
   struct Bucket {
     CostModel model;
     std::uint64_t last_used = 0;
+    std::size_t held_knee = 0; // sample counts, settled: the knee the size holds to; 0: none
   };
   struct Ceilings {
     std::size_t memory;

@@ -913,6 +913,34 @@ TEST_CASE(under_five_percent_noise_the_settled_size_stays_near_the_knee) {
   }
 }
 
+// Settled under 5% noise, the size holds while the knee estimate stays within 10% of it: a few
+// sizes come back again and again (their medians firm up), not a new one each batch, each one
+// noisy measurement that moves the line (a cold CPU pass wandered from 765 down to 135 so).
+TEST_CASE(under_noise_the_settled_size_holds_instead_of_wandering) {
+  const ControllerOptions o = options(1, 4096);
+  const Device device = knee_device(); // knee 301; neighbours on the ladder: powers of two
+  for (std::uint64_t seed = 1; seed <= 8; ++seed) {
+    SizingController controller(o);
+    Noise noise{std::mt19937_64(seed), 0.05};
+    std::vector<std::size_t> held;
+    for (std::size_t i = 0; i < 200; ++i) {
+      const std::size_t n = controller.next_batch_size(device.inputs());
+      if (i >= 8 && (n & (n - 1)) != 0) {
+        held.push_back(n);
+      }
+      BatchFeedback feedback = device.run(n);
+      feedback.compute_ns =
+          static_cast<Nanoseconds>(static_cast<double>(feedback.compute_ns) * noise.factor());
+      controller.on_feedback(feedback);
+    }
+    std::sort(held.begin(), held.end());
+    const auto distinct = std::unique(held.begin(), held.end()) - held.begin();
+    CHECK_LE(distinct, 6);
+    CHECK_GE(static_cast<double>(held.front()), 301 / 1.3);
+    CHECK_LE(static_cast<double>(held.back()), 301 * 1.3);
+  }
+}
+
 int main(int argc, char **argv) {
   return dynbatch::testing::run_all(argc, argv);
 }
