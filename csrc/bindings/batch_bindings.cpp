@@ -289,10 +289,10 @@ void bind_former(py::module_ &m) {
           py::arg("timeout_s") = py::none())
       .def(
           "next_plan",
-          // The per-batch call of a consumer that stacks the samples itself (collate=False):
-          // the last batch's feedback (batch_size 0: none), the samples read since
-          // (first_id .. first_id + count - 1; input_done: no more), and the next batch, in one
-          // call rather than four, positional (keywords cost ~0.5 us a call to parse).
+          // The per-batch call of a consumer that stacks lone small tensors itself: the last
+          // batch's feedback (batch_size 0: none), the samples read since (first_id ..
+          // first_id + count - 1; input_done: no more), and the next batch, in one call rather
+          // than four, positional (keywords cost ~0.5 us a call to parse).
           [](BatchFormer &former, std::uint64_t sequence, std::size_t batch_size,
              Nanoseconds compute_ns, Nanoseconds collate_ns, std::uint64_t peak_memory_bytes,
              std::uint64_t reclaimable_bytes, std::uint64_t first_id, std::size_t count,
