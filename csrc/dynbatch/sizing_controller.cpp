@@ -147,7 +147,9 @@ SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
   double knee = unbounded;
   if (latency.has_line() && b > 0.0) {
     const double tol = options_.knee_tolerance;
-    knee = std::ceil((1.0 - tol) * a / (tol * b));
+    // A knee computed as exactly n comes out a rounding error above it: keep n.
+    constexpr double rounding = 1e-9;
+    knee = std::ceil((1.0 - tol) * a / (tol * b) * (1.0 - rounding));
     // The line is trusted where it explains every measured size within the tolerance and the
     // noise. Where it does not (per-sample cost that keeps falling with size, as a CPU GEMM's,
     // or two sizes only), the knee is never below what was measured: the smallest size whose
@@ -311,7 +313,14 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
     largest_success_ = std::max(largest_success_, size);
   }
   Bucket &entry = bucket(feedback.bucket);
-  if (feedback.compute_ns > 0) {
+  // The first batch's time pays for what starts with the run (the pipeline filling on other
+  // threads, first-call setup): a real model's first batch took 3.5x its later time in two
+  // of three passes, and as the only point at its size it pulled the intercept, so the knee,
+  // up for 64 batches. Its size is measured again instead; its memory counts.
+  const bool warm_up = !timed_ && feedback.compute_ns > 0;
+  if (warm_up) {
+    timed_ = true;
+  } else if (feedback.compute_ns > 0) {
     entry.model.latency_ns.add(static_cast<double>(size), static_cast<double>(feedback.compute_ns));
   }
   if (feedback.peak_memory_bytes > 0) {
@@ -330,7 +339,7 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
   }
   // A batch of max_batch_size samples is as large as a token budget can make it.
   const bool full = options_.tokens && feedback.batch_size >= options_.max_batch_size;
-  if (exploring_ && (full || reached(size, std::min(explore_size_, hard)))) {
+  if (exploring_ && !warm_up && (full || reached(size, std::min(explore_size_, hard)))) {
     // Three sizes at least: with two, one noisy batch (one that ran while another thread held
     // the GIL) can put the knee at the smallest size, and nothing bigger is ever measured.
     const bool knee_found =

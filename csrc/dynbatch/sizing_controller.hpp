@@ -19,7 +19,8 @@
 // large samples; at most 64 and max/16; a token budget: from min_units(), since the bytes of
 // token ids say nothing of their compute) it grows 4x after each batch of the current size, until
 // the latency line, fitted through three sizes at least, puts the knee at or below that size or a
-// memory/SLO/OOM limit stops it.
+// memory/SLO/OOM limit stops it. The first batch's time is not learned (it pays for the run's
+// start), so the first size is measured twice.
 // Once settled where the knee is the limit, it keeps the line honest: every `verify_every`
 // batches one batch goes to a neighbour of the knee on the exploring ladder (min * 2^k), in
 // turn the rung at or below knee/16 (where the fixed cost is most of the time, so it pins the
@@ -140,6 +141,7 @@ private:
 
   bool exploring_ = true;
   bool measured_ = false; // a batch came back: exploring goes on from its size
+  bool timed_ = false;    // a batch's time came back (the first one is not learned)
   std::size_t explore_size_;
   std::size_t oom_ceiling_;
   std::size_t failed_size_ = 0;     // smallest size that ran out of memory; 0: none

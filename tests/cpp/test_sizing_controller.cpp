@@ -223,7 +223,9 @@ TEST_CASE(explores_from_the_staged_size_growing_4x) {
   Driver driver{controller, knee_device()}; // 1 MiB samples: from min
   const std::size_t knee = knee_of(driver.device, o);
   REQUIRE(knee == 301u);
+  // The first batch's time is not learned (it pays for the run's start): 3 is measured again.
   // 3, 12, 48, 192 are below the knee; 768 is the first size past it, which ends exploring.
+  CHECK_EQ(driver.step(), 3u);
   for (std::size_t i = 0; i < 5; ++i) {
     CHECK(controller.state().exploring);
     CHECK_EQ(driver.step(), std::size_t{3} << (2 * i));
@@ -231,7 +233,7 @@ TEST_CASE(explores_from_the_staged_size_growing_4x) {
   CHECK(!controller.state().exploring);
   CHECK_EQ(controller.state().knee, knee);
   driver.steps(15); // before the first neighbour is measured (verify_every = 16)
-  for (std::size_t i = 5; i < driver.sizes.size(); ++i) {
+  for (std::size_t i = 6; i < driver.sizes.size(); ++i) {
     CHECK_EQ(driver.sizes[i], knee);
   }
   CHECK_EQ(driver.unstable_asks, 0u);
@@ -242,6 +244,7 @@ TEST_CASE(explores_from_the_staged_size_growing_4x) {
   SizingController small(o);
   Driver from_bytes{small, knee_device()};
   from_bytes.device.bytes_per_sample = 1024;
+  CHECK_EQ(from_bytes.step(), 48u);
   CHECK_EQ(from_bytes.step(), 48u);
   CHECK_EQ(from_bytes.step(), 192u);
   CHECK_EQ(from_bytes.step(), 768u);
@@ -563,7 +566,7 @@ TEST_CASE(buckets_learn_their_own_costs) {
   CHECK(close(s.memory_intercept_bytes, small.m0));
   CHECK(close(s.memory_slope_bytes, small.m1));
   CHECK_EQ(s.knee, 301u);
-  CHECK_EQ(s.observations, 30u);
+  CHECK_EQ(s.observations, 29u); // the run's first batch: its time is not learned
   controller.next_batch_size(large.inputs());
   s = controller.state();
   CHECK(close(s.latency_intercept_ns, large.a_ns));
@@ -690,6 +693,7 @@ TEST_CASE(a_noisy_batch_while_exploring_does_not_end_it_at_the_smallest_size) {
   const ControllerOptions o = options(1, 4096);
   SizingController controller(o);
   Driver driver{controller, knee_device()};
+  CHECK_EQ(driver.step(), 1u); // not learned: the run's first batch
   CHECK_EQ(driver.step(), 1u);
   const SizingInputs in = driver.device.inputs();
   CHECK_EQ(controller.next_batch_size(in), 4u);
@@ -704,6 +708,36 @@ TEST_CASE(a_noisy_batch_while_exploring_does_not_end_it_at_the_smallest_size) {
   CHECK_LE(driver.sizes.back(), upper10(knee));
 }
 
+// The run's first batch pays for its start (other threads filling the pipeline, first-call
+// setup): here it takes 5x its time. Learned, it would be the only point at its size, pull the
+// intercept up 3.5x and the knee with it until forgotten (64 batches); it is not learned, its
+// size is measured again, and the knee is exact from the end of exploring on.
+TEST_CASE(the_first_batch_s_time_is_not_learned) {
+  const ControllerOptions o = options(1, 4096);
+  SizingController controller(o);
+  Driver driver{controller, knee_device()};
+  const SizingInputs in = driver.device.inputs();
+  CHECK_EQ(controller.next_batch_size(in), 1u);
+  BatchFeedback slow = driver.device.run(1);
+  slow.compute_ns *= 5;
+  controller.on_feedback(slow);
+  CHECK_EQ(controller.state().observations, 0u);
+  CHECK(controller.state().exploring);
+  CHECK_EQ(driver.step(), 1u); // measured again
+  driver.steps(10);
+  CHECK(!controller.state().exploring);
+  CHECK_EQ(controller.state().knee, knee_of(driver.device, o));
+  CHECK_EQ(driver.sizes.back(), knee_of(driver.device, o));
+  // Its memory counts: a model's peak is what it is from the first batch on.
+  SizingController fresh(o);
+  fresh.next_batch_size(in);
+  fresh.on_feedback(driver.device.run(1));
+  fresh.next_batch_size(in);
+  fresh.on_feedback(driver.device.run(4));
+  CHECK_EQ(fresh.state().observations, 1u);
+  CHECK_GT(fresh.state().memory_slope_bytes, 0.0);
+}
+
 // Settled at the knee, one batch in every verify_every + 1 measures a neighbour on the ladder,
 // below (knee/16) and above (2 * knee) in turn; the knee stays. Where memory or an SLO sets the
 // size, nothing is measured besides it.
@@ -711,12 +745,12 @@ TEST_CASE(the_knee_s_neighbours_are_measured_again_in_turn) {
   const ControllerOptions o = options(1, 4096);
   SizingController controller(o);
   Driver driver{controller, knee_device()};
-  driver.steps(6); // 1, 4, .., 1024 exploring, then the knee
+  driver.steps(7); // 1 (its time not learned), 1, 4, .., 1024 exploring, then the knee
   driver.steps(17 * 6);
   std::vector<std::size_t> off;
-  for (std::size_t i = 6; i < driver.sizes.size(); ++i) {
+  for (std::size_t i = 7; i < driver.sizes.size(); ++i) {
     if (driver.sizes[i] != 301u) {
-      CHECK_EQ(i % 17, 4u); // after 16 batches (the last exploring one counts): 21, 38, ..
+      CHECK_EQ(i % 17, 5u); // after 16 batches (the last exploring one counts): 22, 39, ..
       off.push_back(driver.sizes[i]);
     }
   }
@@ -727,7 +761,7 @@ TEST_CASE(the_knee_s_neighbours_are_measured_again_in_turn) {
   SizingController memory_bound(o);
   Driver by_memory{memory_bound, memory_device()};
   by_memory.steps(200);
-  CHECK_EQ(by_memory.settled_from(1044, 1044), 6u); // 1, 4, 16, 64, 256, 1024, then 1044
+  CHECK_EQ(by_memory.settled_from(1044, 1044), 7u); // 1, 1, 4, 16, 64, 256, 1024, then 1044
   ControllerOptions with_slo = options(1, 4096);
   Device device = knee_device();
   with_slo.latency_slo_ns = static_cast<Nanoseconds>(device.latency(0) + device.b_ns * 200.5);
@@ -769,10 +803,11 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
     controller.on_feedback(feedback);
   }
   // Exploring from one sample of the longest (the bytes of token ids say nothing of their
-  // compute), then 4x.
+  // compute), twice (the first batch's time is not learned), then 4x.
   CHECK_EQ(budgets[0], 100u);
-  CHECK_EQ(budgets[1], 400u);
-  CHECK_EQ(budgets[2], 1600u);
+  CHECK_EQ(budgets[1], 100u);
+  CHECK_EQ(budgets[2], 400u);
+  CHECK_EQ(budgets[3], 1600u);
   // The knee's neighbours were verified while settled, every verify_every / 4 = 4 batches (a
   // token budget's intercept needs the measurements): 8 probes in 40 batches (2 at every 16).
   CHECK_GE(probes, 7u);
@@ -789,7 +824,7 @@ TEST_CASE(padded_layouts_are_sized_in_tokens) {
   failed.out_of_memory = true;
   controller.on_feedback(failed);
   CHECK_LT(controller.token_budget(in), 30'000u);
-  CHECK_EQ(controller.state().oom_ceiling, controller.token_budget(in) / 100);
+  CHECK_EQ(controller.state().oom_ceiling, controller.state().token_budget / 100);
 
   // A fixed size (min == max) is never cut by a budget: 8 samples of the longest always fit.
   ControllerOptions fixed = options(8, 8);
