@@ -17,7 +17,7 @@ pass at >= 0.95x the best fixed size of the sweep, a second run (warm) at >= 0.9
 
 The machine is shared and small (other jobs come and go), so the figures report.py divides
 come from an interleaved sweep: round after round, every entry once per round in a rotating
-order (5 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
+order (11 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
 (and shows the best rounds' ratio), of wall time in the table and of this process's CPU time
 (``time.process_time``, steadier when other jobs share the cores) in the verdict line. Each
 test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual
@@ -135,7 +135,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, list[f
             if impl.endswith("-warm"):
                 runners[impl]()
     seconds: dict[str, dict[str, list[float]]] = {impl: {"wall": [], "cpu": []} for impl in IMPLS}
-    rounds = 1 if tiny else 5
+    rounds = 1 if tiny else 11
     for index in range(rounds):
         shift = index % len(IMPLS)
         for impl in IMPLS[shift:] + IMPLS[:shift]:
