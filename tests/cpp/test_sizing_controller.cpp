@@ -728,14 +728,17 @@ TEST_CASE(the_first_batch_s_time_is_not_learned) {
   CHECK(!controller.state().exploring);
   CHECK_EQ(controller.state().knee, knee_of(driver.device, o));
   CHECK_EQ(driver.sizes.back(), knee_of(driver.device, o));
-  // Its memory counts: a model's peak is what it is from the first batch on.
+  // Its memory counts: a model's peak is what it is from the first batch on. Both peaks make
+  // the memory line (one alone would be a line through the origin: intercept 0).
   SizingController fresh(o);
   fresh.next_batch_size(in);
   fresh.on_feedback(driver.device.run(1));
   fresh.next_batch_size(in);
   fresh.on_feedback(driver.device.run(4));
   CHECK_EQ(fresh.state().observations, 1u);
-  CHECK_GT(fresh.state().memory_slope_bytes, 0.0);
+  CHECK(std::abs(fresh.state().memory_intercept_bytes - driver.device.m0) <=
+        1e-6 * driver.device.m0);
+  CHECK(std::abs(fresh.state().memory_slope_bytes - driver.device.m1) <= 1e-6 * driver.device.m1);
 }
 
 // Settled at the knee, one batch in every verify_every + 1 measures a neighbour on the ladder,
