@@ -17,9 +17,11 @@ pass at >= 0.95x the best fixed size of the sweep, a second run (warm) at >= 0.9
 
 The machine is shared and small (other jobs come and go), so the figures report.py divides
 come from an interleaved sweep: round after round, every entry once per round in a rotating
-order (11 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
-(and shows the best rounds' ratio), of wall time in the table and of this process's CPU time
-(``time.process_time``, steadier when other jobs share the cores) in the verdict line. Each
+order (21 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
+(and shows the best rounds' ratio) of wall time in the table, and in the verdict line this
+process's CPU time (``time.process_time``, steadier when other jobs share the cores) paired
+by round: the median of each round's ratio to the best fixed size (the same pass read
+0.59-0.87 CPU-s across 11 rounds here; eleven rounds could not resolve 5%). Each
 test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual
 table. Outputs are checked against a
 reference, untimed.
@@ -135,7 +137,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, list[f
             if impl.endswith("-warm"):
                 runners[impl]()
     seconds: dict[str, dict[str, list[float]]] = {impl: {"wall": [], "cpu": []} for impl in IMPLS}
-    rounds = 1 if tiny else 11
+    rounds = 1 if tiny else 21
     for index in range(rounds):
         shift = index % len(IMPLS)
         for impl in IMPLS[shift:] + IMPLS[:shift]:

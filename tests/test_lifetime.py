@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dynbatch as ds
+from dynbatch import _core
 from dynbatch.serving import Server
 
 from .conftest import os_thread_count
@@ -79,6 +80,24 @@ def test_dropping_a_processor_from_a_done_callback_does_not_block_the_worker() -
 
 
 # ----------------------------------------------------------------------- memory
+
+
+def test_close_trims_malloc_only_after_a_worker_thread_ran_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass on the caller's thread leaves the caller's malloc arena alone (trimming it cost
+    every pass the trim and the page faults that refill it); a server's worker thread has an
+    arena of its own, which close() hands back."""
+    trims: list[int] = []
+    monkeypatch.setattr(_core, "release_cached_memory", lambda: trims.append(1))
+    samples = [torch.full((3,), float(i)) for i in range(20)]
+    with ds.DynamicBatchProcessor(profile=False) as processor:
+        assert sum(len(batch) for batch in processor(samples)) == 20
+        assert len(processor.map(lambda batch: batch * 2, samples)) == 20
+    assert trims == []
+    with ds.DynamicBatchProcessor(model=lambda batch: batch * 2, profile=False) as processor:
+        assert torch.equal(processor.submit(samples[3]).result(HANG_S), samples[3] * 2)
+    assert trims == [1]
 
 
 @pytest.mark.slow

@@ -352,6 +352,7 @@ class Server:
             )
             self._former = former
             self._started_ns = time.perf_counter_ns()
+            self._engine.note_worker_thread()
             self._worker.start()
             self._watcher.start()
             return former
