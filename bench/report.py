@@ -497,8 +497,17 @@ def _targets(
         for impl, seconds in rounds.items()
         if _entry_order(impl)[0] == 1
     }
-    if fixed_cpu:
+    focus = {
+        b["params"]["impl"]: b["extra_info"]["focus_cpu_seconds"]
+        for b in benches
+        if b["extra_info"].get("focus_cpu_seconds")
+    }
+    if focus:  # the focused rounds: the best fixed size and the dynamic entries alone
+        best_cpu = benches[0]["extra_info"]["focus_reference"]
+        rounds = focus
+    elif fixed_cpu:
         best_cpu = min(fixed_cpu, key=lambda impl: fixed_cpu[impl])
+    if focus or fixed_cpu:
         for impl, seconds in rounds.items():
             if impl.startswith("dynamic"):
                 verdicts.append(_paired_verdict(impl, seconds, best_cpu, rounds[best_cpu]))

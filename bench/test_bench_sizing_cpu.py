@@ -15,16 +15,17 @@ entries get a profile name never used before: a first run, exploration, the prof
 its write included, as a one-off inference job sees it. Issue 11's targets: the dynamic first
 pass at >= 0.95x the best fixed size of the sweep, a second run (warm) at >= 0.98x.
 
-The machine is shared and small (other jobs come and go), so the figures report.py divides
-come from an interleaved sweep: round after round, every entry once per round in a rotating
-order (21 rounds; tiny: 1), so a burst of load hits all entries alike; it uses the medians
-(and shows the best rounds' ratio) of wall time in the table, and in the verdict line this
-process's CPU time (``time.process_time``, steadier when other jobs share the cores) paired
-by round: the median of each round's ratio to the best fixed size (the same pass read
-0.59-0.87 CPU-s across 11 rounds here; eleven rounds could not resolve 5%). Each
-test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual
-table. Outputs are checked against a
-reference, untimed.
+The machine is shared and small (other jobs come and go, and the same pass read 0.59-0.87
+CPU-s across 11 rounds here), so the figures report.py divides come from interleaved rounds,
+every entry once per round in a rotating order, so a burst of load hits all entries alike.
+First the sweep (9 rounds; tiny: 1): its medians of wall time make the table (with the best
+rounds' ratio), and its medians of this process's CPU time (``time.process_time``, steadier
+when other jobs share the cores) pick the best fixed size. Then the focus (25 rounds; tiny:
+none): that size and the dynamic entries alone, so each round's passes run seconds apart;
+the verdict line is the median of each round's CPU-time ratio to the best fixed size, with
+its quartiles (eleven rounds of the whole sweep could not resolve 5%). Each test then also
+times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual table. Outputs
+are checked against a reference, untimed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ FIXED_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024)
 DYNAMIC = ("dynamic-map", "dynamic-iterate", "dynamic-map-warm", "dynamic-iterate-warm")
 IMPLS = [*(f"fixed-{size}" for size in FIXED_SIZES), *DYNAMIC]
 _fresh = itertools.count()  # cold runs: a profile name no run has used
+SWEEP_ROUNDS = 9  # every entry: which fixed size is best
+FOCUS_ROUNDS = 25  # the best fixed size and the dynamic entries: the verdict
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +126,11 @@ def _profile(impl: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, list[float]]]:
+def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
     """Wall and CPU seconds of every entry, rounds interleaved (after one untimed warm-up pass
-    each; tiny: one round, no warm-up, as its figures are not for reporting)."""
+    each; tiny: one round, no warm-up, as its figures are not for reporting); then the focus:
+    the best fixed size of the sweep (by median CPU time) and the dynamic entries alone, more
+    rounds, for the paired verdict."""
     tiny = bench_size.name == "tiny"
     data, _ = _data(bench_size.sizing_cpu_samples, model)
     runners = {impl: _runner(impl, model, data, {}) for impl in IMPLS}
@@ -136,15 +141,29 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, list[f
         for impl in DYNAMIC:
             if impl.endswith("-warm"):
                 runners[impl]()
-    seconds: dict[str, dict[str, list[float]]] = {impl: {"wall": [], "cpu": []} for impl in IMPLS}
-    rounds = 1 if tiny else 21
-    for index in range(rounds):
-        shift = index % len(IMPLS)
-        for impl in IMPLS[shift:] + IMPLS[:shift]:
-            started, cpu = time.perf_counter(), time.process_time()
-            runners[impl]()
-            seconds[impl]["wall"].append(time.perf_counter() - started)
-            seconds[impl]["cpu"].append(time.process_time() - cpu)
+    seconds: dict[str, dict[str, Any]] = {
+        impl: {"wall": [], "cpu": [], "focus_cpu": []} for impl in IMPLS
+    }
+
+    def interleave(impls: list[str], rounds: int, focus: bool) -> None:
+        for index in range(rounds):
+            shift = index % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                started, cpu = time.perf_counter(), time.process_time()
+                runners[impl]()
+                wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+                if focus:
+                    seconds[impl]["focus_cpu"].append(cpu)
+                else:
+                    seconds[impl]["wall"].append(wall)
+                    seconds[impl]["cpu"].append(cpu)
+
+    interleave(IMPLS, 1 if tiny else SWEEP_ROUNDS, focus=False)
+    fixed = [impl for impl in IMPLS if impl.startswith("fixed-")]
+    best = min(fixed, key=lambda impl: statistics.median(seconds[impl]["cpu"]))
+    interleave([best, *DYNAMIC], 0 if tiny else FOCUS_ROUNDS, focus=True)
+    for impl in IMPLS:
+        seconds[impl]["focus_reference"] = best
     return seconds
 
 
@@ -154,7 +173,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, list[f
 def test_sizing_cpu(
     impl: str,
     model: torch.nn.Module,
-    sweep: dict[str, dict[str, list[float]]],
+    sweep: dict[str, dict[str, Any]],
     bench_size: Any,
     benchmark: Any,
 ) -> None:
@@ -178,6 +197,8 @@ def test_sizing_cpu(
             "samples": count,
             "round_seconds": sweep[impl]["wall"],
             "round_cpu_seconds": sweep[impl]["cpu"],
+            "focus_cpu_seconds": sweep[impl]["focus_cpu"],
+            "focus_reference": sweep[impl]["focus_reference"],
             "ooms": 0,
             "lost": count - len(out),
             "redone": 0,
