@@ -10,7 +10,8 @@ namespace dynbatch {
 namespace {
 constexpr double boost_step = 1.25;
 constexpr double max_boost = 8.0;
-constexpr std::size_t knee_evidence = 3; // distinct sizes measured before exploring may stop
+constexpr std::size_t knee_evidence = 3;  // distinct sizes measured before exploring may stop
+constexpr std::size_t start_evidence = 3; // times the first size is learned before growing
 // Exploring starts where a batch stages this much (small samples: a batch of one would pay the
 // model's whole fixed cost for a few bytes of work) and grows 4x per measured size: with a
 // batch formed ahead, every size runs twice before its feedback arrives, and on a short pass
@@ -339,11 +340,17 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
   }
   // A batch of max_batch_size samples is as large as a token budget can make it.
   const bool full = options_.tokens && feedback.batch_size >= options_.max_batch_size;
-  if (exploring_ && !warm_up && (full || reached(size, std::min(explore_size_, hard)))) {
+  const LinearFit &latency = entry.model.latency_ns;
+  // The first size pins the intercept, so the knee (19 a / b): one lucky batch there (0.65x
+  // its usual time, in a replay of the MLP's measured times) put a near 0 and the knee at a
+  // tenth of the truth for the rest of a cold pass. Learned three times, its median outvotes
+  // one outlier (two: their mean is still pulled), for two more of the cheapest batches.
+  const bool start_unsure = latency.distinct_x() == 1 && latency.count() < start_evidence;
+  if (exploring_ && !warm_up && !start_unsure &&
+      (full || reached(size, std::min(explore_size_, hard)))) {
     // Three sizes at least: with two, one noisy batch (one that ran while another thread held
     // the GIL) can put the knee at the smallest size, and nothing bigger is ever measured.
-    const bool knee_found =
-        entry.model.latency_ns.distinct_x() >= knee_evidence && explore_size_ >= limit.knee;
+    const bool knee_found = latency.distinct_x() >= knee_evidence && explore_size_ >= limit.knee;
     if (knee_found || full || explore_size_ >= hard) {
       exploring_ = false;
     } else {
