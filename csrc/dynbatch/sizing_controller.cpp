@@ -203,7 +203,7 @@ std::size_t SizingController::ask(const SizingInputs &inputs) {
   last_inputs_ = inputs;
   longest_ = std::max(longest_, inputs.longest);
   last_utilization_ = inputs.telemetry.utilization;
-  return decide(ceilings(entry, inputs));
+  return decide(ceilings(entry, inputs), entry.verify.size);
 }
 
 std::size_t SizingController::explore_start(std::size_t unit_bytes) const {
@@ -222,18 +222,18 @@ std::size_t SizingController::explore_start(std::size_t unit_bytes) const {
   return std::max(size, min_units());
 }
 
-std::size_t SizingController::decide(const Ceilings &limit, bool probing) const {
+std::size_t SizingController::decide(const Ceilings &limit, std::size_t probe) const {
   const std::size_t hard = std::min({limit.memory, limit.slo, oom_ceiling_});
   const std::size_t explore =
       measured_ ? explore_size_ : explore_start(bytes_per_unit(last_inputs_));
   std::size_t wanted = exploring_ ? explore : clamp(static_cast<double>(limit.knee) * boost_);
-  if (probing && !exploring_ && verify_size_ != 0) {
-    wanted = verify_size_;
+  if (probe != 0 && !exploring_) {
+    wanted = probe;
   }
   return std::max(min_units(), std::min(wanted, hard));
 }
 
-std::size_t SizingController::neighbour(std::size_t knee, std::size_t hard) const {
+std::size_t SizingController::neighbour(std::size_t knee, std::size_t hard, bool above_next) const {
   // Rungs of the exploring ladder, so each neighbour is a size measured before and again.
   std::size_t below = ladder_base();
   while (below * 2 <= knee / intercept_rung) {
@@ -247,23 +247,20 @@ std::size_t SizingController::neighbour(std::size_t knee, std::size_t hard) cons
   above = std::min({above, hard, max_units()});
   const bool below_useful = below < knee;
   const bool above_useful = above > knee;
-  if (verify_above_ ? above_useful : !below_useful) {
+  if (above_next ? above_useful : !below_useful) {
     return above_useful ? above : 0;
   }
   return below;
 }
 
-void SizingController::plan_verification(const Ceilings &limit, std::size_t hard,
-                                         std::size_t size) {
-  if (verify_size_ != 0) {
+void SizingController::plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size,
+                                         Verification &verify) {
+  if (verify.size != 0) {
     // Measured (or it waited long enough behind batches formed ahead): back to the knee.
     // Not any batch at least as large: a batch at the knee that was formed ahead of the
     // neighbour below must not count as its measurement.
-    if (matches(size, std::min(verify_size_, hard)) || ++verify_waited_ > verify_patience) {
-      verify_size_ = 0;
-      verify_waited_ = 0;
-      since_verified_ = 0;
-      verify_above_ = !verify_above_;
+    if (matches(size, std::min(verify.size, hard)) || ++verify.waited > verify_patience) {
+      verify = Verification{0, 0, 0, !verify.above};
     }
     return;
   }
@@ -272,13 +269,13 @@ void SizingController::plan_verification(const Ceilings &limit, std::size_t hard
   const std::size_t every =
       options_.tokens ? std::max<std::size_t>(1, options_.verify_every / token_verify_share)
                       : options_.verify_every;
-  if (boost_ != 1.0 || limit.knee >= hard || ++since_verified_ < every) {
+  if (boost_ != 1.0 || limit.knee >= hard || ++verify.since < every) {
     return;
   }
-  verify_size_ = neighbour(limit.knee, hard);
-  if (verify_size_ == 0) {
-    since_verified_ = 0;
-    verify_above_ = !verify_above_;
+  verify.size = neighbour(limit.knee, hard, verify.above);
+  if (verify.size == 0) {
+    verify.since = 0;
+    verify.above = !verify.above;
   }
 }
 
@@ -358,7 +355,7 @@ void SizingController::on_feedback(const BatchFeedback &feedback) {
     }
   }
   if (!exploring_) {
-    plan_verification(limit, hard, size);
+    plan_verification(limit, hard, size, entry.verify);
     if (!options_.tokens) {
       entry.held_knee = limit.knee; // the estimate, or the size it stayed near
     }
@@ -437,8 +434,6 @@ void SizingController::import_state(const LearnedState &learned) {
   // Start where the lines say and verify from there (the knee's neighbours, as usual).
   exploring_ = false;
   measured_ = true;
-  since_verified_ = 0;
-  verify_size_ = 0;
 }
 
 SizingState SizingController::state() const {
@@ -465,10 +460,10 @@ SizingState SizingController::state() const {
     state.memory_intercept_bytes = std::max(model.memory_bytes.intercept(), 0.0);
     state.memory_slope_bytes = std::max(model.memory_bytes.slope(), 0.0);
     state.observations = model.latency_ns.count();
-    const std::size_t units = decide(limit);
+    const std::size_t units = decide(limit, found->second.verify.size);
     state.target = options_.tokens ? options_.max_batch_size : units;
     // The budget it settles on: a verification probe at a neighbour lasts one batch.
-    state.token_budget = options_.tokens ? decide(limit, false) : 0;
+    state.token_budget = options_.tokens ? decide(limit) : 0;
   } else {
     const std::size_t units = explore_start(bytes_per_unit(last_inputs_));
     state.target = options_.tokens ? options_.max_batch_size : units;

@@ -98,10 +98,18 @@ public:
   void import_state(const LearnedState &learned);
 
 private:
+  // Settled, one batch in verify_every measures a neighbour of the bucket's own knee.
+  struct Verification {
+    std::size_t since = 0;  // batches since the last neighbour measurement
+    std::size_t size = 0;   // a neighbour to measure next; 0: none
+    std::size_t waited = 0; // batches that came back at another size meanwhile
+    bool above = false;     // which neighbour comes next
+  };
   struct Bucket {
     CostModel model;
     std::uint64_t last_used = 0;
     std::size_t held_knee = 0; // sample counts, settled: the knee the size holds to; 0: none
+    Verification verify{};
   };
   struct Ceilings {
     std::size_t memory;
@@ -123,14 +131,16 @@ private:
   // Whether a batch of `units` is a measurement of size `wanted` (equal; tokens: within 3/4).
   bool matches(std::size_t units, std::size_t wanted) const noexcept;
   Ceilings ceilings(const Bucket &bucket, const SizingInputs &inputs) const;
-  // probing: a planned verification of the knee's neighbour replaces the knee's size.
-  std::size_t decide(const Ceilings &limit, bool probing = true) const;
+  // probe: a planned verification of the knee's neighbour, which replaces the knee's size
+  // (0: none).
+  std::size_t decide(const Ceilings &limit, std::size_t probe = 0) const;
   // The first size to explore: the ladder rung whose batch stages about 256 KiB, within caps;
   // tokens: min_units().
   std::size_t explore_start(std::size_t bytes_per_sample) const;
   // The next neighbour of `knee` to measure (alternating below and above), or 0 for none.
-  std::size_t neighbour(std::size_t knee, std::size_t hard) const;
-  void plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size);
+  std::size_t neighbour(std::size_t knee, std::size_t hard, bool above) const;
+  void plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size,
+                         Verification &verify);
   std::size_t clamp(double size) const;
 
   const ControllerOptions options_;
@@ -152,10 +162,6 @@ private:
   std::uint64_t reclaimable_bytes_ = 0;
   double boost_ = 1.0; // growth past the knee while utilization stays low
   double last_utilization_ = 0.0;
-  std::size_t since_verified_ = 0; // batches since the last neighbour measurement
-  std::size_t verify_size_ = 0;    // a neighbour to measure next; 0: none
-  std::size_t verify_waited_ = 0;  // batches that came back at another size meanwhile
-  bool verify_above_ = false;      // which neighbour comes next
   SizingInputs last_inputs_;
   std::size_t longest_ = 0;        // tokens: the longest sample length asked with
   double tokens_per_sample_ = 1.0; // tokens: of the last batch, to read reports without tokens
