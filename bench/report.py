@@ -498,50 +498,66 @@ def _targets(
         if _entry_order(impl)[0] == 1
     }
     focus = {
-        b["params"]["impl"]: b["extra_info"]["focus_cpu_seconds"]
-        for b in benches
-        if b["extra_info"].get("focus_cpu_seconds")
+        clock: {
+            b["params"]["impl"]: b["extra_info"][f"focus_{clock}_seconds"]
+            for b in benches
+            if b["extra_info"].get(f"focus_{clock}_seconds")
+        }
+        for clock in ("cpu", "wall")
     }
-    if focus:  # the focused rounds: the best fixed size and the dynamic entries alone
-        best_cpu = benches[0]["extra_info"]["focus_reference"]
-        rounds = focus
+    if focus["cpu"]:  # the focused rounds: the best fixed size and the dynamic entries alone
+        best_focus = benches[0]["extra_info"]["focus_reference"]
+        for impl in focus["cpu"]:
+            if impl.startswith("dynamic"):
+                for clock, label in (("cpu", "process CPU time"), ("wall", "wall time")):
+                    if focus[clock]:
+                        timed = focus[clock]
+                        verdicts.append(
+                            _paired_verdict(impl, timed[impl], best_focus, timed[best_focus], label)
+                        )
     elif fixed_cpu:
         best_cpu = min(fixed_cpu, key=lambda impl: fixed_cpu[impl])
-    if focus or fixed_cpu:
         for impl, seconds in rounds.items():
             if impl.startswith("dynamic"):
-                verdicts.append(_paired_verdict(impl, seconds, best_cpu, rounds[best_cpu]))
+                verdicts.append(
+                    _paired_verdict(impl, seconds, best_cpu, rounds[best_cpu], "process CPU time")
+                )
     best = rate[best_fixed][0] if best_fixed else 0.0
     f32 = rate.get("fixed-32", (0.0, None))[0]
     for impl, (value, _) in rate.items():
         if not impl.startswith("dynamic") or best <= 0:
             continue
-        vs_best = value / best
-        target = _target_of(impl)
-        verdict = (
-            f"{impl}: {vs_best:.2f}x best fixed "
-            f"({'met' if vs_best >= target else 'MISSED'}, >= {target})"
-        )
+        parts = []
+        if not focus["cpu"]:  # else the paired verdicts above decide
+            vs_best = value / best
+            target = _target_of(impl)
+            parts.append(
+                f"{vs_best:.2f}x best fixed ({'met' if vs_best >= target else 'MISSED'}, "
+                f">= {target})"
+            )
         if best_fixed != "fixed-32" and f32 > 0:
             vs_32 = value / f32
-            verdict += (
-                f", {vs_32:.2f}x fixed-32 ({'met' if vs_32 >= TARGET_VS_32 else 'MISSED'}, "
+            parts.append(
+                f"{vs_32:.2f}x fixed-32 ({'met' if vs_32 >= TARGET_VS_32 else 'MISSED'}, "
                 f">= {TARGET_VS_32})"
             )
-        verdicts.append(verdict)
+        if parts:
+            verdicts.append(f"{impl}: " + ", ".join(parts))
     return f"{group} ({context}): " + ("; ".join(verdicts) or "no dynamic entry")
 
 
-def _paired_verdict(impl: str, seconds: list[float], best: str, best_seconds: list[float]) -> str:
-    """A dynamic entry against the best fixed size by process CPU time, round by round: each
-    round's ratio compares passes run seconds apart, so the host's slower drift cancels; the
-    median of the rounds' ratios decides, and the quartiles show how far one round strays."""
+def _paired_verdict(
+    impl: str, seconds: list[float], best: str, best_seconds: list[float], clock: str
+) -> str:
+    """A dynamic entry against the best fixed size, round by round: each round's ratio
+    compares passes run seconds apart, so the host's slower drift cancels; the median of the
+    rounds' ratios decides, and the quartiles show how far one round strays."""
     paired = sorted(b / d for b, d in zip(best_seconds, seconds, strict=True))
     middle = statistics.median(paired)
     low, high = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
     target = _target_of(impl)
     return (
-        f"{impl}: {middle:.3f}x {best} by process CPU time, paired by round "
+        f"{impl}: {middle:.3f}x {best} by {clock}, paired by round "
         f"(quartiles {low:.2f}-{high:.2f} over {len(paired)} rounds; "
         f"{'met' if middle >= target else 'MISSED'}, >= {target}; ratio of the medians "
         f"{statistics.median(best_seconds) / statistics.median(seconds):.3f})"

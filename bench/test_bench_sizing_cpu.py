@@ -22,10 +22,10 @@ First the sweep (9 rounds; tiny: 1): its medians of wall time make the table (wi
 rounds' ratio), and its medians of this process's CPU time (``time.process_time``, steadier
 when other jobs share the cores) pick the best fixed size. Then the focus (25 rounds; tiny:
 none): that size and the dynamic entries alone, so each round's passes run seconds apart;
-the verdict line is the median of each round's CPU-time ratio to the best fixed size, with
-its quartiles (eleven rounds of the whole sweep could not resolve 5%). Each test then also
-times its own entry with pytest-benchmark (3 rounds; tiny: 1), for the usual table. Outputs
-are checked against a reference, untimed.
+the verdict line is the median of each round's ratio to the best fixed size, by CPU time
+and by wall time, with its quartiles (eleven rounds of the whole sweep could not resolve
+5%). Each test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for
+the usual table. Outputs are checked against a reference, untimed.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
             if impl.endswith("-warm"):
                 runners[impl]()
     seconds: dict[str, dict[str, Any]] = {
-        impl: {"wall": [], "cpu": [], "focus_cpu": []} for impl in IMPLS
+        impl: {"wall": [], "cpu": [], "focus_wall": [], "focus_cpu": []} for impl in IMPLS
     }
 
     def interleave(impls: list[str], rounds: int, focus: bool) -> None:
@@ -153,6 +153,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
                 runners[impl]()
                 wall, cpu = time.perf_counter() - started, time.process_time() - cpu
                 if focus:
+                    seconds[impl]["focus_wall"].append(wall)
                     seconds[impl]["focus_cpu"].append(cpu)
                 else:
                     seconds[impl]["wall"].append(wall)
@@ -197,6 +198,7 @@ def test_sizing_cpu(
             "samples": count,
             "round_seconds": sweep[impl]["wall"],
             "round_cpu_seconds": sweep[impl]["cpu"],
+            "focus_wall_seconds": sweep[impl]["focus_wall"],
             "focus_cpu_seconds": sweep[impl]["focus_cpu"],
             "focus_reference": sweep[impl]["focus_reference"],
             "ooms": 0,
