@@ -49,6 +49,23 @@ def test_explores_growing_4x_then_stops_at_the_knee() -> None:
     assert abs(state["latency_slope_ns"] - 1e4) < 1
 
 
+def test_a_bigger_size_measured_slower_caps_the_knee() -> None:
+    # 2 ms + 10 us a sample (the line's knee: 3800), but past 1024 samples each costs 30% more
+    # (a CPU's caches): 1024 measured best and 4096 12% slower, so the knee stays at 1024
+    # (the line alone, which only flattens, settled at 3364), and its neighbours (64 and 2048)
+    # are measured again now and then.
+    def seconds(n: int) -> float:
+        return 0.002 + 10e-6 * n * (1.3 if n > 1024 else 1.0)
+
+    policy = _core.SizingController(1, 4096)
+    sizes = drive(policy, seconds, 60)
+    assert policy.state()["knee"] == 1024
+    assert set(sizes[20:]) == {64, 1024, 2048} and sizes[20:].count(1024) >= 35
+    # Where the larger sizes pay, nothing caps: the line's knee.
+    steady = _core.SizingController(1, 4096)
+    assert drive(steady, lambda n: 0.002 + 10e-6 * n, 60)[-1] == 3800
+
+
 def test_no_fixed_cost_means_no_reason_to_batch() -> None:
     policy = _core.SizingController(2, 512)
     sizes = drive(policy, lambda n: 1e-5 * n, 30)

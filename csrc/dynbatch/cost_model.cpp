@@ -82,6 +82,28 @@ double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
   return 0.0;
 }
 
+double LinearFit::largest_x_near_best_ratio_below_a_worse_one(double tolerance) const noexcept {
+  const auto ratio = [&](const Point &point) {
+    const double y = representative(point);
+    return y > 0.0 ? x_of(point) / y : 0.0;
+  };
+  const auto error = [&](const Point &point) {
+    return 2.0 * spread_ / std::sqrt(static_cast<double>(point.filled));
+  };
+  double best = 0.0;
+  for (const auto &[key, point] : points_) {
+    best = std::max(best, ratio(point) * (1.0 - error(point)));
+  }
+  bool worse_above = false;
+  for (auto entry = points_.rbegin(); entry != points_.rend(); ++entry) { // largest x first
+    if (ratio(entry->second) * (1.0 + error(entry->second)) >= (1.0 - tolerance) * best) {
+      return worse_above ? x_of(entry->second) : 0.0;
+    }
+    worse_above = true;
+  }
+  return 0.0;
+}
+
 double LinearFit::largest_relative_residual() const noexcept {
   double largest = 0.0;
   for (const auto &[key, point] : points_) {

@@ -51,6 +51,11 @@ public:
   // best one is taken at two below, so a lucky sample cannot raise the bar, while on a quiet
   // host (spread 0) it is the plain comparison.
   double smallest_x_near_best_ratio(double tolerance) const noexcept;
+  // The largest x whose x / y is near the best in the same sense, where a larger x measured
+  // worse than that (its throughput below the best by more than `tolerance` and the noise):
+  // bigger sizes are measured not to pay. 0 where no larger x is worse (nothing measured says
+  // stop, as on a device whose throughput keeps growing).
+  double largest_x_near_best_ratio_below_a_worse_one(double tolerance) const noexcept;
   // The relative standard deviation of one measurement, from the repeats at each x (a robust
   // estimate: the median absolute relative deviation from each x's median); 0 before any x has
   // two measurements, and always 0 for Robust::high.

@@ -161,6 +161,13 @@ SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
     if (!line_explains) {
       knee = std::max(knee, latency.smallest_x_near_best_ratio(tol));
     }
+    // Nor above a size that measured best where a larger one measured worse (a CPU's caches:
+    // the MLP's 1024 ran at 0.89x the throughput of 512 in one run): the line, which only
+    // flattens, would put the knee at the larger size or past it.
+    const double worse_above = latency.largest_x_near_best_ratio_below_a_worse_one(tol);
+    if (worse_above > 0.0) {
+      knee = std::min(knee, worse_above);
+    }
   }
   std::size_t knee_size = clamp(knee);
   const std::size_t held = entry.held_knee;

@@ -161,6 +161,19 @@ TEST_CASE(the_best_ratio_allows_for_the_measured_noise) {
   CHECK_NEAR(noisy.smallest_x_near_best_ratio(0.05), 400.0);
 }
 
+TEST_CASE(a_larger_size_measured_worse_caps_at_the_largest_near_the_best) {
+  LinearFit fit(LinearFit::Robust::median);
+  CHECK_EQ(fit.largest_x_near_best_ratio_below_a_worse_one(0.05), 0.0); // nothing measured
+  fit.add(64.0, 64.0 * 40.0);                                           // ratio 1/40
+  fit.add(256.0, 256.0 * 29.0);                                         // 1/29: the best
+  fit.add(512.0, 512.0 * 29.5);                                         // within 5% of it
+  fit.add(1024.0, 1024.0 * 29.8); // within 5% too: nothing larger is worse
+  CHECK_EQ(fit.largest_x_near_best_ratio_below_a_worse_one(0.05), 0.0);
+  fit.add(2048.0, 2048.0 * 33.0); // 12% below the best: bigger does not pay
+  CHECK_EQ(fit.largest_x_near_best_ratio_below_a_worse_one(0.05), 1024.0);
+  CHECK_EQ(fit.largest_x_near_best_ratio_below_a_worse_one(0.2), 0.0); // within 20%
+}
+
 TEST_CASE(residual_says_how_far_the_line_misses_a_point) {
   LinearFit fit(LinearFit::Robust::median);
   CHECK_NEAR(fit.largest_relative_residual(), 0.0);
