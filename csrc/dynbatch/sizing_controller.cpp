@@ -163,8 +163,11 @@ SizingController::Ceilings SizingController::ceilings(const Bucket &entry,
     }
     // Nor above a size that measured best where a larger one measured worse (a CPU's caches:
     // the MLP's 1024 ran at 0.89x the throughput of 512 in one run): the line, which only
-    // flattens, would put the knee at the larger size or past it.
-    const double worse_above = latency.largest_x_near_best_ratio_below_a_worse_one(tol);
+    // flattens, would put the knee at the larger size or past it. Not for token budgets: their
+    // bins mix lengths and the curve is flat for thousands of tokens, so the largest bin near
+    // the best is noise (MiniLM's budgets spread 1.55-1.80x over a triple with it, 1.19x without).
+    const double worse_above =
+        options_.tokens ? 0.0 : latency.largest_x_near_best_ratio_below_a_worse_one(tol);
     if (worse_above > 0.0) {
       knee = std::min(knee, worse_above);
     }
