@@ -22,6 +22,7 @@ groups (issue 11) the settled size over the true knee per seed; the "minilm-embe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ SIZING_PREFIX = "sizing-"
 TARGET_VS_BEST, TARGET_VS_32 = 0.95, 1.25
 # Issue 11: a second run with the first run's sizing profile ("-warm" entries).
 TARGET_WARM = 0.98
+_CLOCKS = (("cpu", "process CPU time"), ("wall", "wall time"))  # of the focused rounds
 
 # Groups with this prefix report where the sizing settles under timing noise (issue 11).
 NOISE_PREFIX = "noise-"
@@ -503,18 +505,16 @@ def _targets(
             for b in benches
             if b["extra_info"].get(f"focus_{clock}_seconds")
         }
-        for clock in ("cpu", "wall")
+        for clock, _ in _CLOCKS
     }
     if focus["cpu"]:  # the focused rounds: the best fixed size and the dynamic entries alone
         best_focus = benches[0]["extra_info"]["focus_reference"]
-        for impl in focus["cpu"]:
-            if impl.startswith("dynamic"):
-                for clock, label in (("cpu", "process CPU time"), ("wall", "wall time")):
-                    if focus[clock]:
-                        timed = focus[clock]
-                        verdicts.append(
-                            _paired_verdict(impl, timed[impl], best_focus, timed[best_focus], label)
-                        )
+        clocks = [(focus[clock], label) for clock, label in _CLOCKS if focus[clock]]
+        dynamic = [impl for impl in focus["cpu"] if impl.startswith("dynamic")]
+        for impl, (timed, label) in itertools.product(dynamic, clocks):
+            verdicts.append(
+                _paired_verdict(impl, timed[impl], best_focus, timed[best_focus], label)
+            )
     elif fixed_cpu:
         best_cpu = min(fixed_cpu, key=lambda impl: fixed_cpu[impl])
         for impl, seconds in rounds.items():

@@ -62,41 +62,42 @@ void LinearFit::add(double x, double y) {
   refit();
 }
 
-double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
-  const auto ratio = [&](const auto &entry) {
-    const double y = representative(entry.second);
-    return y > 0.0 ? x_of(entry.second) / y : 0.0;
-  };
-  const auto error = [&](const auto &entry) {
-    return 2.0 * spread_ / std::sqrt(static_cast<double>(entry.second.filled));
-  };
-  double best = 0.0;
-  for (const auto &entry : points_) {
-    best = std::max(best, ratio(entry) * (1.0 - error(entry)));
+double LinearFit::ratio_of(const Point &point) const {
+  const double y = representative(point);
+  return y > 0.0 ? x_of(point) / y : 0.0;
+}
+
+double LinearFit::error_of(const Point &point) const noexcept {
+  return 2.0 * spread_ / std::sqrt(static_cast<double>(point.filled));
+}
+
+double LinearFit::best_ratio() const {
+  double best = 0.0; // at two standard errors below: a lucky measurement cannot raise it
+  for (const auto &[key, point] : points_) {
+    best = std::max(best, ratio_of(point) * (1.0 - error_of(point)));
   }
-  for (const auto &entry : points_) { // ordered by x: the first that qualifies is the smallest
-    if (ratio(entry) * (1.0 + error(entry)) >= (1.0 - tolerance) * best) {
-      return x_of(entry.second);
+  return best;
+}
+
+bool LinearFit::near(const Point &point, double best, double tolerance) const {
+  return ratio_of(point) * (1.0 + error_of(point)) >= (1.0 - tolerance) * best;
+}
+
+double LinearFit::smallest_x_near_best_ratio(double tolerance) const noexcept {
+  const double best = best_ratio();
+  for (const auto &[key, point] : points_) { // ordered by x: the first that qualifies
+    if (near(point, best, tolerance)) {
+      return x_of(point);
     }
   }
   return 0.0;
 }
 
 double LinearFit::largest_x_near_best_ratio_below_a_worse_one(double tolerance) const noexcept {
-  const auto ratio = [&](const Point &point) {
-    const double y = representative(point);
-    return y > 0.0 ? x_of(point) / y : 0.0;
-  };
-  const auto error = [&](const Point &point) {
-    return 2.0 * spread_ / std::sqrt(static_cast<double>(point.filled));
-  };
-  double best = 0.0;
-  for (const auto &[key, point] : points_) {
-    best = std::max(best, ratio(point) * (1.0 - error(point)));
-  }
+  const double best = best_ratio();
   bool worse_above = false;
   for (auto entry = points_.rbegin(); entry != points_.rend(); ++entry) { // largest x first
-    if (ratio(entry->second) * (1.0 + error(entry->second)) >= (1.0 - tolerance) * best) {
+    if (near(entry->second, best, tolerance)) {
       return worse_above ? x_of(entry->second) : 0.0;
     }
     worse_above = true;

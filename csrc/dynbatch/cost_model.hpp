@@ -81,6 +81,11 @@ private:
   }
   double representative(const Point &point) const;
   static double x_of(const Point &point) noexcept;
+  double ratio_of(const Point &point) const;          // x / y: the measured throughput
+  double error_of(const Point &point) const noexcept; // two standard errors of that ratio
+  double best_ratio() const;                          // the best ratio, less two standard errors
+  // Whether the point's ratio, plus two standard errors, is within `tolerance` of `best`.
+  bool near(const Point &point, double best, double tolerance) const;
   void refit();
   void measure_spread();
 

@@ -138,7 +138,7 @@ private:
   // tokens: min_units().
   std::size_t explore_start(std::size_t bytes_per_sample) const;
   // The next neighbour of `knee` to measure (alternating below and above), or 0 for none.
-  std::size_t neighbour(std::size_t knee, std::size_t hard, bool above) const;
+  std::size_t neighbour(std::size_t knee, std::size_t hard, bool above_next) const;
   void plan_verification(const Ceilings &limit, std::size_t hard, std::size_t size,
                          Verification &verify);
   std::size_t clamp(double size) const;

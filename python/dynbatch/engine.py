@@ -441,8 +441,8 @@ class Engine:
         if not self.forked():
             self._final_telemetry = self.telemetry_reading()
             # What the worker freed stays cached in its malloc arena. Not after a pass on the
-            # caller's thread: that arena is the caller's, and trimming it cost every pass ~2%
-            # (the trim, ~5 ms on a test process's heap, and the page faults that refill it).
+            # caller's thread: that arena is the caller's, and trimming it cost every pass the
+            # trim (~5 ms on a test process's heap) and the page faults that refilled it.
             if self._worker_threads:
                 _core.release_cached_memory()
         if self._owns_telemetry:
