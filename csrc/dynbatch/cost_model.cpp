@@ -14,7 +14,7 @@ LinearFit::LinearFit(Robust robust, std::size_t history, bool binned)
   }
 }
 
-double LinearFit::representative(const Point &point) const {
+double LinearFit::summary_of(const Point &point) const {
   std::array<double, median_window> values = point.recent;
   const std::size_t filled = std::min(point.filled, median_window);
   if (robust_ == Robust::high) {
@@ -31,7 +31,7 @@ double LinearFit::representative(const Point &point) const {
   return filled % 2 == 1 ? values[half] : 0.5 * (values[half - 1] + values[half]);
 }
 
-double LinearFit::x_of(const Point &point) noexcept {
+double LinearFit::mean_x_of(const Point &point) noexcept {
   double sum = 0.0;
   for (std::size_t i = 0; i < point.filled; ++i) {
     sum += point.recent_x[i];
@@ -49,6 +49,8 @@ void LinearFit::add(double x, double y) {
   point.next = (point.next + 1) % window();
   point.filled = std::min(point.filled + 1, window());
   point.last_added = count_;
+  point.x = mean_x_of(point);
+  point.y = summary_of(point);
   // Forget stale sizes oldest first, but keep two: a held size must not lose its line.
   while (points_.size() > 2) {
     const auto oldest = std::min_element(points_.begin(), points_.end(), [](auto &a, auto &b) {
@@ -130,7 +132,8 @@ void LinearFit::measure_spread() {
   if (robust_ != Robust::median) {
     return;
   }
-  std::vector<double> deviations;
+  std::vector<double> &deviations = deviations_;
+  deviations.clear();
   for (const auto &[key, point] : points_) {
     if (point.filled < 2) {
       continue;

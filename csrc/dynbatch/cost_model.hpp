@@ -75,12 +75,17 @@ private:
     std::size_t filled = 0;
     std::size_t next = 0;
     std::uint64_t last_added = 0;
+    // Kept up to date by add(): read several times per sizing decision, changed once a batch.
+    double x = 0.0; // the mean of recent_x
+    double y = 0.0; // the representative of recent (median or maximum)
   };
   std::size_t window() const noexcept {
     return robust_ == Robust::median ? median_window : high_window;
   }
-  double representative(const Point &point) const;
-  static double x_of(const Point &point) noexcept;
+  static double representative(const Point &point) noexcept { return point.y; }
+  static double x_of(const Point &point) noexcept { return point.x; }
+  double summary_of(const Point &point) const; // what representative() caches
+  static double mean_x_of(const Point &point) noexcept;
   double ratio_of(const Point &point) const;          // x / y: the measured throughput
   double error_of(const Point &point) const noexcept; // two standard errors of that ratio
   double best_ratio() const;                          // the best ratio, less two standard errors
@@ -97,6 +102,7 @@ private:
   double intercept_ = 0.0;
   double slope_ = 0.0;
   double spread_ = 0.0;
+  std::vector<double> deviations_; // measure_spread's scratch, kept to spare an allocation a batch
 };
 
 // Per input-shape bucket: latency L(n) = a + b*n (ns) and peak memory M(n) = m0 + m1*n (bytes),
