@@ -509,12 +509,22 @@ def _targets(
     }
     if focus["cpu"]:  # the focused rounds: the best fixed size and the dynamic entries alone
         best_focus = benches[0]["extra_info"]["focus_reference"]
-        clocks = [(focus[clock], label) for clock, label in _CLOCKS if focus[clock]]
         dynamic = [impl for impl in focus["cpu"] if impl.startswith("dynamic")]
-        for impl, (timed, label) in itertools.product(dynamic, clocks):
-            verdicts.append(
-                _paired_verdict(impl, timed[impl], best_focus, timed[best_focus], label)
-            )
+        for impl, (clock, label) in itertools.product(dynamic, _CLOCKS):
+            timed = focus[clock]
+            if not timed:
+                continue
+            rows = benches[0]["extra_info"].get(f"focus_rows_{clock}_seconds")
+            if impl.startswith("dynamic-map") and rows:  # map returns rows: so does its peer
+                verdicts.append(
+                    _paired_verdict(impl, timed[impl], f"{best_focus}-rows", rows, label)
+                    + f"; {_paired_ratio(timed[best_focus], timed[impl]):.3f}x {best_focus}"
+                    " keeping batch outputs"
+                )
+            else:
+                verdicts.append(
+                    _paired_verdict(impl, timed[impl], best_focus, timed[best_focus], label)
+                )
     elif fixed_cpu:
         best_cpu = min(fixed_cpu, key=lambda impl: fixed_cpu[impl])
         for impl, seconds in rounds.items():
@@ -553,7 +563,7 @@ def _paired_verdict(
     compares passes run seconds apart, so the host's slower drift cancels; the median of the
     rounds' ratios decides, and the quartiles show how far one round strays."""
     paired = sorted(b / d for b, d in zip(best_seconds, seconds, strict=True))
-    middle = statistics.median(paired)
+    middle = _paired_ratio(best_seconds, seconds)
     low, high = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
     target = _target_of(impl)
     return (
@@ -562,6 +572,11 @@ def _paired_verdict(
         f"{'met' if middle >= target else 'MISSED'}, >= {target}; ratio of the medians "
         f"{statistics.median(best_seconds) / statistics.median(seconds):.3f})"
     )
+
+
+def _paired_ratio(reference_seconds: list[float], seconds: list[float]) -> float:
+    """The median over rounds of reference time / entry time (> 1: the entry is faster)."""
+    return statistics.median(r / s for r, s in zip(reference_seconds, seconds, strict=True))
 
 
 def _target_of(impl: str) -> float:

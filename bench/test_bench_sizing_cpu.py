@@ -5,7 +5,9 @@ allocated samples (12000, the lecture's first pass; tiny: 2000). Entries:
 - ``fixed-<k>`` for k in {8, ..., 1024}: the oracle sweep, a plain loop of ``torch.stack`` of
   ``k`` samples and the model, keeping each batch's output;
 - ``dynamic-map``: ``ds.DynamicBatchProcessor().map(model, data)`` (default arguments), which
-  also splits every output into per-sample rows (its API);
+  also splits every output into per-sample rows (its API), so its like-for-like peer is
+  ``fixed-<k>-rows``: the fixed loop at the best size that keeps per-sample rows too
+  (``unbind``), timed in the focus rounds only;
 - ``dynamic-iterate``: ``for batch in ds.DynamicBatchProcessor()(data)``, keeping each batch's
   output;
 - ``dynamic-map-warm``, ``dynamic-iterate-warm``: the same with the sizing profile a first run
@@ -22,10 +24,10 @@ First the sweep (9 rounds; tiny: 1): its medians of wall time make the table (wi
 rounds' ratio), and its medians of this process's CPU time (``time.process_time``, steadier
 when other jobs share the cores) pick the best fixed size. Then the focus (25 rounds; tiny:
 none): that size and the dynamic entries alone, so each round's passes run seconds apart;
-the verdict line is the median of each round's ratio to the best fixed size, by CPU time
-and by wall time, with its quartiles (eleven rounds of the whole sweep could not resolve
-5%). Each test then also times its own entry with pytest-benchmark (3 rounds; tiny: 1), for
-the usual table. Outputs are checked against a reference, untimed.
+the verdict line is the median of each round's ratio to the best fixed size (for ``map``:
+its rows loop), by CPU time and by wall time, with its quartiles (eleven rounds of the whole
+sweep could not resolve 5%). Each test then also times its own entry with pytest-benchmark
+(3 rounds; tiny: 1), for the usual table. Outputs are checked against a reference, untimed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ IMPLS = [*(f"fixed-{size}" for size in FIXED_SIZES), *DYNAMIC]
 _fresh = itertools.count()  # cold runs: a profile name no run has used
 SWEEP_ROUNDS = 9  # every entry: which fixed size is best
 FOCUS_ROUNDS = 25  # the best fixed size and the dynamic entries: the verdict
+ROWS = "best-fixed-rows"  # the focus's rows loop at the best size (map's like-for-like peer)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,19 @@ def _runner(
     return run
 
 
+def _rows_runner(size: int, model: torch.nn.Module, data: list[torch.Tensor]) -> Callable[[], Any]:
+    """The fixed loop at ``size`` returning what ``map`` returns: one output row per sample."""
+
+    def run() -> list[torch.Tensor]:
+        rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, len(data), size):
+                rows.extend(model(torch.stack(data[start : start + size])).unbind(0))
+        return rows
+
+    return run
+
+
 def _profile(impl: str) -> str:
     """A warm entry's own profile (kept between its runs); a cold run's never seen before."""
     return impl if impl.endswith("-warm") else f"{impl}-cold-{next(_fresh)}"
@@ -144,6 +160,7 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
     seconds: dict[str, dict[str, Any]] = {
         impl: {"wall": [], "cpu": [], "focus_wall": [], "focus_cpu": []} for impl in IMPLS
     }
+    rows_reference: dict[str, list[float]] = {"focus_wall": [], "focus_cpu": []}
 
     def interleave(impls: list[str], rounds: int, focus: bool) -> None:
         for index in range(rounds):
@@ -152,9 +169,10 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
                 started, cpu = time.perf_counter(), time.process_time()
                 runners[impl]()
                 wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+                times = rows_reference if impl == ROWS else seconds[impl]
                 if focus:
-                    seconds[impl]["focus_wall"].append(wall)
-                    seconds[impl]["focus_cpu"].append(cpu)
+                    times["focus_wall"].append(wall)
+                    times["focus_cpu"].append(cpu)
                 else:
                     seconds[impl]["wall"].append(wall)
                     seconds[impl]["cpu"].append(cpu)
@@ -162,9 +180,12 @@ def sweep(model: torch.nn.Module, bench_size: Any) -> dict[str, dict[str, Any]]:
     interleave(IMPLS, 1 if tiny else SWEEP_ROUNDS, focus=False)
     fixed = [impl for impl in IMPLS if impl.startswith("fixed-")]
     best = min(fixed, key=lambda impl: statistics.median(seconds[impl]["cpu"]))
-    interleave([best, *DYNAMIC], 0 if tiny else FOCUS_ROUNDS, focus=True)
+    runners[ROWS] = _rows_runner(int(best.removeprefix("fixed-")), model, data)
+    interleave([best, ROWS, *DYNAMIC], 0 if tiny else FOCUS_ROUNDS, focus=True)
     for impl in IMPLS:
         seconds[impl]["focus_reference"] = best
+        seconds[impl]["focus_rows_wall"] = rows_reference["focus_wall"]
+        seconds[impl]["focus_rows_cpu"] = rows_reference["focus_cpu"]
     return seconds
 
 
@@ -201,6 +222,8 @@ def test_sizing_cpu(
             "focus_wall_seconds": sweep[impl]["focus_wall"],
             "focus_cpu_seconds": sweep[impl]["focus_cpu"],
             "focus_reference": sweep[impl]["focus_reference"],
+            "focus_rows_wall_seconds": sweep[impl]["focus_rows_wall"],
+            "focus_rows_cpu_seconds": sweep[impl]["focus_rows_cpu"],
             "ooms": 0,
             "lost": count - len(out),
             "redone": 0,
