@@ -4,6 +4,7 @@ writing processes."""
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -46,6 +47,23 @@ def test_a_restored_controller_starts_at_the_learned_size(tmp_path: Path) -> Non
     assert sizes == [301] * 10  # cold, the same device explores 1, 4, .., 1024 first
     assert store.load("mlp", layout="f32[10]", **WHERE) is None  # another layout: none yet
     assert store.load("other", layout=LAYOUT, **WHERE) is None
+
+
+def test_a_save_leaves_no_garbage_for_the_cycle_collector(tmp_path: Path) -> None:
+    """A pass saves its profile when it ends: a save that made reference cycles would leave
+    the caller's garbage collector work after every pass."""
+    store = ProfileStore(tmp_path)
+    state = learned_controller().export_state()
+    store.save("job", state, layout=LAYOUT, **WHERE)  # imports and caches warmed
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # nothing collected behind the count below
+    try:
+        store.save("job", state, layout=LAYOUT, **WHERE)
+        assert gc.collect() == 0
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_the_default_directory_follows_the_environment(
