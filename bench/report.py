@@ -563,7 +563,7 @@ def _paired_verdict(
     compares passes run seconds apart, so the host's slower drift cancels; the median of the
     rounds' ratios decides, and the quartiles show how far one round strays."""
     paired = sorted(b / d for b, d in zip(best_seconds, seconds, strict=True))
-    middle = _paired_ratio(best_seconds, seconds)
+    middle = statistics.median(paired)
     low, high = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
     target = _target_of(impl)
     return (

@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 import torch
+from sizing import fixed_loop
 
 import dynbatch as ds
 
@@ -129,8 +130,7 @@ def _rows_runner(size: int, model: torch.nn.Module, data: list[torch.Tensor]) ->
     def run() -> list[torch.Tensor]:
         rows: list[torch.Tensor] = []
         with torch.inference_mode():
-            for start in range(0, len(data), size):
-                rows.extend(model(torch.stack(data[start : start + size])).unbind(0))
+            fixed_loop(model, data, size, rows)
         return rows
 
     return run
