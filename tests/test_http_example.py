@@ -105,6 +105,9 @@ async def _post_all(url: str, features: torch.Tensor) -> tuple[list[Any], list[A
         # The malformed requests go out in the middle of the well-formed ones.
         middle = REQUESTS // 2
         responses = await asyncio.gather(*good[:middle], *bad, *good[middle:])
+    # A fresh connection: one the burst left idle may be closed by uvicorn's keep-alive timeout
+    # (5 s) just as a request reuses it, which a loaded machine reaches ("Server disconnected").
+    async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
         stats = await client.get("/stats")
         metrics = await client.get("/metrics")
     assert metrics.status_code == 200, metrics.text
