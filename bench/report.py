@@ -301,28 +301,32 @@ def noise_report(benches: list[dict[str, Any]]) -> str:
 
 
 def tokens_noise_report(benches: list[dict[str, Any]]) -> str:
-    """Per noise level: each seed's settled token budget, and the triples of seeds (three
-    identical runs) whose budgets stay within the target spread."""
-    by_noise: dict[float, dict[int, int]] = {}
-    knees: dict[float, int] = {}
+    """Per noise level (per-call noise, host-speed drift): each seed's settled token budget,
+    and the triples of seeds (three identical runs) whose budgets stay within the target
+    spread."""
+    by_level: dict[tuple[float, float], dict[int, int]] = {}
+    knees: dict[tuple[float, float], int] = {}
     for bench in benches:
         info = bench["extra_info"]
-        by_noise.setdefault(info["noise"], {})[info["seed"]] = info["budget"]
-        knees[info["noise"]] = info["knee"]
+        level = (info["noise"], info.get("drift", 0.0))
+        by_level.setdefault(level, {})[info["seed"]] = info["budget"]
+        knees[level] = info["knee"]
     lines = []
-    for noise, budgets in sorted(by_noise.items()):
+    for level, budgets in sorted(by_level.items()):
+        noise, drift = level
+        name = f"tokens-noise {noise:.0%}" + (f" + {drift:.0%} drift" if drift else "")
         seeds = sorted(budgets)
         values = [budgets[seed] for seed in seeds]
         triples = [values[i : i + 3] for i in range(0, len(values) - 2, 3)]
         inside = sum(max(t) / min(t) <= TARGET_BUDGET_SPREAD for t in triples)
         lines.append(
-            f"tokens-noise {noise:.0%}: budgets {', '.join(map(str, values))} (true knee"
-            f" {knees[noise]} at the mean length);"
+            f"{name}: budgets {', '.join(map(str, values))} (true knee"
+            f" {knees[level]} at the mean length);"
             f" spread over all {max(values) / min(values):.2f}x;"
             f" {inside} of {len(triples)} triples within {TARGET_BUDGET_SPREAD}x"
             f" (worst {max(max(t) / min(t) for t in triples):.2f}x)"
             if triples
-            else f"tokens-noise {noise:.0%}: budgets {', '.join(map(str, values))}"
+            else f"{name}: budgets {', '.join(map(str, values))}"
         )
     return "\n".join(lines)
 

@@ -290,9 +290,11 @@ def test_padded_batches_are_sized_by_a_learned_token_budget() -> None:
     assert 0.85 * 38_000 <= stats.token_budget <= 1.15 * 38_000, stats
     budget = stats.token_budget
     settled = padded[len(padded) // 2 : -1]
-    # Besides the knee's neighbours (<= budget/16, <= 2x budget), measured 1 batch in 5.
-    at_knee = [tokens for tokens in settled if budget / 2 <= tokens <= 1.5 * budget]
-    assert len(at_knee) >= 0.7 * len(settled), settled
-    assert all(tokens <= 1.01 * budget for tokens in at_knee), settled
+    # Besides the knee's neighbours (<= budget/16, <= 2x budget), measured 1 batch in 3: the
+    # one above (1 in 6) may come back short of its rung near the input's end.
+    at_knee = [tokens for tokens in settled if budget / 2 <= tokens <= 1.01 * budget]
+    assert len(at_knee) >= 0.6 * len(settled), settled
+    over = [tokens for tokens in settled if tokens > 1.01 * budget]
+    assert len(over) <= 0.25 * len(settled), settled
     assert statistics.median(at_knee) >= 0.75 * budget  # filled, not cut short
     assert "token budget" in str(stats)

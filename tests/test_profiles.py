@@ -49,6 +49,40 @@ def test_a_restored_controller_starts_at_the_learned_size(tmp_path: Path) -> Non
     assert store.load("other", layout=LAYOUT, **WHERE) is None
 
 
+def test_a_point_keeps_its_measurements_and_older_points_still_load(tmp_path: Path) -> None:
+    """A point stands for up to nine measurements and weighs that much in the line, so a
+    profile keeps the count: the restored line is the learned one. A profile written before
+    counts were kept ([size, value]) loads as one measurement a point."""
+    controller = _core.SizingController(1, 4096)
+    for step in range(40):  # noisy times, so the counts shape the line
+        n = controller.next_batch_size(100_000, 1 << 20, 80 << 30, 80 << 30)
+        noise = (1.0, 1.08, 0.95, 1.03, 0.9)[step % 5]
+        controller.on_feedback(
+            _core.BatchFeedback(n, compute_ns=int((157_900 + 10_000 * n) * noise))
+        )
+    store = ProfileStore(tmp_path)
+    store.save("noisy", controller.export_state(), layout=LAYOUT, **WHERE)
+    state = store.load("noisy", layout=LAYOUT, **WHERE)
+    assert state is not None
+    counts = [point[2] for point in state["buckets"][0]["latency"]]
+    assert max(counts) > 1 and all(isinstance(count, int) for count in counts)
+    restored = _core.SizingController(1, 4096)
+    restored.import_state(state)
+    for key in ("latency_intercept_ns", "latency_slope_ns"):
+        assert restored.state()[key] == pytest.approx(controller.state()[key], rel=1e-9)
+    older = json.loads(json.dumps(state))
+    for bucket in older["buckets"]:
+        for line in ("latency", "memory"):
+            bucket[line] = [point[:2] for point in bucket[line]]
+    store.save("older", older, layout=LAYOUT, **WHERE)
+    assert store.load("older", layout=LAYOUT, **WHERE) == older
+    _core.SizingController(1, 4096).import_state(older)
+    with pytest.raises(ValueError, match="measurements must be a whole number"):
+        bad = json.loads(json.dumps(state))
+        bad["buckets"][0]["latency"][0][2] = 0.5
+        _core.SizingController(1, 4096).import_state(bad)
+
+
 def test_a_save_leaves_no_garbage_for_the_cycle_collector(tmp_path: Path) -> None:
     """A pass saves its profile when it ends: a save that made reference cycles would leave
     the caller's garbage collector work after every pass."""

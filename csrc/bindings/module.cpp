@@ -59,13 +59,14 @@ py::dict state_to_dict(const SizingState &state) {
   return out;
 }
 
-// LearnedState as plain data (JSON-able): {"buckets": [{"key", "latency": [[x, y], ..],
-// "memory": [..]}], "oom_ceiling", "failed_size", "longest"}.
+// LearnedState as plain data (JSON-able): {"buckets": [{"key", "latency": [[x, y, n], ..],
+// "memory": [..]}], "oom_ceiling", "failed_size", "longest"}; n, the measurements behind a
+// point, may be left out (1: profiles written before it was kept).
 py::dict learned_to_dict(const LearnedState &learned) {
-  const auto points = [](const std::vector<std::pair<double, double>> &line) {
+  const auto points = [](const std::vector<LinearFit::Summary> &line) {
     py::list out;
-    for (const auto &[x, y] : line) {
-      out.append(py::make_tuple(x, y));
+    for (const LinearFit::Summary &point : line) {
+      out.append(py::make_tuple(point.x, point.y, point.count));
     }
     return out;
   };
@@ -87,13 +88,17 @@ py::dict learned_to_dict(const LearnedState &learned) {
 
 LearnedState learned_from_dict(const py::dict &in) {
   const auto points = [](const py::handle &line) {
-    std::vector<std::pair<double, double>> out;
+    std::vector<LinearFit::Summary> out;
     for (const py::handle &point : line) {
-      const auto pair = point.cast<std::vector<double>>();
-      if (pair.size() != 2) {
-        throw py::value_error("learned state: a point must be [size, value]");
+      const auto values = point.cast<std::vector<double>>();
+      if (values.size() != 2 && values.size() != 3) {
+        throw py::value_error("learned state: a point must be [size, value, measurements]");
       }
-      out.emplace_back(pair[0], pair[1]);
+      const double count = values.size() == 3 ? values[2] : 1.0;
+      if (!(count >= 1.0 && count <= 1e6) || count != std::floor(count)) {
+        throw py::value_error("learned state: a point's measurements must be a whole number >= 1");
+      }
+      out.push_back({values[0], values[1], static_cast<std::size_t>(count)});
     }
     return out;
   };

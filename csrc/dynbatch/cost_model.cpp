@@ -7,8 +7,14 @@
 
 namespace dynbatch {
 
-LinearFit::LinearFit(Robust robust, std::size_t history, bool binned)
-    : robust_(robust), history_(history), binned_(binned) {
+namespace {
+constexpr double speed_gain = 0.25; // how far one time moves the speed towards its own
+constexpr double speed_step = 1.5;  // one time counts as at most this much slower or faster
+} // namespace
+
+LinearFit::LinearFit(Robust robust, std::size_t history, bool binned, bool follows_speed)
+    : robust_(robust), history_(history), binned_(binned),
+      follows_speed_(follows_speed && robust == Robust::median) {
   if (history < 2) {
     throw std::invalid_argument("LinearFit: history must be at least 2");
   }
@@ -39,15 +45,44 @@ double LinearFit::mean_x_of(const Point &point) noexcept {
   return point.filled > 0 ? sum / static_cast<double>(point.filled) : 0.0;
 }
 
-void LinearFit::add(double x, double y) {
-  ++count_;
+double LinearFit::key_of(double x) const noexcept {
   constexpr double bins_per_octave = 8.0;
-  const double key = binned_ && x > 0.0 ? std::round(std::log2(x) * bins_per_octave) : x;
+  return binned_ && x > 0.0 ? std::round(std::log2(x) * bins_per_octave) : x;
+}
+
+void LinearFit::add(double x, double y) {
+  const double key = key_of(x);
+  record(key, x, follows_speed_ ? in_line_units(key, x, y) : y, 1);
+}
+
+void LinearFit::restore(const Summary &point) {
+  record(key_of(point.x), point.x, point.y / speed_, std::max<std::size_t>(point.count, 1));
+}
+
+double LinearFit::in_line_units(double key, double x, double y) {
+  const double scaled = y / speed_;
+  const auto found = points_.find(key);
+  if (found == points_.end()) {
+    return scaled; // a new size says nothing about the speed: the line may just miss it
+  }
+  const Point &point = found->second;
+  const double expected = point.y + slope_ * (x - point.x); // a bin's x varies a little
+  if (expected > 0.0) {
+    const double speed = std::clamp(y / expected, speed_ / speed_step, speed_ * speed_step);
+    speed_ += speed_gain * (speed - speed_);
+  }
+  return scaled;
+}
+
+void LinearFit::record(double key, double x, double y, std::size_t repeats) {
+  ++count_;
   Point &point = points_[key];
-  point.recent_x[point.next] = x;
-  point.recent[point.next] = y;
-  point.next = (point.next + 1) % window();
-  point.filled = std::min(point.filled + 1, window());
+  for (std::size_t i = 0; i < std::min(repeats, window()); ++i) {
+    point.recent_x[point.next] = x;
+    point.recent[point.next] = y;
+    point.next = (point.next + 1) % window();
+    point.filled = std::min(point.filled + 1, window());
+  }
   point.last_added = count_;
   point.x = mean_x_of(point);
   point.y = summary_of(point);
@@ -118,11 +153,11 @@ double LinearFit::largest_relative_residual() const noexcept {
   return largest;
 }
 
-std::vector<std::pair<double, double>> LinearFit::points() const {
-  std::vector<std::pair<double, double>> out;
+std::vector<LinearFit::Summary> LinearFit::points() const {
+  std::vector<Summary> out;
   out.reserve(points_.size());
   for (const auto &[key, point] : points_) {
-    out.emplace_back(x_of(point), representative(point));
+    out.push_back({x_of(point), representative(point) * speed_, point.filled});
   }
   return out;
 }
@@ -162,14 +197,15 @@ void LinearFit::refit() {
     return;
   }
   // Weighted means first, then the centred sums: stable with weights far from 1.
-  const auto weight = [&](double y) {
-    return robust_ == Robust::median && y > 0.0 ? 1.0 / (y * y) : 1.0;
+  const auto weight = [&](const Point &point) {
+    const double y = representative(point);
+    return robust_ == Robust::median && y > 0.0 ? static_cast<double>(point.filled) / (y * y) : 1.0;
   };
   double total = 0.0, mean_x = 0.0, mean_y = 0.0;
   for (const auto &[key, point] : points_) {
     const double x = x_of(point);
     const double y = representative(point);
-    const double w = weight(y);
+    const double w = weight(point);
     total += w;
     mean_x += w * x;
     mean_y += w * y;
@@ -180,7 +216,7 @@ void LinearFit::refit() {
   for (const auto &[key, point] : points_) {
     const double x = x_of(point);
     const double y = representative(point);
-    const double w = weight(y);
+    const double w = weight(point);
     sxx += w * (x - mean_x) * (x - mean_x);
     sxy += w * (x - mean_x) * (y - mean_y);
   }

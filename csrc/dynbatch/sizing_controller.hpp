@@ -27,7 +27,7 @@
 // intercept that places the knee) and the highest rung up to 2 * knee (within the limits). The
 // same sizes come back, so their medians firm up, and the points that place the knee are never
 // forgotten. Under timing noise the knee is thus estimated, not ratcheted by lucky samples.
-// A token budget verifies four times as often (every verify_every / 4 batches).
+// A token budget verifies eight times as often (every verify_every / 8 batches).
 // Settled (sample counts), the size holds while the estimated knee stays within
 // `knee_hold_band` (10%) of it: a size 10% off the knee costs about tol * 10% of throughput,
 // while a new size every batch (each one noisy measurement, the line refitted through them)
@@ -70,8 +70,8 @@ struct ControllerOptions {
 struct LearnedState {
   struct Bucket {
     std::uint64_t key = 0;
-    std::vector<std::pair<double, double>> latency; // (size, ns): the latency line's points
-    std::vector<std::pair<double, double>> memory;  // (size, bytes)
+    std::vector<LinearFit::Summary> latency; // (size, ns, measurements): the latency line's points
+    std::vector<LinearFit::Summary> memory;  // (size, bytes, measurements)
   };
   std::vector<Bucket> buckets;
   std::size_t oom_ceiling = 0; // 0: none

@@ -87,12 +87,14 @@ def valid_state(state: object) -> bool:
             points = bucket.get(line)
             if not isinstance(points, list):
                 return False
-            for point in points:
-                if not (isinstance(point, list) and len(point) == 2):
+            for point in points:  # [size, value] or [size, value, measurements]
+                if not (isinstance(point, list) and len(point) in (2, 3)):
                     return False
                 if not all(
                     isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in point
                 ):
+                    return False
+                if len(point) == 3 and not (isinstance(point[2], int) and point[2] >= 1):
                     return False
     return True
 

@@ -1,7 +1,8 @@
 // LinearFit and CostModel: exact lines from exact points, the line through the origin for one
 // point, the robust per-x representative (median of the last 9 times, max of the last 3
-// memory peaks), relative weights for times, the measured noise and the noise-aware best
-// ratio, forgetting points not re-added within `history` additions, and the constructor's bound.
+// memory peaks), relative weights for times (and by measurements), the measured noise and the
+// noise-aware best ratio, following the host's speed, restoring a fit from its points,
+// forgetting points not re-added within `history` additions, and the constructor's bound.
 
 #include <cmath>
 #include <stdexcept>
@@ -226,6 +227,72 @@ TEST_CASE(point_not_readded_within_history_is_forgotten) {
   }
   CHECK_NEAR(drift.intercept(), 10.0);
   CHECK_NEAR(drift.slope(), 20.0);
+}
+
+TEST_CASE(a_size_measured_more_often_pulls_harder) {
+  // y = 100 + 10 x, measured nine times at x = 1 and x = 10, and once at x = 5, 2x slow (a
+  // pass's last, short batch in a slow moment). Counted once each, the three points would
+  // pull the line alike; weighted by measurements, the lone one barely moves it.
+  const auto fit_with = [](int repeats) {
+    LinearFit fit(LinearFit::Robust::median);
+    for (int i = 0; i < repeats; ++i) {
+      fit.add(1.0, 110.0);
+      fit.add(10.0, 200.0);
+    }
+    fit.add(5.0, 2.0 * 150.0);
+    return fit;
+  };
+  CHECK_GT(fit_with(1).slope(), 11.5);
+  CHECK_LT(fit_with(9).slope(), 10.3);
+}
+
+TEST_CASE(times_follow_the_hosts_speed) {
+  // y = 100 + 10 x (a / b = 10): seven batches at the held size (100), then one probe at 1, in
+  // rounds; from the fifth round on the host is 1.3x slower. Without following, the probe's
+  // window mixes fast and slow times while the held size's holds slow ones, and a / b falls
+  // to 7.3-8.6; following the speed, the times are compared at one speed.
+  LinearFit fixed(LinearFit::Robust::median, 64, false, false);
+  LinearFit following(LinearFit::Robust::median, 64, false, true);
+  const auto knee_ratio = [](const LinearFit &fit) { return fit.intercept() / fit.slope(); };
+  for (int round = 0; round < 8; ++round) {
+    const double speed = round < 4 ? 1.0 : 1.3;
+    for (LinearFit *fit : {&fixed, &following}) {
+      for (int i = 0; i < 7; ++i) {
+        fit->add(100.0, speed * 1'100.0);
+      }
+      fit->add(1.0, speed * 110.0);
+    }
+    if (round >= 4) {
+      CHECK_GT(std::abs(knee_ratio(fixed) - 10.0), 1.3);
+      CHECK_LT(std::abs(knee_ratio(following) - 10.0), 1.0);
+    }
+  }
+  // The line reads back at the host's speed now: the held size costs about 1.3 x 1100.
+  CHECK_GT(following.intercept() + 100.0 * following.slope(), 1.25 * 1'100.0);
+  // One stall moves the speed by at most an eighth, and the medians outvote it.
+  LinearFit stalled(LinearFit::Robust::median, 64, false, true);
+  for (int i = 0; i < 5; ++i) {
+    stalled.add(1.0, 110.0);
+    stalled.add(100.0, 1'100.0);
+  }
+  stalled.add(100.0, 10.0 * 1'100.0);
+  CHECK_LT(stalled.intercept() + 100.0 * stalled.slope(), 1.13 * 1'100.0);
+  CHECK_NEAR(stalled.intercept() / stalled.slope(), 10.0);
+}
+
+TEST_CASE(restored_points_give_the_same_line) {
+  LinearFit fit(LinearFit::Robust::median, 64, true, true);
+  const double times[] = {1.0, 1.1, 0.9, 1.2, 1.0};
+  for (int i = 0; i < 20; ++i) {
+    const double x = i % 4 == 0 ? 150.0 : 1'200.0 + 10.0 * (i % 3);
+    fit.add(x, (9e6 + 1.2e5 * x) * times[i % 5]);
+  }
+  LinearFit restored(LinearFit::Robust::median, 64, true, true);
+  for (const LinearFit::Summary &point : fit.points()) {
+    restored.restore(point);
+  }
+  CHECK_NEAR(restored.intercept(), fit.intercept());
+  CHECK_NEAR(restored.slope(), fit.slope());
 }
 
 TEST_CASE(history_below_two_throws) {
