@@ -10,6 +10,9 @@ namespace dynbatch {
 namespace {
 constexpr double speed_gain = 0.25; // how far one time moves the speed towards its own
 constexpr double speed_step = 1.5;  // one time counts as at most this much slower or faster
+// The speed is relative and wanders with the noise (a few % a batch, unbounded over a long
+// run): beyond this factor either way the stored times are brought back to the current speed.
+constexpr double speed_rebase = 2.0;
 } // namespace
 
 LinearFit::LinearFit(Robust robust, std::size_t history, bool binned, bool follows_speed)
@@ -60,7 +63,7 @@ void LinearFit::restore(const Summary &point) {
 }
 
 double LinearFit::in_line_units(double key, double x, double y) {
-  const double scaled = y / speed_;
+  double scaled = y / speed_;
   const auto found = points_.find(key);
   if (found == points_.end()) {
     return scaled; // a new size says nothing about the speed: the line may just miss it
@@ -71,7 +74,23 @@ double LinearFit::in_line_units(double key, double x, double y) {
     const double speed = std::clamp(y / expected, speed_ / speed_step, speed_ * speed_step);
     speed_ += speed_gain * (speed - speed_);
   }
+  if (speed_ > speed_rebase || speed_ < 1.0 / speed_rebase) {
+    scaled *= speed_; // in the units rebase() leaves
+    rebase();
+  }
   return scaled;
+}
+
+void LinearFit::rebase() {
+  for (auto &[key, point] : points_) {
+    for (std::size_t i = 0; i < point.filled; ++i) {
+      point.recent[i] *= speed_;
+    }
+    point.y *= speed_; // a median or maximum scales with its values
+  }
+  intercept_ *= speed_;
+  slope_ *= speed_;
+  speed_ = 1.0;
 }
 
 void LinearFit::record(double key, double x, double y, std::size_t repeats) {

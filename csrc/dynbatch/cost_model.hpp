@@ -38,7 +38,10 @@ namespace dynbatch {
 // size's fast ones reads as a larger fixed cost. Each time is stored divided by the host's
 // speed at that moment, which each repeated size's time updates against that size's own
 // median (a quarter of the way, at most 1.5x per time: one stall moves it by an eighth at most);
-// the line reads back at the current speed. The knee (a / b) does not depend on the speed.
+// the line reads back at the current speed. The knee (a / b) does not depend on the speed. The
+// speed is relative and wanders with the noise, so past 2x either way the stored times are
+// brought to it (it becomes 1 again): no value drifts out of range on a server that runs for
+// weeks.
 class LinearFit {
 public:
   enum class Robust { median, high };
@@ -108,6 +111,7 @@ private:
   double key_of(double x) const noexcept;
   // y in the line's units (divided by the speed before it), after moving the speed by it.
   double in_line_units(double key, double x, double y);
+  void rebase(); // stored times to the current speed, which becomes 1
   void record(double key, double x, double y, std::size_t repeats);
   static double mean_x_of(const Point &point) noexcept;
   double ratio_of(const Point &point) const;          // x / y: the measured throughput

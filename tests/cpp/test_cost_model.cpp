@@ -278,6 +278,18 @@ TEST_CASE(times_follow_the_hosts_speed) {
   stalled.add(100.0, 10.0 * 1'100.0);
   CHECK_LT(stalled.intercept() + 100.0 * stalled.slope(), 1.13 * 1'100.0);
   CHECK_NEAR(stalled.intercept() / stalled.slope(), 10.0);
+  // A lasting 3x slowdown: the speed passes 2x, where the stored times are brought to it, and
+  // once the windows hold only slow times the line is the old one at 3x.
+  LinearFit slowed(LinearFit::Robust::median, 64, false, true);
+  for (int round = 0; round < 24; ++round) {
+    const double speed = round < 4 ? 1.0 : 3.0;
+    for (int i = 0; i < 7; ++i) {
+      slowed.add(100.0, speed * 1'100.0);
+    }
+    slowed.add(1.0, speed * 110.0);
+  }
+  CHECK_LT(std::abs(slowed.intercept() / slowed.slope() / 10.0 - 1.0), 0.01);
+  CHECK_LT(std::abs((slowed.intercept() + 100.0 * slowed.slope()) / 3'300.0 - 1.0), 0.01);
 }
 
 TEST_CASE(restored_points_give_the_same_line) {
