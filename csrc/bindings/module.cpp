@@ -96,7 +96,8 @@ LearnedState learned_from_dict(const py::dict &in) {
       }
       const double count = values.size() == 3 ? values[2] : 1.0;
       if (!(count >= 1.0 && count <= 1e6) || count != std::floor(count)) {
-        throw py::value_error("learned state: a point's measurements must be a whole number >= 1");
+        throw py::value_error(
+            "learned state: a point's measurements must be a whole number from 1 to 1000000");
       }
       out.push_back({values[0], values[1], static_cast<std::size_t>(count)});
     }
