@@ -116,6 +116,13 @@ def _entry(store: ProfileStore) -> tuple[Path, dict[str, Any]]:
     return path, json.loads(path.read_text())
 
 
+def _with_first_count(entry: dict[str, Any], count: Any) -> dict[str, Any]:
+    """The entry with its first latency point's measurement count replaced."""
+    spoiled = json.loads(json.dumps(entry))
+    spoiled["state"]["buckets"][0]["latency"][0][2] = count
+    return spoiled
+
+
 @pytest.mark.parametrize(
     ("spoil", "reason"),
     [
@@ -137,6 +144,10 @@ def _entry(store: ProfileStore) -> tuple[Path, dict[str, Any]]:
             lambda path, entry: path.write_text(
                 json.dumps({**entry, "state": {**entry["state"], "buckets": [{"key": 1}]}})
             ),
+            "bad learned state",
+        ),
+        (
+            lambda path, entry: path.write_text(json.dumps(_with_first_count(entry, 1.5))),
             "bad learned state",
         ),
     ],
